@@ -1,0 +1,41 @@
+"""DSA lightning-indexer scoring + exact top-k: one entry point over its implementations.
+
+Implementations: ``xla`` (``reference.py``, plain JAX, every platform). ``auto`` takes the best one
+available on the current platform and ``backend_for`` says which and why.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
+from pallas_kernels.dsa_topk.reference import dsa_topk_reference, eligibility, index_scores
+
+__all__ = ["dsa_topk", "backend_for", "index_scores", "eligibility", "dsa_topk_reference"]
+
+_OP = "dsa_topk"
+
+
+_IMPLEMENTATIONS = {"xla": dsa_topk_reference}
+
+
+def _available() -> tuple[str, ...]:
+    return tuple(_IMPLEMENTATIONS)
+
+
+def backend_for(implementation: str = "auto") -> Backend:
+    """The implementation a call with ``implementation`` would use here, with the reason."""
+    return choose_backend(_OP, implementation, _available())
+
+
+def dsa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, k_scale: jax.Array | None = None,
+             q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
+             implementation: str = "auto", query_chunk: int = 256, key_chunk: int = 1024
+             ) -> tuple[jax.Array, jax.Array]:
+    """Top-``topk`` keys per query by DSA score; see ``sparse_index_jax.select_topk`` for the contract."""
+    topk = check_positive_int(_OP, "topk", topk)
+    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
+    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
+    q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
+    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    return run(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, query_chunk=query_chunk, key_chunk=key_chunk)

@@ -1,0 +1,82 @@
+"""Plain-JAX reference of DSA scoring + exact top-k: the ``xla`` implementation and the oracle for kernels.
+
+Score of key s for query t (``w`` already holds every scaling: H^-0.5, d^-0.5, fp8 q scales):
+
+    I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s])        (float32)
+
+Eligible keys: ``s <= q_positions[t]`` and ``s < kv_lengths``. Queries are processed in chunks of
+``query_chunk`` rows and keys in blocks of ``key_chunk``, so nothing of size [T, S, H] or [T, S]
+exists at once. Peak extra memory, in bytes:
+
+    4 * B * query_chunk * (2 * S + H * key_chunk)
+
+(the chunk's float32 scores and int32 ranking keys, plus one block of per-head logits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import chunk_axis, ranking_keys, top_k_by_key
+
+_FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+
+
+def _matmul_dtype(*xs) -> jnp.dtype:
+    # float8 values are exact in bfloat16, and CPU/GPU XLA dots accept bf16 everywhere.
+    dtypes = [jnp.bfloat16 if x.dtype in _FP8 else x.dtype for x in xs]
+    return functools.reduce(jnp.promote_types, dtypes)
+
+
+def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None = None) -> jax.Array:
+    """Unmasked scores [B, T, S] float32 for q [B,T,H,d], k [B,S,d], w [B,T,H], k_scale [B,S] or None.
+
+    Materialises [B, T, H, S]: for tests, losses on short rows and kernels' block bodies only.
+    """
+    dt = _matmul_dtype(q, k)
+    logits = jnp.einsum("bthd,bsd->bths", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), w.astype(jnp.float32))
+    if k_scale is not None:
+        scores = scores * k_scale.astype(jnp.float32)[:, None, :]
+    return scores
+
+
+def eligibility(q_positions: jax.Array, kv_lengths: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """[B, T, n] bool: key position <= query position and < the row's valid key length."""
+    return (key_positions[None, None, :] <= q_positions[:, :, None]) & (
+        key_positions[None, None, :] < kv_lengths[:, None, None])
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "query_chunk", "key_chunk"))
+def dsa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int,
+                       key_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k of the DSA scores: (indices [B,T,topk] int32, -1 padded; valid [B,T,topk] bool)."""
+    B, T, H, d = q.shape
+    S = k.shape[1]
+    qc, kc = min(query_chunk, T), min(key_chunk, S)
+    if k_scale is None:
+        k_scale = jnp.ones((B, S), jnp.float32)
+    k_blocks = chunk_axis(k, 1, kc, 0)                           # [nk, B, kc, d]
+    s_blocks = chunk_axis(k_scale.astype(jnp.float32), 1, kc, 1)  # [nk, B, kc]
+    key_positions = jnp.arange(S, dtype=jnp.int32)
+
+    def one_query_chunk(args):
+        q_c, w_c, pos_c = args  # [B,qc,H,d], [B,qc,H], [B,qc]
+
+        def one_key_block(_, blk):
+            return None, index_scores(q_c, blk[0], w_c, blk[1])
+
+        _, scores = jax.lax.scan(one_key_block, None, (k_blocks, s_blocks))  # [nk, B, qc, kc]
+        scores = jnp.moveaxis(scores, 0, 2).reshape(B, qc, -1)[:, :, :S]
+        keys = ranking_keys(scores, eligibility(pos_c, kv_lengths, key_positions))
+        return top_k_by_key(keys, topk)
+
+    # Padded query rows get position -1: nothing is eligible, so they come out as pure padding.
+    idx, valid = jax.lax.map(one_query_chunk, (chunk_axis(q, 1, qc, 0), chunk_axis(w, 1, qc, 0),
+                                               chunk_axis(q_positions, 1, qc, -1)))
+    idx = jnp.moveaxis(idx, 0, 1).reshape(B, -1, topk)[:, :T]
+    valid = jnp.moveaxis(valid, 0, 1).reshape(B, -1, topk)[:, :T]
+    return idx, valid

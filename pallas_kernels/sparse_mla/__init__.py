@@ -1,0 +1,48 @@
+"""Sparse MLA attention over selected cache rows: one entry point over its implementations.
+
+Implementations: ``xla`` (``reference.py``, gather-based, every platform).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import Backend, check_positive_int, choose_backend
+from pallas_kernels.sparse_mla.reference import attend, gather_rows, sparse_mla_reference
+
+__all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "gather_rows", "attend"]
+
+_OP = "sparse_mla"
+_IMPLEMENTATIONS = {"xla": sparse_mla_reference}
+
+
+def backend_for(implementation: str = "auto") -> Backend:
+    """The implementation a call with ``implementation`` would use here, with the reason."""
+    return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+
+
+def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
+               implementation: str = "auto", query_chunk: int = 64) -> jax.Array:
+    """Attention of q [B,T,Hq,Dk] over the rows of kv [B,S,Dk] named by indices/valid [B,T,k].
+
+    Returns [B,T,Hq,v_dim] in q's dtype; the value of a row is its first ``v_dim`` columns.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"{_OP}: q must have shape [B, T, Hq, Dk], got {q.shape}")
+    B, T, _, D = q.shape
+    if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:
+        raise ValueError(f"{_OP}: kv must have shape [B={B}, S, Dk={D}] to match q {q.shape}, got {kv.shape}")
+    if indices.ndim != 3 or indices.shape[:2] != (B, T) or not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"{_OP}: indices must be an int array [B={B}, T={T}, k], got {indices.shape} {indices.dtype}")
+    if valid.shape != indices.shape or valid.dtype != jnp.bool_:
+        raise ValueError(f"{_OP}: valid must be a bool array of shape {indices.shape}, got {valid.shape} {valid.dtype}")
+    for name, x in (("q", q), ("kv", kv)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{_OP}: {name} must be floating point, got {x.dtype}")
+    v_dim = check_positive_int(_OP, "v_dim", v_dim)
+    if v_dim > D:
+        raise ValueError(f"{_OP}: v_dim={v_dim} exceeds the row width Dk={D}")
+    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
+    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    return run(q, kv, indices.astype(jnp.int32), valid, scale=float(scale), v_dim=v_dim, query_chunk=query_chunk)

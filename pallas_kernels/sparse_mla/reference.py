@@ -1,0 +1,53 @@
+"""Plain-JAX sparse MLA over a selection: the ``xla`` implementation and the oracle for kernels.
+
+MQA form (FlashMLA's interface): every query head attends to the same selected cache rows.
+q [B,T,Hq,Dk] (absorbed query: latent part then rope part), kv [B,S,Dk] (cache rows: latent then
+rope key), the value is the first ``v_dim`` columns of each row. For each query only its k selected
+rows are gathered, so the work is O(T*k), never O(T*S). Queries run in chunks of ``query_chunk``;
+peak extra memory in bytes is about
+
+    B * query_chunk * k * (Dk * itemsize(kv) + 4 * 2 * Hq)
+
+(the gathered rows plus float32 logits and probabilities). A query with no valid slot returns zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import chunk_axis
+
+
+def gather_rows(kv: jax.Array, indices: jax.Array) -> jax.Array:
+    """kv [B,S,D], indices [B,T,k] (-1 allowed) -> [B,T,k,D]; padding slots read row 0 (masked later)."""
+    return jax.vmap(lambda rows, idx: rows[jnp.maximum(idx, 0)])(kv, indices)
+
+
+def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_dim: int) -> jax.Array:
+    """Softmax attention of q [B,T,H,D] over its own rows [B,T,k,D] where valid [B,T,k]; float32 out."""
+    logits = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # all-padding rows: no NaN
+    p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
+                     preferred_element_type=jnp.float32)
+    return out / jnp.where(denom > 0, denom, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk"))
+def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, query_chunk: int) -> jax.Array:
+    """out [B,T,Hq,v_dim] in q.dtype."""
+    B, T, H, _ = q.shape
+    qc = min(query_chunk, T)
+
+    def one_chunk(args):
+        q_c, idx_c, valid_c = args
+        return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim)
+
+    out = jax.lax.map(one_chunk, (chunk_axis(q, 1, qc, 0), chunk_axis(indices, 1, qc, -1), chunk_axis(valid, 1, qc, False)))
+    return jnp.moveaxis(out, 0, 1).reshape(B, -1, H, v_dim)[:, :T].astype(q.dtype)

@@ -1,0 +1,169 @@
+"""MLA with DeepSeek sparse attention: the cache, the layer, and sparse MLA over a Selection.
+
+The attention math always runs in the absorbed (MQA) form over the latent cache:
+``q_nope @ W_UK`` gives a ``kv_lora_rank``-wide query that, concatenated with the rope query, scores
+the cached rows ``[latent | rope key]``; the values are the latent rows, mapped back by ``W_UV``.
+Every query gathers only its k selected rows (O(T*k)); prefill and decode are the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import sparse_mla as _sparse_mla
+from pallas_kernels.common import concrete
+from sparse_index_jax.config import DSAConfig
+from sparse_index_jax.indexer import IndexerActivations, LightningIndexer
+from sparse_index_jax.layers import RMSNorm
+from sparse_index_jax.rope import apply_rope, rotary_cos_sin
+from sparse_index_jax.selection import Selection, select_topk
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DSACache:
+    """Decode state of one layer, all rows [B, max_len, ...], ``lengths`` [B] tokens written per row.
+
+    latent: MLA cache rows ``[kv latent (kv_lora_rank) | rope key (qk_rope_head_dim)]``.
+    index_keys: indexer keys [B, max_len, d] (float8_e4m3fn on the fp8 path); None on layers without
+      an indexer. index_key_scale: [B, max_len] float32 on the fp8 path, else None.
+    """
+
+    latent: jax.Array
+    index_keys: jax.Array | None
+    index_key_scale: jax.Array | None
+    lengths: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.latent.shape[1]
+
+    @classmethod
+    def create(cls, cfg: DSAConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "DSACache":
+        mla, ix = cfg.mla, cfg.indexer
+        latent = jnp.zeros((batch, max_len, mla.kv_lora_rank + mla.qk_rope_head_dim), dtype)
+        keys = scale = None
+        if ix is not None:
+            keys = jnp.zeros((batch, max_len, ix.head_dim), jnp.float8_e4m3fn if ix.fp8 else dtype)
+            scale = jnp.zeros((batch, max_len), jnp.float32) if ix.fp8 else None
+        return cls(latent, keys, scale, jnp.zeros((batch,), jnp.int32))
+
+    def append(self, latent: jax.Array, index_keys: jax.Array | None = None,
+               index_key_scale: jax.Array | None = None) -> "DSACache":
+        """Writes T new tokens per row at that row's current length; returns the updated cache."""
+        T = latent.shape[1]
+        known = concrete(self.lengths)
+        if known is not None and known.max() + T > self.max_len:
+            raise ValueError(f"DSACache.append: {T} new tokens overflow the cache of max_len={self.max_len} "
+                             f"(row lengths {known.tolist()}); create the cache with a larger max_len")
+
+        def write(buf, new):
+            if buf is None:
+                return None
+            new = new.astype(buf.dtype)
+            return jax.vmap(lambda b, n, at: jax.lax.dynamic_update_slice_in_dim(b, n, at, axis=0))(
+                buf, new, self.lengths)
+
+        return DSACache(write(self.latent, latent), write(self.index_keys, index_keys),
+                        write(self.index_key_scale, index_key_scale), self.lengths + T)
+
+
+class DSAOutput(NamedTuple):
+    out: jax.Array          # [B, T, hidden]
+    selection: Selection    # what the attention used (hand it to IndexCache shared layers)
+    cache: DSACache | None  # the updated cache, when one was given
+
+
+class DSAAttention(nnx.Module):
+    """MLA + lightning indexer + top-k selection + sparse MLA, with HF DeepSeek-V3.2/GLM-5 parameter names.
+
+    A layer built with ``cfg.indexer=None`` has no indexer (an IndexCache "shared" layer) and must
+    be handed the Selection of the layer it reuses.
+    """
+
+    def __init__(self, cfg: DSAConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 implementation: str = "auto"):
+        self.cfg, self.dtype, self.implementation = cfg, dtype, implementation
+        m = cfg.mla
+        lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if m.q_lora_rank:
+            self.q_a_proj = nnx.Linear(m.hidden_size, m.q_lora_rank, **lin)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, eps=m.rms_norm_eps, param_dtype=param_dtype)
+            self.q_b_proj = nnx.Linear(m.q_lora_rank, m.num_heads * m.qk_head_dim, **lin)
+        else:
+            self.q_proj = nnx.Linear(m.hidden_size, m.num_heads * m.qk_head_dim, **lin)
+        self.kv_a_proj_with_mqa = nnx.Linear(m.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, **lin)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, eps=m.rms_norm_eps, param_dtype=param_dtype)
+        self.kv_b_proj = nnx.Linear(m.kv_lora_rank, m.num_heads * (m.qk_nope_head_dim + m.v_head_dim), **lin)
+        self.o_proj = nnx.Linear(m.num_heads * m.v_head_dim, m.hidden_size, **lin)
+        self.indexer = (LightningIndexer(cfg.indexer, m.rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                        if cfg.indexer is not None else None)
+
+    def init_cache(self, batch: int, max_len: int) -> DSACache:
+        return DSACache.create(self.cfg, batch, max_len, self.dtype)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array | None = None, cache: DSACache | None = None,
+                 selection: Selection | None = None) -> DSAOutput:
+        """x [B, T, hidden] -> DSAOutput.
+
+        Without a cache, the T tokens attend among themselves (prefill; ``positions`` default
+        ``arange(T)``). With a cache, they are appended at each row's length and attend to
+        everything cached so far (chunked prefill and decode). ``selection`` is required on layers
+        without an indexer and overrides the layer's own indexer otherwise.
+        """
+        m = self.cfg.mla
+        B, T, hidden = x.shape
+        if hidden != m.hidden_size:
+            raise ValueError(f"DSAAttention: x must be [B, T, {m.hidden_size}], got {x.shape}")
+        if self.indexer is None and selection is None:
+            raise ValueError("DSAAttention: this layer has no indexer (an IndexCache shared layer); pass the "
+                             "selection= of the full layer it reuses")
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
+            positions = start + jnp.arange(T, dtype=jnp.int32)[None, :]
+        elif positions.shape != (B, T):
+            raise ValueError(f"DSAAttention: positions must be [B, T] = {(B, T)}, got {positions.shape}")
+
+        # MLA projections; the per-head query is [nope | rope], the MLA rope pairing is interleaved.
+        qr = self.q_a_layernorm(self.q_a_proj(x)) if m.q_lora_rank else x
+        q = (self.q_b_proj(qr) if m.q_lora_rank else self.q_proj(x)).reshape(B, T, m.num_heads, m.qk_head_dim)
+        q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv[..., : m.kv_lora_rank])
+        cos, sin = rotary_cos_sin(m.rope, positions, m.qk_rope_head_dim)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], "interleaved")
+        k_rope = apply_rope(kv[..., m.kv_lora_rank:], cos, sin, "interleaved")
+        rows = jnp.concatenate([latent, k_rope], axis=-1)
+
+        # The indexer runs when it selects, and also under a handed selection when a cache must keep its keys.
+        needs_keys = self.indexer is not None and (selection is None or cache is not None)
+        act = self.indexer(x, qr, positions) if needs_keys else None
+        if cache is None:
+            all_rows, kv_lengths = rows, None
+            keys = act
+        else:
+            cache = cache.append(rows, act.k if act else None, act.k_scale if act else None)
+            all_rows, kv_lengths = cache.latent, cache.lengths
+            keys = (IndexerActivations(act.q, cache.index_keys, act.w, cache.index_key_scale)
+                    if act is not None else None)
+        if selection is None:
+            selection = select_topk(keys.q, keys.k, keys.w, topk=self.cfg.indexer.topk, k_scale=keys.k_scale,
+                                    q_positions=positions, kv_lengths=kv_lengths,
+                                    implementation=self.implementation,
+                                    query_chunk=self.cfg.indexer.query_chunk, key_chunk=self.cfg.indexer.key_chunk)
+
+        # Absorb W_UK into the query, attend over latent rows, expand with W_UV.
+        w_kv_b = self.kv_b_proj.kernel[...].reshape(m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
+        w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
+        q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
+        q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
+        out_latent = _sparse_mla.sparse_mla(q_full, all_rows.astype(q_full.dtype), selection.indices,
+                                            selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
+                                            implementation=self.implementation, query_chunk=m.query_chunk)
+        out = jnp.einsum("bthc,chv->bthv", out_latent, w_uv.astype(out_latent.dtype))
+        return DSAOutput(self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim)), selection, cache)

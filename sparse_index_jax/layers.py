@@ -1,0 +1,62 @@
+"""Small building blocks shared by the indexer, MLA and the models."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, weight-only (DeepSeek / GLM / Llama style), output in the input dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_matrix(n: int) -> np.ndarray:
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def hadamard_rotate(x: jax.Array) -> jax.Array:
+    """Orthonormal Walsh-Hadamard transform of the last axis (power of two), scale n^-0.5, in float32.
+
+    Leaves dot products unchanged in exact arithmetic; spreads outliers before fp8 quantisation.
+    """
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"hadamard_rotate: the last axis must be a power of two, got {n}")
+    h = jnp.asarray(_hadamard_matrix(n) * np.float32(n ** -0.5))
+    return jnp.einsum("...i,ij->...j", x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
+
+
+def quantize_fp8(x: jax.Array, scale_fmt: str = "plain") -> tuple[jax.Array, jax.Array]:
+    """float8_e4m3fn quantisation with one scale per vector (the last axis), as the official indexer.
+
+    ``amax = max(|x|, 1e-4)``; ``scale = amax / 448`` (``plain``) or ``2^ceil(log2(amax / 448))``
+    (``ue8m0``). Returns (x_fp8, scale) with ``x ~= x_fp8 * scale``; scale has the last axis dropped.
+    """
+    if scale_fmt not in ("plain", "ue8m0"):
+        raise ValueError(f"quantize_fp8: scale_fmt must be 'plain' or 'ue8m0', got {scale_fmt!r}")
+    xf = x.astype(jnp.float32)
+    amax = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-4)
+    scale = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+    q = jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return q, scale

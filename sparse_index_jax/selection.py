@@ -1,0 +1,86 @@
+"""The one selection contract: every selector returns a ``Selection``.
+
+Rules every method and backend keeps:
+
+* **Eligibility** is positional only: key ``s`` is eligible for query ``t`` of row ``b`` when
+  ``s <= q_positions[b, t]`` (causal) and ``s < kv_lengths[b]`` (ragged batches, decode caches).
+  A score's value never makes a key ineligible.
+* **Count**: each query gets ``min(topk, #eligible)`` valid slots. With fewer eligible keys than
+  ``topk`` every eligible key is selected (the dense regime) and the remaining slots are padding.
+* **Padding**: ``indices == -1`` and ``valid == False``, always after the valid slots.
+* **Order and ties**: valid slots are sorted by score, highest first; equal scores are ordered by
+  position, the lower position first, and the lower position wins the last slot. Scores compare as
+  float32; -0.0 equals +0.0; NaN ranks as -inf; +inf ranks first. Same inputs give the same
+  indices on every run and backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dsa_topk as _dsa_topk
+
+METHODS = ("dsa",)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Selected key positions per query: ``indices`` [B,T,k] int32 (-1 = padding), ``valid`` [B,T,k] bool."""
+
+    indices: jax.Array
+    valid: jax.Array
+
+    @property
+    def topk(self) -> int:
+        return self.indices.shape[-1]
+
+    def counts(self) -> jax.Array:
+        """[B, T] number of valid slots per query."""
+        return jnp.sum(self.valid, axis=-1)
+
+    def to_mask(self, num_keys: int) -> jax.Array:
+        """Dense [B, T, num_keys] bool mask of the selected keys. For tests and small inputs only."""
+        hit = (self.indices[..., None] == jnp.arange(num_keys)) & self.valid[..., None]
+        return jnp.any(hit, axis=-2)
+
+
+def select_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, method: str = "dsa",
+                q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
+                k_scale: jax.Array | None = None, implementation: str = "auto",
+                **method_options) -> Selection:
+    """Selects the ``topk`` best keys for every query from lightning-indexer activations.
+
+    Args:
+      q: [B, T, H, d] indexer queries (after RoPE, optional Hadamard; bf16, f32 or float8_e4m3fn).
+      k: [B, S, d] indexer keys, one per token shared by all heads.
+      w: [B, T, H] head weights with every scaling folded in (``H^-0.5 * d^-0.5``, and the fp8 q
+        scale on the fp8 path), as ``LightningIndexer`` returns them.
+      topk: slots per query (k). May exceed S; the extra slots are padding.
+      method: ``"dsa"`` (flat scan of every eligible key).
+      q_positions: [T] or [B, T] int positions of the queries. Default: the last T positions of each
+        row, ``kv_lengths - T + arange(T)`` (``arange(T)`` for prefill where T == S).
+      kv_lengths: [B] int number of valid keys per row (default S). Must lie in [0, S].
+      k_scale: optional [B, S] float32 per-key scale (the fp8 key cache's scale).
+      implementation: ``"auto" | "xla" | "pallas"``; see ``pallas_kernels.dsa_topk.backend_for``.
+      **method_options: ``query_chunk`` (default 256) and ``key_chunk`` (default 1024).
+
+    Score: ``I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s])`` in float32. The module
+    docstring states the eligibility, padding and tie rules.
+
+    Memory: queries are scored ``query_chunk`` rows at a time against ``key_chunk`` keys at a time;
+    peak extra memory is ``4 * B * query_chunk * (2 * S + H * key_chunk)`` bytes. No [T, S, H] and
+    no [T, S] tensor is built.
+    """
+    if method not in METHODS:
+        raise ValueError(f"select_topk: unknown method {method!r}; available: {METHODS}")
+    unknown = set(method_options) - {"query_chunk", "key_chunk"}
+    if unknown:
+        raise TypeError(f"select_topk: method {method!r} takes no option(s) {sorted(unknown)}; "
+                        f"it takes query_chunk, key_chunk")
+    indices, valid = _dsa_topk.dsa_topk(q, k, w, topk=topk, k_scale=k_scale, q_positions=q_positions,
+                                        kv_lengths=kv_lengths, implementation=implementation, **method_options)
+    return Selection(indices, valid)
