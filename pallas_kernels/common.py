@@ -11,6 +11,7 @@ the score's value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -20,6 +21,15 @@ import numpy as np
 INELIGIBLE_KEY = np.iinfo(np.int32).min
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+_FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+
+
+def matmul_dtype(*xs) -> jnp.dtype:
+    # float8 values are exact in bfloat16, and CPU/GPU XLA dots accept bf16 everywhere.
+    dtypes = [jnp.bfloat16 if x.dtype in _FP8 else x.dtype for x in xs]
+    return functools.reduce(jnp.promote_types, dtypes)
 
 
 def ranking_keys(scores: jax.Array, eligible: jax.Array) -> jax.Array:
@@ -59,6 +69,18 @@ def chunk_axis(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
     x = jnp.pad(x, pad, constant_values=fill)
     x = x.reshape(x.shape[:axis] + (count, size) + x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
+
+
+def map_query_chunks(fn, chunk: int, *inputs: tuple[jax.Array, object]):
+    """Runs ``fn`` over chunks of ``chunk`` queries and stitches the outputs back to [B, T, ...].
+
+    ``inputs`` are (array [B, T, ...], padding value) pairs; the last chunk is padded with those values
+    (use position -1 for query positions: nothing is eligible, so padded rows are pure padding).
+    """
+    T = inputs[0][0].shape[1]
+    chunk = min(chunk, T)
+    out = jax.lax.map(lambda args: fn(*args), tuple(chunk_axis(x, 1, chunk, fill) for x, fill in inputs))
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:])[:, :T], out)
 
 
 @dataclasses.dataclass(frozen=True)

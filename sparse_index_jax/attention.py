@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import sparse_mla as _sparse_mla
+from pallas_kernels.blocks import append_block_sums, num_blocks_for
 from pallas_kernels.common import concrete
 from sparse_index_jax.config import DSAConfig
 from sparse_index_jax.indexer import IndexerActivations, LightningIndexer
@@ -32,12 +33,16 @@ class DSACache:
     latent: MLA cache rows ``[kv latent (kv_lora_rank) | rope key (qk_rope_head_dim)]``.
     index_keys: indexer keys [B, max_len, d] (float8_e4m3fn on the fp8 path); None on layers without
       an indexer. index_key_scale: [B, max_len] float32 on the fp8 path, else None.
+    block_sums: [B, ceil(max_len / block_size), d] float32 pooled indexer-key sums for the
+      hierarchical selectors (HISA, MISA), updated as keys arrive; None for dsa.
     """
 
     latent: jax.Array
     index_keys: jax.Array | None
     index_key_scale: jax.Array | None
     lengths: jax.Array
+    block_sums: jax.Array | None = None
+    block_size: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def max_len(self) -> int:
@@ -47,11 +52,15 @@ class DSACache:
     def create(cls, cfg: DSAConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "DSACache":
         mla, ix = cfg.mla, cfg.indexer
         latent = jnp.zeros((batch, max_len, mla.kv_lora_rank + mla.qk_rope_head_dim), dtype)
-        keys = scale = None
+        keys = scale = sums = None
+        block_size = 0
         if ix is not None:
             keys = jnp.zeros((batch, max_len, ix.head_dim), jnp.float8_e4m3fn if ix.fp8 else dtype)
             scale = jnp.zeros((batch, max_len), jnp.float32) if ix.fp8 else None
-        return cls(latent, keys, scale, jnp.zeros((batch,), jnp.int32))
+            if ix.selector_block_size:
+                block_size = ix.selector_block_size
+                sums = jnp.zeros((batch, num_blocks_for(max_len, block_size), ix.head_dim), jnp.float32)
+        return cls(latent, keys, scale, jnp.zeros((batch,), jnp.int32), sums, block_size)
 
     def append(self, latent: jax.Array, index_keys: jax.Array | None = None,
                index_key_scale: jax.Array | None = None) -> "DSACache":
@@ -69,8 +78,11 @@ class DSACache:
             return jax.vmap(lambda b, n, at: jax.lax.dynamic_update_slice_in_dim(b, n, at, axis=0))(
                 buf, new, self.lengths)
 
+        sums = self.block_sums
+        if sums is not None:
+            sums = append_block_sums(sums, index_keys, index_key_scale, self.lengths, self.block_size)
         return DSACache(write(self.latent, latent), write(self.index_keys, index_keys),
-                        write(self.index_key_scale, index_key_scale), self.lengths + T)
+                        write(self.index_key_scale, index_key_scale), self.lengths + T, sums, self.block_size)
 
 
 class DSAOutput(NamedTuple):
@@ -143,6 +155,7 @@ class DSAAttention(nnx.Module):
         # The indexer runs when it selects, and also under a handed selection when a cache must keep its keys.
         needs_keys = self.indexer is not None and (selection is None or cache is not None)
         act = self.indexer(x, qr, positions) if needs_keys else None
+        options = self.cfg.indexer.selector_options() if self.indexer is not None else {}
         if cache is None:
             all_rows, kv_lengths = rows, None
             keys = act
@@ -151,11 +164,13 @@ class DSAAttention(nnx.Module):
             all_rows, kv_lengths = cache.latent, cache.lengths
             keys = (IndexerActivations(act.q, cache.index_keys, act.w, cache.index_key_scale)
                     if act is not None else None)
+            if cache.block_sums is not None:
+                options["block_sums"] = cache.block_sums
         if selection is None:
-            selection = select_topk(keys.q, keys.k, keys.w, topk=self.cfg.indexer.topk, k_scale=keys.k_scale,
+            ix = self.cfg.indexer
+            selection = select_topk(keys.q, keys.k, keys.w, topk=ix.topk, method=ix.method, k_scale=keys.k_scale,
                                     q_positions=positions, kv_lengths=kv_lengths,
-                                    implementation=self.implementation,
-                                    query_chunk=self.cfg.indexer.query_chunk, key_chunk=self.cfg.indexer.key_chunk)
+                                    implementation=self.implementation, **options)
 
         # Absorb W_UK into the query, attend over latent rows, expand with W_UV.
         w_kv_b = self.kv_b_proj.kernel[...].reshape(m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)

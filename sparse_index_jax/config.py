@@ -11,7 +11,10 @@ import math
 from typing import Any, Literal, Mapping
 
 RopeLayout = Literal["half", "interleaved"]
-SelectorMethod = Literal["dsa"]
+SelectorMethod = Literal["dsa", "hisa", "misa", "misa_h"]
+
+# Block size each hierarchical selector uses unless told otherwise (HISA paper; MISA public code).
+DEFAULT_BLOCK_SIZE = {"hisa": 128, "misa": 1024, "misa_h": 1024}
 
 
 def _require(cond: bool, cls: type, field: str, message: str) -> None:
@@ -95,6 +98,10 @@ class IndexerConfig:
 
     ``q_input_dim`` is the width the query projection ``wq_b`` reads: the MLA query latent
     (``q_lora_rank``) in DeepSeek-V3.2 / GLM-5, or the hidden size for models without one.
+
+    ``method`` picks the selector; its options: ``block_size`` (hisa/misa/misa_h; None = 128 for
+    hisa, 1024 for misa), ``num_blocks`` (hisa), ``active_heads`` (misa/misa_h), ``candidates``
+    (misa_h; None = 4 * topk). ``query_chunk`` None = the selector's own default.
     """
 
     hidden_size: int
@@ -109,13 +116,20 @@ class IndexerConfig:
     fp8: bool = False
     fp8_scale_fmt: Literal["plain", "ue8m0"] = "plain"
     method: SelectorMethod = "dsa"
-    query_chunk: int = 256
-    key_chunk: int = 4096
+    block_size: int | None = None
+    num_blocks: int = 64
+    active_heads: int = 8
+    candidates: int | None = None
+    query_chunk: int | None = None
+    key_chunk: int = 1024
 
     def __post_init__(self):
         cls = IndexerConfig
-        for name in ("hidden_size", "q_input_dim", "n_heads", "head_dim", "topk", "query_chunk", "key_chunk"):
+        for name in ("hidden_size", "q_input_dim", "n_heads", "head_dim", "topk", "num_blocks", "active_heads",
+                     "key_chunk", "block_size", "candidates", "query_chunk"):
             value = getattr(self, name)
+            if value is None and name in ("block_size", "candidates", "query_chunk"):
+                continue
             _require(isinstance(value, int) and value > 0, cls, name, f"must be a positive int, got {value!r}")
         _require(0 <= self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0, cls, "rope_dim",
                  f"must be even and in [0, head_dim={self.head_dim}], got {self.rope_dim}")
@@ -124,10 +138,46 @@ class IndexerConfig:
         _require(self.norm_eps > 0, cls, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.fp8_scale_fmt in ("plain", "ue8m0"), cls, "fp8_scale_fmt",
                  f"must be 'plain' or 'ue8m0', got {self.fp8_scale_fmt!r}")
-        _require(self.method == "dsa", cls, "method", f"unknown selector {self.method!r}; available: 'dsa'")
+        _require(self.method in ("dsa", "hisa", "misa", "misa_h"), cls, "method",
+                 f"unknown selector {self.method!r}; available: 'dsa', 'hisa', 'misa', 'misa_h'")
+        if self.method == "hisa":
+            _require(self.num_blocks >= 2, cls, "num_blocks",
+                     f"must be >= 2 (the first and the query's own block are always kept), got {self.num_blocks}")
+            _require(self.num_blocks * self.selector_block_size >= self.topk, cls, "num_blocks",
+                     f"num_blocks * block_size = {self.num_blocks * self.selector_block_size} candidates cannot "
+                     f"fill topk={self.topk}")
+        if self.method in ("misa", "misa_h"):
+            _require(self.active_heads <= self.n_heads, cls, "active_heads",
+                     f"{self.active_heads} exceeds n_heads={self.n_heads}")
+        if self.method == "misa_h" and self.candidates is not None:
+            _require(self.candidates >= self.topk, cls, "candidates",
+                     f"must be >= topk={self.topk}, got {self.candidates}")
         if self.use_hadamard:
             _require(self.head_dim & (self.head_dim - 1) == 0, cls, "head_dim",
                      f"the Hadamard rotation needs a power of two, got {self.head_dim}")
+
+    @property
+    def selector_block_size(self) -> int | None:
+        """Pooling block of the hierarchical selectors (None for dsa)."""
+        if self.method == "dsa":
+            return None
+        return self.block_size or DEFAULT_BLOCK_SIZE[self.method]
+
+    def selector_options(self) -> dict[str, Any]:
+        """The ``select_topk`` options of this config's method."""
+        opts: dict[str, Any] = {}
+        if self.method == "dsa":
+            opts["key_chunk"] = self.key_chunk
+        elif self.method == "hisa":
+            opts.update(block_size=self.selector_block_size, num_blocks=self.num_blocks)
+        else:
+            opts.update(block_size=self.selector_block_size, active_heads=self.active_heads,
+                        key_chunk=self.key_chunk)
+            if self.method == "misa_h":
+                opts["candidates"] = self.candidates or 4 * self.topk
+        if self.query_chunk is not None:
+            opts["query_chunk"] = self.query_chunk
+        return opts
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "IndexerConfig":

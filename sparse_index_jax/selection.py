@@ -21,9 +21,27 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import dsa_topk as _dsa_topk
+from pallas_kernels.dsa_topk import dsa_topk
+from pallas_kernels.hisa_topk import hisa_topk
+from pallas_kernels.misa_topk import misa_topk
 
-METHODS = ("dsa",)
+
+def _misa_h(q, k, w, *, topk, candidates=None, **options):
+    return misa_topk(q, k, w, topk=topk, candidates=4 * topk if candidates is None else candidates, **options)
+
+
+def _misa(q, k, w, **options):
+    return misa_topk(q, k, w, candidates=None, **options)
+
+
+# method -> (entry point, the options it takes beyond the common arguments)
+_METHODS = {
+    "dsa": (dsa_topk, ("query_chunk", "key_chunk")),
+    "hisa": (hisa_topk, ("block_size", "num_blocks", "block_sums", "query_chunk")),
+    "misa": (_misa, ("active_heads", "block_size", "block_sums", "query_chunk", "key_chunk")),
+    "misa_h": (_misa_h, ("active_heads", "block_size", "candidates", "block_sums", "query_chunk", "key_chunk")),
+}
+METHODS = tuple(_METHODS)
 
 
 @jax.tree_util.register_dataclass
@@ -60,27 +78,37 @@ def select_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, method: 
       w: [B, T, H] head weights with every scaling folded in (``H^-0.5 * d^-0.5``, and the fp8 q
         scale on the fp8 path), as ``LightningIndexer`` returns them.
       topk: slots per query (k). May exceed S; the extra slots are padding.
-      method: ``"dsa"`` (flat scan of every eligible key).
+      method: ``"dsa"`` (flat scan of every eligible key), ``"hisa"`` (block filter + token refinement),
+        ``"misa"`` (routed heads), ``"misa_h"`` (routed heads, then all-head re-rank). See the README for
+        when each is exact and what it costs.
       q_positions: [T] or [B, T] int positions of the queries. Default: the last T positions of each
         row, ``kv_lengths - T + arange(T)`` (``arange(T)`` for prefill where T == S).
       kv_lengths: [B] int number of valid keys per row (default S). Must lie in [0, S].
       k_scale: optional [B, S] float32 per-key scale (the fp8 key cache's scale).
       implementation: ``"auto" | "xla" | "pallas"``; see ``pallas_kernels.dsa_topk.backend_for``.
-      **method_options: ``query_chunk`` (default 256) and ``key_chunk`` (default 1024).
+      **method_options: per method --
+        dsa: ``query_chunk`` (256), ``key_chunk`` (1024);
+        hisa: ``block_size`` (128), ``num_blocks`` (64), ``block_sums``, ``query_chunk`` (32);
+        misa: ``active_heads`` (8), ``block_size`` (1024), ``block_sums``, ``query_chunk`` (64), ``key_chunk``;
+        misa_h: as misa plus ``candidates`` (4 * topk).
+        ``block_sums`` [B, ceil(S/block_size), d] float32 are pooled key sums (a decode cache keeps
+        them, see ``DSACache``); computed from ``k`` when omitted.
 
     Score: ``I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s])`` in float32. The module
     docstring states the eligibility, padding and tie rules.
 
-    Memory: queries are scored ``query_chunk`` rows at a time against ``key_chunk`` keys at a time;
-    peak extra memory is ``4 * B * query_chunk * (2 * S + H * key_chunk)`` bytes. No [T, S, H] and
-    no [T, S] tensor is built.
+    Memory: queries are processed ``query_chunk`` rows at a time (dsa: against ``key_chunk`` keys
+    at a time), so no [T, S, H] and no [T, S] tensor is built. dsa's peak extra memory is
+    ``4 * B * query_chunk * (2 * S + H * key_chunk)`` bytes; each op's ``reference.py`` in
+    ``pallas_kernels`` states its own.
     """
-    if method not in METHODS:
+    if method not in _METHODS:
         raise ValueError(f"select_topk: unknown method {method!r}; available: {METHODS}")
-    unknown = set(method_options) - {"query_chunk", "key_chunk"}
+    run, accepted = _METHODS[method]
+    unknown = set(method_options) - set(accepted)
     if unknown:
         raise TypeError(f"select_topk: method {method!r} takes no option(s) {sorted(unknown)}; "
-                        f"it takes query_chunk, key_chunk")
-    indices, valid = _dsa_topk.dsa_topk(q, k, w, topk=topk, k_scale=k_scale, q_positions=q_positions,
-                                        kv_lengths=kv_lengths, implementation=implementation, **method_options)
+                        f"it takes {', '.join(accepted)}")
+    indices, valid = run(q, k, w, topk=topk, k_scale=k_scale, q_positions=q_positions, kv_lengths=kv_lengths,
+                         implementation=implementation, **method_options)
     return Selection(indices, valid)

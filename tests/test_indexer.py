@@ -33,14 +33,32 @@ def np_pairs(rope_dim: int, layout: str) -> list[tuple[int, int]]:
     raise ValueError(layout)
 
 
-def np_rope(x: np.ndarray, pos: np.ndarray, rope_dim: int, layout: str, theta: float = THETA) -> np.ndarray:
-    """Rotates the FIRST rope_dim dims of x[..., n]; pos broadcasts against x.shape[:-1]."""
+def np_yarn(rope_dim, theta, factor, orig_max, beta_fast, beta_slow, mscale, mscale_all_dim):
+    """(inverse frequencies, cos/sin multiplier) of HF transformers' YaRN rule, in float64."""
+    def corr(rot):
+        return rope_dim * np.log(orig_max / (rot * 2 * np.pi)) / (2 * np.log(theta))
+    low, high = max(np.floor(corr(beta_fast)), 0), min(np.ceil(corr(beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(rope_dim // 2) - low) / (high - low), 0, 1)
+    extra = theta ** (-np.arange(0, rope_dim, 2) / rope_dim)
+    inv = extra / factor * ramp + extra * (1 - ramp)
+    ms = lambda m: 1.0 if factor <= 1 else 0.1 * m * np.log(factor) + 1.0
+    return inv, ms(mscale) / ms(mscale_all_dim)
+
+
+def np_rope(x: np.ndarray, pos: np.ndarray, rope_dim: int, layout: str, theta: float = THETA,
+            inv_freqs=None, mult: float = 1.0) -> np.ndarray:
+    """Rotates the FIRST rope_dim dims of x[..., n]; pos broadcasts against x.shape[:-1].
+
+    Default inverse frequencies theta^(-2i/rope_dim); ``mult`` scales cos and sin (YaRN).
+    """
     x = np.asarray(x, np.float64)
     y = x.copy()
     pos = np.asarray(pos, np.float64)
     for i, (a, b) in enumerate(np_pairs(rope_dim, layout)):
-        inv_freq = theta ** (-2.0 * i / rope_dim)
-        c, s = np.cos(pos * inv_freq), np.sin(pos * inv_freq)
+        inv_freq = theta ** (-2.0 * i / rope_dim) if inv_freqs is None else inv_freqs[i]
+        c, s = mult * np.cos(pos * inv_freq), mult * np.sin(pos * inv_freq)
         y[..., a] = x[..., a] * c - x[..., b] * s
         y[..., b] = x[..., b] * c + x[..., a] * s
     return y
@@ -58,16 +76,16 @@ def np_params(ix: LightningIndexer) -> dict[str, np.ndarray]:
                 wp=f(ix.weights_proj.kernel))
 
 
-def np_indexer(p, cfg: IndexerConfig, x, qr, positions, layout: str | None = None):
+def np_indexer(p, cfg: IndexerConfig, x, qr, positions, layout: str | None = None, **rope_kw):
     """(q [B,T,H,d], k [B,T,d], w [B,T,H]) in float64, straight from the spec."""
     layout = layout or cfg.rope_layout
     x, qr = np.asarray(x, np.float64), np.asarray(qr, np.float64)
     B, T, _ = x.shape
     H, d, r = cfg.n_heads, cfg.head_dim, cfg.rope_dim
     q = (qr @ p["wq"]).reshape(B, T, H, d)
-    q = np_rope(q, np.asarray(positions)[:, :, None], r, layout)
+    q = np_rope(q, np.asarray(positions)[:, :, None], r, layout, **rope_kw)
     k = np_layernorm(x @ p["wk"], p["ln_s"], p["ln_b"])
-    k = np_rope(k, np.asarray(positions), r, layout)
+    k = np_rope(k, np.asarray(positions), r, layout, **rope_kw)
     w = (x @ p["wp"]) * H ** -0.5 * d ** -0.5
     return q, k, w
 
@@ -92,8 +110,9 @@ def make_cfg(**kw) -> IndexerConfig:
     return IndexerConfig(**base)
 
 
-def make_indexer(cfg: IndexerConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32):
-    ix = LightningIndexer(cfg, RopeConfig(theta=THETA), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+def make_indexer(cfg: IndexerConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, rope=None):
+    rope = rope or RopeConfig(theta=THETA)
+    ix = LightningIndexer(cfg, rope, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     # Non-trivial LayerNorm affine parameters (the defaults 1 / 0 would hide a missing scale or bias).
     rng = np.random.default_rng(1234 + seed)
     d = cfg.head_dim
@@ -144,6 +163,26 @@ def test_forward_matches_numpy(layout):
     assert scores.shape == (2, 6, 6) and scores.dtype == jnp.float32
     expected = np_scores(q, k, w)
     np.testing.assert_allclose(f64(scores), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_yarn_rope_matches_numpy(layout):
+    """The indexer uses the MLA rotary frequencies incl. YaRN (ramp and cos/sin attention factor)."""
+    yarn = dict(factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                mscale_all_dim=0.5)
+    rope = RopeConfig(theta=THETA, rope_type="yarn", **yarn)
+    cfg = make_cfg(rope_layout=layout)
+    ix = make_indexer(cfg, rope=rope)
+    inv, mult = np_yarn(cfg.rope_dim, THETA, 4.0, 64, 32.0, 1.0, 1.0, 0.5)
+    # This setting really ramps (pairs are neither all interpolated nor all extrapolated) and scales cos/sin.
+    plain = THETA ** (-np.arange(0, cfg.rope_dim, 2) / cfg.rope_dim)
+    assert np.any(np.isclose(inv, plain)) and np.any(np.isclose(inv, plain / 4)) and abs(mult - 1) > 0.05
+    x, qr, pos = make_inputs(cfg)
+    act = run(ix, x, qr, pos)
+    q, k, w = np_indexer(np_params(ix), cfg, x, qr, pos, inv_freqs=inv, mult=mult)
+    np.testing.assert_allclose(f64(act.q), q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(act.k), k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(act.w), w, rtol=1e-5, atol=1e-6)
 
 
 def test_layernorm_uses_scale_and_bias():

@@ -203,6 +203,11 @@ def _args(B=1, T=4, S=6, H=2, d=3):
     ({}, {"k_scale": jnp.ones((1, 5))}, "k_scale must be a float [B, S]"),
     ({}, {"method": "nope"}, "unknown method 'nope'"),
     ({}, {"block_size": 4}, "takes no option(s) ['block_size']"),
+    ({}, {"method": "hisa", "num_blocks": 1}, "num_blocks must be >= 2"),
+    ({}, {"method": "hisa", "num_blocks": 2, "block_size": 4, "topk": 9}, "cannot fill topk=9"),
+    ({}, {"method": "misa", "active_heads": 3}, "active_heads=3 exceeds the 2 indexer heads"),
+    ({}, {"method": "misa_h", "active_heads": 1, "candidates": 1}, "candidates=1 must be >= topk=2"),
+    ({}, {"method": "hisa", "block_sums": jnp.zeros((1, 2, 3))}, "block_sums must be float32"),
     ({}, {"implementation": "cuda"}, "implementation must be one of"),
     ({}, {"query_chunk": 0}, "query_chunk must be a positive int"),
 ])

@@ -20,23 +20,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import chunk_axis, ranking_keys, top_k_by_key
-
-_FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
-
-
-def _matmul_dtype(*xs) -> jnp.dtype:
-    # float8 values are exact in bfloat16, and CPU/GPU XLA dots accept bf16 everywhere.
-    dtypes = [jnp.bfloat16 if x.dtype in _FP8 else x.dtype for x in xs]
-    return functools.reduce(jnp.promote_types, dtypes)
-
+from pallas_kernels.common import chunk_axis, map_query_chunks, matmul_dtype, ranking_keys, top_k_by_key
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None = None) -> jax.Array:
     """Unmasked scores [B, T, S] float32 for q [B,T,H,d], k [B,S,d], w [B,T,H], k_scale [B,S] or None.
 
     Materialises [B, T, H, S]: for tests, losses on short rows and kernels' block bodies only.
     """
-    dt = _matmul_dtype(q, k)
+    dt = matmul_dtype(q, k)
     logits = jnp.einsum("bthd,bsd->bths", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
     scores = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), w.astype(jnp.float32))
     if k_scale is not None:
@@ -63,8 +54,7 @@ def dsa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, 
     s_blocks = chunk_axis(k_scale.astype(jnp.float32), 1, kc, 1)  # [nk, B, kc]
     key_positions = jnp.arange(S, dtype=jnp.int32)
 
-    def one_query_chunk(args):
-        q_c, w_c, pos_c = args  # [B,qc,H,d], [B,qc,H], [B,qc]
+    def one_query_chunk(q_c, w_c, pos_c):  # [B,qc,H,d], [B,qc,H], [B,qc]
 
         def one_key_block(_, blk):
             return None, index_scores(q_c, blk[0], w_c, blk[1])
@@ -74,9 +64,4 @@ def dsa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, 
         keys = ranking_keys(scores, eligibility(pos_c, kv_lengths, key_positions))
         return top_k_by_key(keys, topk)
 
-    # Padded query rows get position -1: nothing is eligible, so they come out as pure padding.
-    idx, valid = jax.lax.map(one_query_chunk, (chunk_axis(q, 1, qc, 0), chunk_axis(w, 1, qc, 0),
-                                               chunk_axis(q_positions, 1, qc, -1)))
-    idx = jnp.moveaxis(idx, 0, 1).reshape(B, -1, topk)[:, :T]
-    valid = jnp.moveaxis(valid, 0, 1).reshape(B, -1, topk)[:, :T]
-    return idx, valid
+    return map_query_chunks(one_query_chunk, qc, (q, 0), (w, 0), (q_positions, -1))

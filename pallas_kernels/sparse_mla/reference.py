@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import chunk_axis
+from pallas_kernels.common import map_query_chunks
 
 
 def gather_rows(kv: jax.Array, indices: jax.Array) -> jax.Array:
@@ -42,12 +42,8 @@ def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_d
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk"))
 def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, query_chunk: int) -> jax.Array:
     """out [B,T,Hq,v_dim] in q.dtype."""
-    B, T, H, _ = q.shape
-    qc = min(query_chunk, T)
-
-    def one_chunk(args):
-        q_c, idx_c, valid_c = args
+    def one_chunk(q_c, idx_c, valid_c):
         return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim)
 
-    out = jax.lax.map(one_chunk, (chunk_axis(q, 1, qc, 0), chunk_axis(indices, 1, qc, -1), chunk_axis(valid, 1, qc, False)))
-    return jnp.moveaxis(out, 0, 1).reshape(B, -1, H, v_dim)[:, :T].astype(q.dtype)
+    out = map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False))
+    return out.astype(q.dtype)

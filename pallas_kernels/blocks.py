@@ -1,0 +1,93 @@
+"""Pieces shared by the hierarchical selectors (HISA, MISA, MISA-H).
+
+* Block pooling: keys split into contiguous blocks of ``block_size``; a block's representative is the
+  MEAN of its valid keys (dequantised on the fp8 path). Pooled state is kept as float32 SUMS, so
+  decode can add one key at a time; counts follow from the row length and are never stored.
+* Gathered refinement: score an explicit per-query list of candidate positions with the flat DSA
+  formula and keep the top-k. Candidates must be listed in increasing position so that
+  ``lax.top_k``'s lower-index-wins tie rule is the contract's lower-position-wins rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import matmul_dtype, ranking_keys, top_k_by_key
+
+
+def num_blocks_for(S: int, block_size: int) -> int:
+    return -(-S // block_size)
+
+
+def dequantized(k: jax.Array, k_scale: jax.Array | None) -> jax.Array:
+    kf = k.astype(jnp.float32)
+    return kf if k_scale is None else kf * k_scale.astype(jnp.float32)[..., None]
+
+
+def pool_block_sums(k: jax.Array, k_scale: jax.Array | None, kv_lengths: jax.Array, block_size: int) -> jax.Array:
+    """[B, ceil(S/block_size), d] float32 sums of the keys at positions < kv_lengths, per block."""
+    B, S, d = k.shape
+    M = num_blocks_for(S, block_size)
+    kf = jnp.where((jnp.arange(S) < kv_lengths[:, None])[..., None], dequantized(k, k_scale), 0.0)
+    kf = jnp.pad(kf, ((0, 0), (0, M * block_size - S), (0, 0)))
+    return kf.reshape(B, M, block_size, d).sum(axis=2)
+
+
+def append_block_sums(sums: jax.Array, k_new: jax.Array, k_scale_new: jax.Array | None, start: jax.Array,
+                      block_size: int) -> jax.Array:
+    """Adds T new keys per row (k_new [B,T,d], written at positions start[b] + arange(T)) to ``sums``."""
+    T = k_new.shape[1]
+    blocks = (start[:, None] + jnp.arange(T)[None, :]) // block_size  # [B, T]
+    return jax.vmap(lambda s, ids, new: s.at[ids].add(new, mode="drop"))(sums, blocks, dequantized(k_new, k_scale_new))
+
+
+def block_counts(kv_lengths: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
+    """[B, M] int32 number of valid keys per block."""
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    return jnp.clip(kv_lengths[:, None] - starts[None, :], 0, block_size)
+
+
+def block_means(sums: jax.Array, kv_lengths: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """(means [B,M,d] float32, counts [B,M]); an empty block's mean is 0 (and it is never eligible)."""
+    counts = block_counts(kv_lengths, sums.shape[1], block_size)
+    return sums / jnp.maximum(counts, 1)[..., None].astype(jnp.float32), counts
+
+
+def last_eligible(q_positions: jax.Array, kv_lengths: jax.Array) -> jax.Array:
+    """[B, T] the last key position a query may see: min(position, kv_length - 1); < 0 means none."""
+    return jnp.minimum(q_positions, kv_lengths[:, None] - 1)
+
+
+def head_block_logits(q_c: jax.Array, means: jax.Array) -> jax.Array:
+    """ReLU(q . kbar) per head and block: q_c [B,c,H,d], means [B,M,d] -> [B,c,H,M] float32."""
+    return jax.nn.relu(jnp.einsum("bchd,bmd->bchm", q_c.astype(jnp.float32), means))
+
+
+def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array | None, cand_pos: jax.Array,
+                cand_ok: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of the flat DSA score over per-query candidates.
+
+    q_c [B,c,H,d], w_c [B,c,H], k [B,S,d], k_scale [B,S] or None, cand_pos [B,c,C] int32 in increasing
+    order per query, cand_ok [B,c,C] bool (eligible candidates). Returns (positions [B,c,topk] int32
+    with -1 padding, valid). Gathers c*C key rows: memory O(c * C * (d + H)).
+    """
+    safe = jnp.maximum(cand_pos, 0)
+    rows = jax.vmap(lambda kb, p: kb[p])(k, safe)  # [B, c, C, d]
+    dt = matmul_dtype(q_c, rows)
+    logits = jnp.einsum("bchd,bcnd->bchn", q_c.astype(dt), rows.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w_c.astype(jnp.float32))
+    if k_scale is not None:
+        scores = scores * jax.vmap(lambda s, p: s[p])(k_scale.astype(jnp.float32), safe)
+    idx, valid = top_k_by_key(ranking_keys(scores, cand_ok), topk)
+    positions = jnp.take_along_axis(cand_pos, jnp.maximum(idx, 0), axis=-1)
+    return jnp.where(valid, positions, -1), valid
+
+
+def check_block_sums(op: str, block_sums, k: jax.Array, block_size: int) -> None:
+    """``block_sums`` handed in by a caller (e.g. a decode cache) must be [B, ceil(S / block_size), d] float32."""
+    B, S, d = k.shape
+    expected = (B, num_blocks_for(S, block_size), d)
+    if block_sums.shape != expected or block_sums.dtype != jnp.float32:
+        raise ValueError(f"{op}: block_sums must be float32 {list(expected)} = [B, ceil(S / block_size={block_size}), "
+                         f"d] for k {k.shape}, got {block_sums.shape} {block_sums.dtype}")

@@ -1,0 +1,53 @@
+"""Plain-JAX reference of HISA (hierarchical indexing): block filter, then token refinement.
+
+Per query t (last eligible key ``L = min(t, kv_length - 1)``, own block ``L // B``):
+
+1. Block score ``J[t, b] = sum_h w[t, h] ReLU(q[t, h] . kbar[b])`` for the blocks fully before the
+   own block, ``kbar`` the block mean (DSA formula and scalings on the representatives).
+2. Keep ``m = num_blocks`` blocks: the first block (attention sink) and the own block (local context)
+   are forced (their score is +inf), the best others fill the rest. Fewer eligible blocks: keep all.
+3. Score the tokens of the kept blocks (positions <= L) with the flat DSA formula; top-k.
+
+The own block's mean is never used (the block is forced), so no future key can reach a decision.
+With ``num_blocks * block_size >= S`` every block is kept and the result is DSA's. Work per query:
+``H * d * (S / B + m * B)``. Peak extra memory per query chunk c: the gathered candidates,
+``c * m * B * (itemsize(k) * d + 4 * H)`` bytes, plus ``4 * c * H * S / B`` for block logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.blocks import block_means, head_block_logits, last_eligible, refine_topk
+from pallas_kernels.common import map_query_chunks, ranking_keys, top_k_by_key
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "query_chunk"))
+def hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
+                        num_blocks: int, query_chunk: int) -> tuple[jax.Array, jax.Array]:
+    B, T, H, d = q.shape
+    means, counts = block_means(block_sums, kv_lengths, block_size)
+    M = means.shape[1]
+    m = min(num_blocks, M)
+    block_ids = jnp.arange(M, dtype=jnp.int32)
+    offsets = jnp.arange(block_size, dtype=jnp.int32)
+
+    def one_query_chunk(q_c, w_c, pos_c):
+        last = last_eligible(pos_c, kv_lengths)                     # [B, c]
+        own = jnp.where(last >= 0, last // block_size, -1)[..., None]
+        scores = jnp.einsum("bchm,bch->bcm", head_block_logits(q_c, means), w_c.astype(jnp.float32))
+        forced = (block_ids == 0) | (block_ids == own)
+        scores = jnp.where(forced, jnp.inf, scores)
+        eligible = (block_ids <= own) & (counts[:, None, :] > 0)
+        kept, kept_ok = top_k_by_key(ranking_keys(scores, eligible), m)  # [B, c, m]
+        # Increasing block order -> candidates in increasing position -> ties go to the lower position.
+        kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)
+        kept_ok = kept < M
+        cand_pos = (jnp.minimum(kept, M - 1)[..., None] * block_size + offsets).reshape(B, -1, m * block_size)
+        cand_ok = (jnp.repeat(kept_ok, block_size, axis=-1) & (cand_pos <= last[..., None]))
+        return refine_topk(q_c, w_c, k, k_scale, cand_pos, cand_ok, topk)
+
+    return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))

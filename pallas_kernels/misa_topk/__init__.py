@@ -1,0 +1,53 @@
+"""MISA / MISA-H: a router picks a few indexer heads per query; MISA-H re-ranks with all heads.
+
+Implementations: ``xla`` (``reference.py``, plain JAX, every platform).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.blocks import check_block_sums, pool_block_sums
+from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
+from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
+
+__all__ = ["misa_topk", "backend_for", "misa_topk_reference", "route_heads"]
+
+_OP = "misa_topk"
+_IMPLEMENTATIONS = {"xla": misa_topk_reference}
+
+
+def backend_for(implementation: str = "auto") -> Backend:
+    """The implementation a call with ``implementation`` would use here, with the reason."""
+    return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+
+
+def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, active_heads: int = 8,
+              block_size: int = 1024, candidates: int | None = None, k_scale: jax.Array | None = None,
+              q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
+              block_sums: jax.Array | None = None, implementation: str = "auto", query_chunk: int = 64,
+              key_chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """MISA top-k (``candidates=None``) or MISA-H (``candidates`` keys re-ranked with all heads).
+
+    See ``sparse_index_jax.select_topk`` for the contract and ``reference.py`` for the algorithm.
+    """
+    topk = check_positive_int(_OP, "topk", topk)
+    active_heads = check_positive_int(_OP, "active_heads", active_heads)
+    block_size = check_positive_int(_OP, "block_size", block_size)
+    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
+    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
+    q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
+    H = q.shape[2]
+    if active_heads > H:
+        raise ValueError(f"{_OP}: active_heads={active_heads} exceeds the {H} indexer heads of q {q.shape}")
+    if candidates is not None:
+        candidates = check_positive_int(_OP, "candidates", candidates)
+        if candidates < topk:
+            raise ValueError(f"{_OP}: candidates={candidates} must be >= topk={topk} (MISA-H re-ranks them to "
+                             f"keep topk); the usual choice is 4 * topk")
+    if block_sums is None:
+        block_sums = pool_block_sums(k, k_scale, kv_lengths, block_size)
+    check_block_sums(_OP, block_sums, k, block_size)
+    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
+               active_heads=active_heads, candidates=candidates, query_chunk=query_chunk, key_chunk=key_chunk)

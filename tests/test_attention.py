@@ -1,0 +1,463 @@
+"""DSAAttention against an independent float64 numpy oracle: dense, NON-absorbed MLA.
+
+The oracle expands per-head k_nope and v from the latent with kv_b_proj, scores q = [nope | rope]
+against k = [k_nope | shared k_rope], applies the causal mask (and optionally a selection mask),
+softmax, and o_proj. The layer runs the absorbed MQA form over gathered rows; both must agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import sparse_mla as sparse_mla_mod
+from sparse_index_jax import DSAAttention, DSACache, DSAConfig, IndexerConfig, MLAConfig, RopeConfig, Selection
+
+THETA = 10000.0
+HIDDEN, HEADS, Q_LORA, KV_LORA, NOPE, ROPE, V = 32, 2, 16, 16, 8, 4, 6
+IX_H, IX_D = 2, 8
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 numpy oracle
+# --------------------------------------------------------------------------------------------------
+
+def np_yarn(rope_dim, theta, factor, orig_max, beta_fast, beta_slow, mscale, mscale_all_dim):
+    """(inverse frequencies, cos/sin multiplier, softmax mscale) of the HF / DeepSeek YaRN rule."""
+    def corr(rot):
+        return rope_dim * np.log(orig_max / (rot * 2 * np.pi)) / (2 * np.log(theta))
+    low, high = max(np.floor(corr(beta_fast)), 0), min(np.ceil(corr(beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(rope_dim // 2) - low) / (high - low), 0, 1)
+    extra = theta ** (-np.arange(0, rope_dim, 2) / rope_dim)
+    inv = extra / factor * ramp + extra * (1 - ramp)
+    ms = lambda m: 1.0 if factor <= 1 else 0.1 * m * np.log(factor) + 1.0
+    return inv, ms(mscale) / ms(mscale_all_dim), ms(mscale_all_dim)
+
+
+def np_rope(x, pos, layout, inv_freqs, mult=1.0):
+    """Rotates the whole last axis of x; 'interleaved' pairs (2i, 2i+1), 'half' pairs (i, i+n/2)."""
+    x = np.asarray(x, np.float64)
+    y = x.copy()
+    n = x.shape[-1]
+    pos = np.asarray(pos, np.float64)
+    for i in range(n // 2):
+        a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + n // 2)
+        c, s = mult * np.cos(pos * inv_freqs[i]), mult * np.sin(pos * inv_freqs[i])
+        y[..., a] = x[..., a] * c - x[..., b] * s
+        y[..., b] = x[..., b] * c + x[..., a] * s
+    return y
+
+
+def np_rms(x, weight, eps=1e-6):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def np_params(layer: DSAAttention) -> dict[str, np.ndarray]:
+    names = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    names += ["q_a_proj", "q_b_proj"] if layer.cfg.mla.q_lora_rank else ["q_proj"]
+    p = {n: f64(getattr(layer, n).kernel[...]) for n in names}
+    p["kv_a_layernorm"] = f64(layer.kv_a_layernorm.weight[...])
+    if layer.cfg.mla.q_lora_rank:
+        p["q_a_layernorm"] = f64(layer.q_a_layernorm.weight[...])
+    return p
+
+
+def rope_numbers(m: MLAConfig):
+    r = m.rope
+    if r.rope_type == "yarn":
+        return np_yarn(m.qk_rope_head_dim, r.theta, r.factor, r.original_max_position_embeddings, r.beta_fast,
+                       r.beta_slow, r.mscale, r.mscale_all_dim)
+    return r.theta ** (-np.arange(0, m.qk_rope_head_dim, 2) / m.qk_rope_head_dim), 1.0, 1.0
+
+
+def np_mla(layer: DSAAttention, x, positions=None, extra_mask=None):
+    """Dense causal MLA, non-absorbed, float64. extra_mask [B,T,T] bool further restricts the keys."""
+    m = layer.cfg.mla
+    p = np_params(layer)
+    x = np.asarray(x, np.float64)
+    B, T, _ = x.shape
+    H, dn, dr, dv, c = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+    pos = np.broadcast_to(np.arange(T), (B, T)) if positions is None else np.asarray(positions)
+    inv, mult, smscale = rope_numbers(m)
+    qr = np_rms(x @ p["q_a_proj"], p["q_a_layernorm"]) if m.q_lora_rank else x
+    q = (qr @ p["q_b_proj"] if m.q_lora_rank else x @ p["q_proj"]).reshape(B, T, H, dn + dr)
+    q = np.concatenate([q[..., :dn], np_rope(q[..., dn:], pos[:, :, None], "interleaved", inv, mult)], -1)
+    kv = x @ p["kv_a_proj_with_mqa"]
+    latent = np_rms(kv[..., :c], p["kv_a_layernorm"])
+    k_rope = np_rope(kv[..., c:], pos, "interleaved", inv, mult)                 # [B,S,dr], shared by heads
+    kvb = (latent @ p["kv_b_proj"]).reshape(B, T, H, dn + dv)
+    k_nope, v = kvb[..., :dn], kvb[..., dn:]
+    k = np.concatenate([k_nope, np.broadcast_to(k_rope[:, :, None, :], (B, T, H, dr))], -1)
+    scale = (dn + dr) ** -0.5 * smscale ** 2
+    logits = np.einsum("bthd,bshd->bhts", q, k) * scale
+    mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    if extra_mask is not None:
+        mask = mask & np.asarray(extra_mask, bool)
+    logits = np.where(mask[:, None], logits, -np.inf)
+    row_max = logits.max(-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    e = np.where(mask[:, None], np.exp(logits - row_max), 0.0)
+    denom = e.sum(-1, keepdims=True)
+    probs = e / np.where(denom > 0, denom, 1.0)
+    o = np.einsum("bhts,bshv->bthv", probs, v).reshape(B, T, H * dv)
+    return o @ p["o_proj"], qr
+
+
+def np_index_scores(layer: DSAAttention, x, qr, positions=None):
+    """Independent indexer scores [B,T,S] (half or interleaved pairing on the first rope dims)."""
+    ix = layer.indexer
+    cfg = ix.cfg
+    x = np.asarray(x, np.float64)
+    B, T, _ = x.shape
+    pos = np.broadcast_to(np.arange(T), (B, T)) if positions is None else np.asarray(positions)
+    inv, mult, _ = rope_numbers(layer.cfg.mla)
+    r, H, d = cfg.rope_dim, cfg.n_heads, cfg.head_dim
+    q = (qr @ f64(ix.wq_b.kernel[...])).reshape(B, T, H, d)
+    q = np.concatenate([np_rope(q[..., :r], pos[:, :, None], cfg.rope_layout, inv, mult), q[..., r:]], -1)
+    k = x @ f64(ix.wk.kernel[...])
+    k = (k - k.mean(-1, keepdims=True)) / np.sqrt(k.var(-1, keepdims=True) + 1e-6)
+    k = k * f64(ix.k_norm.scale[...]) + f64(ix.k_norm.bias[...])
+    k = np.concatenate([np_rope(k[..., :r], pos, cfg.rope_layout, inv, mult), k[..., r:]], -1)
+    w = x @ f64(ix.weights_proj.kernel[...]) * H ** -0.5 * d ** -0.5
+    return np.einsum("bth,bths->bts", w, np.maximum(np.einsum("bthd,bsd->bths", q, k), 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+def make_cfg(topk=64, with_indexer=True, rope=None, q_lora=Q_LORA, fp8=False, layout="half") -> DSAConfig:
+    mla = MLAConfig(hidden_size=HIDDEN, num_heads=HEADS, q_lora_rank=q_lora, kv_lora_rank=KV_LORA,
+                    qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
+                    rope=rope or RopeConfig(theta=THETA), query_chunk=16)
+    ix = None
+    if with_indexer:
+        ix = IndexerConfig(hidden_size=HIDDEN, q_input_dim=q_lora or HIDDEN, n_heads=IX_H, head_dim=IX_D, topk=topk,
+                           rope_dim=ROPE, rope_layout=layout, fp8=fp8, query_chunk=16, key_chunk=16)
+    return DSAConfig(mla=mla, indexer=ix)
+
+
+def make_layer(cfg: DSAConfig, seed=0) -> DSAAttention:
+    layer = DSAAttention(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(100 + seed)
+    # Non-trivial norm parameters so a skipped or misplaced norm shows.
+    layer.kv_a_layernorm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, KV_LORA), jnp.float32)
+    if cfg.mla.q_lora_rank:
+        layer.q_a_layernorm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, cfg.mla.q_lora_rank), jnp.float32)
+    if layer.indexer is not None:
+        layer.indexer.k_norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, IX_D), jnp.float32)
+        layer.indexer.k_norm.bias[...] = jnp.asarray(rng.normal(0, 0.3, IX_D), jnp.float32)
+    return layer
+
+
+def make_x(B, T, seed=0):
+    return np.random.default_rng(seed).normal(size=(B, T, HIDDEN)).astype(np.float32)
+
+
+def assert_close(actual, expected, tol=1e-4):
+    np.testing.assert_allclose(f64(actual), expected, rtol=tol, atol=tol * max(1.0, np.abs(expected).max()))
+
+
+def valid_sets(sel: Selection):
+    idx, valid = np.asarray(sel.indices), np.asarray(sel.valid)
+    return idx, valid
+
+
+# --------------------------------------------------------------------------------------------------
+# (1) dense regime equals dense causal MLA
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q_lora", [Q_LORA, None])
+def test_topk_ge_T_equals_dense_causal_mla(q_lora):
+    B, T = 2, 12
+    layer = make_layer(make_cfg(topk=T + 3, q_lora=q_lora))
+    x = make_x(B, T)
+    res = layer(jnp.asarray(x))
+    assert res.out.shape == (B, T, HIDDEN) and res.out.dtype == jnp.float32 and res.cache is None
+    expected, _ = np_mla(layer, x)
+    assert_close(res.out, expected)
+    # Every causal key is selected.
+    mask = np.asarray(res.selection.to_mask(T))
+    np.testing.assert_array_equal(mask, np.tril(np.ones((T, T), bool))[None].repeat(B, 0))
+
+
+def test_yarn_layer_matches_oracle():
+    """A YaRN rope (ramped frequencies, cos/sin factor != 1, softmax mscale) in MLA and indexer."""
+    rope = RopeConfig(theta=THETA, rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                      beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5)
+    B, T = 1, 10
+    layer = make_layer(make_cfg(topk=T, rope=rope))
+    x = make_x(B, T, seed=3)
+    res = layer(jnp.asarray(x))
+    expected, _ = np_mla(layer, x)
+    assert_close(res.out, expected)
+    _, mult, smscale = rope_numbers(layer.cfg.mla)
+    assert abs(mult - 1) > 0.02 and abs(smscale - 1) > 0.02
+
+
+# --------------------------------------------------------------------------------------------------
+# (2) sparse regime equals the dense oracle masked by the selection
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_topk_lt_T_equals_masked_oracle(layout):
+    B, T, K = 2, 40, 8
+    layer = make_layer(make_cfg(topk=K, layout=layout))
+    x = make_x(B, T, seed=1)
+    res = layer(jnp.asarray(x))
+    sel = res.selection
+    idx, valid = valid_sets(sel)
+    assert idx.shape == (B, T, K) and idx.dtype == np.int32 and valid.dtype == bool
+    np.testing.assert_array_equal(valid.sum(-1), np.minimum(K, np.arange(T) + 1)[None].repeat(B, 0))
+    np.testing.assert_array_equal(idx >= 0, valid)
+    mask = np.asarray(sel.to_mask(T))
+    np.testing.assert_array_equal(mask.sum(-1), valid.sum(-1))  # no duplicates
+    assert not np.any(mask & ~np.tril(np.ones((T, T), bool))), "selection must be causal"
+
+    expected, qr = np_mla(layer, x, extra_mask=mask)
+    assert_close(res.out, expected)
+    dense, _ = np_mla(layer, x)
+    assert np.abs(dense - expected).max() > 1e-3, "the sparse mask must matter in this test"
+
+    # The selected keys are the top-k of an independent indexer score (up to float32 near-ties).
+    scores = np_index_scores(layer, x, qr)
+    tol = 1e-4 * np.abs(scores).max()
+    for b in range(B):
+        for t in range(K, T):
+            sel_s = scores[b, t][mask[b, t]]
+            rest = scores[b, t, : t + 1][~mask[b, t, : t + 1]]
+            assert sel_s.min() >= rest.max() - tol, (b, t)
+
+
+# --------------------------------------------------------------------------------------------------
+# (3) decode through the cache equals prefill; (4) chunked prefill equals one-shot prefill
+# --------------------------------------------------------------------------------------------------
+
+def check_selection_equal(sel_a: Selection, sel_b: Selection):
+    ia, va = valid_sets(sel_a)
+    ib, vb = valid_sets(sel_b)
+    np.testing.assert_array_equal(va, vb)
+    np.testing.assert_array_equal(np.where(va, ia, -1), np.where(vb, ib, -1))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_token_by_token_equals_prefill(fp8):
+    B, T, K = 2, 12, 4
+    layer = make_layer(make_cfg(topk=K, fp8=fp8))
+    x = jnp.asarray(make_x(B, T, seed=2))
+    pre = layer(x)
+    cache = layer.init_cache(B, 16)
+    assert cache.latent.shape == (B, 16, KV_LORA + ROPE)
+    assert cache.index_keys.dtype == (jnp.float8_e4m3fn if fp8 else jnp.float32)
+    assert (cache.index_key_scale is not None) == fp8
+    outs, sels = [], []
+    for t in range(T):
+        res = layer(x[:, t:t + 1], cache=cache)
+        cache = res.cache
+        assert res.selection.indices.shape == (B, 1, K)
+        outs.append(res.out)
+        sels.append(res.selection)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [T, T])
+    np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(pre.out), rtol=1e-5, atol=1e-5)
+    dec_sel = Selection(jnp.concatenate([s.indices for s in sels], 1), jnp.concatenate([s.valid for s in sels], 1))
+    check_selection_equal(dec_sel, pre.selection)
+    if not fp8:
+        expected, _ = np_mla(layer, np.asarray(x), extra_mask=np.asarray(pre.selection.to_mask(T)))
+        assert_close(pre.out, expected)
+
+
+def test_chunked_prefill_equals_one_shot():
+    B, T, K = 2, 12, 5
+    layer = make_layer(make_cfg(topk=K))
+    x = jnp.asarray(make_x(B, T, seed=4))
+    one = layer(x)
+    cache = layer.init_cache(B, 20)
+    r1 = layer(x[:, :5], cache=cache)
+    r2 = layer(x[:, 5:], cache=r1.cache)
+    np.testing.assert_array_equal(np.asarray(r2.cache.lengths), [T, T])
+    out = jnp.concatenate([r1.out, r2.out], 1)
+    np.testing.assert_allclose(f64(out), f64(one.out), rtol=1e-5, atol=1e-5)
+    sel = Selection(jnp.concatenate([r1.selection.indices, r2.selection.indices], 1),
+                    jnp.concatenate([r1.selection.valid, r2.selection.valid], 1))
+    check_selection_equal(sel, one.selection)
+    # The one-shot cache prefill equals the chunked one, and so does the next decode step.
+    full = layer(x, cache=layer.init_cache(B, 20))
+    np.testing.assert_allclose(f64(full.out), f64(one.out), rtol=1e-5, atol=1e-5)
+    x_next = jnp.asarray(make_x(B, 1, seed=5))
+    d1, d2 = layer(x_next, cache=r2.cache), layer(x_next, cache=full.cache)
+    np.testing.assert_allclose(f64(d1.out), f64(d2.out), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# (5) ragged batch
+# --------------------------------------------------------------------------------------------------
+
+def stack_caches(caches: list[DSACache]) -> DSACache:
+    cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, 0)
+    return DSACache(cat([c.latent for c in caches]), cat([c.index_keys for c in caches]),
+                    cat([c.index_key_scale for c in caches]), cat([c.lengths for c in caches]))
+
+
+def test_ragged_batch_decode_equals_rows_alone():
+    """Two rows with prompts of 5 and 9 tokens, decoded together, give each row's solo output."""
+    K, L, steps = 4, 16, 3
+    layer = make_layer(make_cfg(topk=K))
+    prompts = [jnp.asarray(make_x(1, 5, seed=10)), jnp.asarray(make_x(1, 9, seed=11))]
+    solo_caches = [layer(p, cache=layer.init_cache(1, L)).cache for p in prompts]
+    cache = stack_caches(solo_caches)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 9])
+    new = jnp.asarray(make_x(2, steps, seed=12))
+    batch_outs, solo_outs = [], [[], []]
+    for s in range(steps):
+        res = layer(new[:, s:s + 1], cache=cache)
+        cache = res.cache
+        batch_outs.append(res)
+        for b in range(2):
+            r = layer(new[b:b + 1, s:s + 1], cache=solo_caches[b])
+            solo_caches[b] = r.cache
+            solo_outs[b].append(r)
+    for s in range(steps):
+        for b in range(2):
+            np.testing.assert_allclose(f64(batch_outs[s].out[b]), f64(solo_outs[b][s].out[0]), rtol=1e-5, atol=1e-5)
+            check_selection_equal(Selection(batch_outs[s].selection.indices[b:b + 1],
+                                            batch_outs[s].selection.valid[b:b + 1]), solo_outs[b][s].selection)
+    # Each solo row equals a one-shot prefill of its prompt + the new tokens (position = cache length).
+    for b, p in enumerate(prompts):
+        full = layer(jnp.concatenate([p, new[b:b + 1]], 1))
+        got = jnp.concatenate([r.out for r in solo_outs[b]], 1)
+        np.testing.assert_allclose(f64(got), f64(full.out[:, -steps:]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [5 + steps, 9 + steps])
+
+
+def test_batch_rows_are_independent():
+    """A batch of 2 through a cache gives the same per-row output as each row alone."""
+    K, T = 4, 10
+    layer = make_layer(make_cfg(topk=K))
+    x = jnp.asarray(make_x(2, T, seed=13))
+    both = layer(x, cache=layer.init_cache(2, 12))
+    for b in range(2):
+        solo = layer(x[b:b + 1], cache=layer.init_cache(1, 12))
+        np.testing.assert_allclose(f64(both.out[b]), f64(solo.out[0]), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# (6) shared (indexer-less) layers; (7) cache overflow
+# --------------------------------------------------------------------------------------------------
+
+def test_layer_without_indexer_needs_and_uses_a_selection():
+    B, T, K = 2, 20, 6
+    full = make_layer(make_cfg(topk=K), seed=0)
+    shared = make_layer(make_cfg(with_indexer=False), seed=1)
+    assert shared.indexer is None
+    x = jnp.asarray(make_x(B, T, seed=6))
+    with pytest.raises(ValueError, match="selection"):
+        shared(x)
+    sel = full(x).selection
+    res = shared(x, selection=sel)
+    assert res.selection is sel
+    expected, _ = np_mla(shared, np.asarray(x), extra_mask=np.asarray(sel.to_mask(T)))
+    assert_close(res.out, expected)
+    # With a cache too: decoding a shared layer with the full layer's decode selections.
+    fc, sc = full.init_cache(B, T), shared.init_cache(B, T)
+    assert sc.index_keys is None
+    outs = []
+    for t in range(T):
+        rf = full(x[:, t:t + 1], cache=fc)
+        rs = shared(x[:, t:t + 1], cache=sc, selection=rf.selection)
+        fc, sc = rf.cache, rs.cache
+        outs.append(rs.out)
+    np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(res.out), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_overflow_raises():
+    layer = make_layer(make_cfg(topk=4))
+    x = jnp.asarray(make_x(1, 6))
+    with pytest.raises(ValueError, match="max_len"):
+        layer(x, cache=layer.init_cache(1, 4))
+    cache = layer(x[:, :3], cache=layer.init_cache(1, 4)).cache
+    layer(x[:, 3:4], cache=cache)  # exactly fills it
+    with pytest.raises(ValueError, match="max_len"):
+        layer(x[:, 3:5], cache=cache)
+
+
+# --------------------------------------------------------------------------------------------------
+# (8) sparse_mla op: gradients and empty rows
+# --------------------------------------------------------------------------------------------------
+
+def dense_masked_attention(q, kv, mask, scale, v_dim):
+    """q [B,T,H,D], kv [B,S,D], mask [B,T,S]: plain masked softmax; rows with no key give 0."""
+    logits = jnp.einsum("bthd,bsd->bths", q, kv, precision="highest") * scale
+    logits = jnp.where(mask[:, :, None, :], logits, -1e30)
+    p = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, -1)[:, :, None, None]
+    return jnp.einsum("bths,bsv->bthv", p, kv[..., :v_dim], precision="highest")
+
+
+def test_sparse_mla_grad_matches_dense():
+    B, T, S, H, D, K, v_dim = 2, 5, 9, 3, 12, 4, 8
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    idx = np.full((B, T, K), -1, np.int32)
+    valid = np.zeros((B, T, K), bool)
+    counts = np.array([[4, 2, 0, 3, 1], [4, 4, 1, 0, 2]])
+    for b in range(B):
+        for t in range(T):
+            picks = rng.permutation(S)[: counts[b, t]]
+            idx[b, t, : len(picks)] = picks
+            valid[b, t, : len(picks)] = True
+    # A padding slot pointing at a real row must be ignored as well.
+    idx[0, 1, 3] = 5
+    sel = Selection(jnp.asarray(idx), jnp.asarray(valid))
+    mask = sel.to_mask(S)
+    scale = D ** -0.5
+    w_out = jnp.asarray(rng.normal(size=(B, T, H, v_dim)), jnp.float32)
+
+    def loss_sparse(q, kv):
+        out = sparse_mla_mod.sparse_mla(q, kv, sel.indices, sel.valid, scale=scale, v_dim=v_dim, query_chunk=2)
+        return jnp.sum(out * w_out)
+
+    def loss_dense(q, kv):
+        return jnp.sum(dense_masked_attention(q, kv, mask, scale, v_dim) * w_out)
+
+    out = sparse_mla_mod.sparse_mla(q, kv, sel.indices, sel.valid, scale=scale, v_dim=v_dim, query_chunk=2)
+    assert out.shape == (B, T, H, v_dim) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense_masked_attention(q, kv, mask, scale, v_dim)),
+                               rtol=1e-5, atol=1e-5)
+    empty = counts == 0
+    assert np.all(np.asarray(out)[empty] == 0.0), "rows with no valid slot output exactly 0"
+
+    gs = jax.grad(loss_sparse, argnums=(0, 1))(q, kv)
+    gd = jax.grad(loss_dense, argnums=(0, 1))(q, kv)
+    for a, b in zip(gs, gd):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(gs[0])[empty] == 0.0), "no gradient flows into an empty row's query"
+
+
+# --------------------------------------------------------------------------------------------------
+# (9) YaRN softmax scale
+# --------------------------------------------------------------------------------------------------
+
+def test_yarn_softmax_scale():
+    m = MLAConfig(hidden_size=64, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                  rope=RopeConfig(rope_type="yarn", factor=40, mscale=1.0, mscale_all_dim=1.0,
+                                  original_max_position_embeddings=4096))
+    expected = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2
+    assert m.softmax_scale == pytest.approx(expected, rel=1e-12)
+    assert m.softmax_scale == pytest.approx(0.1352, abs=5e-5)
+    # The released models keep cos/sin unscaled (mscale == mscale_all_dim).
+    assert m.rope.attention_factor == pytest.approx(1.0)
+    # Plain rope: no mscale.
+    assert MLAConfig(hidden_size=64, qk_nope_head_dim=128, qk_rope_head_dim=64).softmax_scale == pytest.approx(
+        192 ** -0.5)
