@@ -143,9 +143,9 @@ class IndexerConfig:
         if self.method == "hisa":
             _require(self.num_blocks >= 2, cls, "num_blocks",
                      f"must be >= 2 (the first and the query's own block are always kept), got {self.num_blocks}")
-            _require(self.num_blocks * self.selector_block_size >= self.topk, cls, "num_blocks",
-                     f"num_blocks * block_size = {self.num_blocks * self.selector_block_size} candidates cannot "
-                     f"fill topk={self.topk}")
+            _require((self.num_blocks - 1) * self.selector_block_size >= self.topk, cls, "num_blocks",
+                     f"(num_blocks - 1) * block_size = {(self.num_blocks - 1) * self.selector_block_size} < "
+                     f"topk={self.topk}: the full blocks besides the query's own must be able to fill topk")
         if self.method in ("misa", "misa_h"):
             _require(self.active_heads <= self.n_heads, cls, "active_heads",
                      f"{self.active_heads} exceeds n_heads={self.n_heads}")

@@ -38,9 +38,11 @@ def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, block_size
     if num_blocks < 2:
         raise ValueError(f"{_OP}: num_blocks must be >= 2 (the first and the query's own block are always kept), "
                          f"got {num_blocks}")
-    if num_blocks * block_size < topk:
-        raise ValueError(f"{_OP}: num_blocks * block_size = {num_blocks} * {block_size} = {num_blocks * block_size} "
-                         f"candidates cannot fill topk={topk}; raise num_blocks or block_size")
+    if (num_blocks - 1) * block_size < topk:
+        raise ValueError(
+            f"{_OP}: (num_blocks - 1) * block_size = {(num_blocks - 1) * block_size} < topk={topk}. The query's own "
+            f"block may hold a single eligible token, so only the other num_blocks - 1 full blocks guarantee topk "
+            f"candidates; raise num_blocks or block_size")
     q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
     if block_sums is None:
         block_sums = pool_block_sums(k, k_scale, kv_lengths, block_size)
