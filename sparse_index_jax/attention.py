@@ -64,25 +64,37 @@ class DSACache:
 
     def append(self, latent: jax.Array, index_keys: jax.Array | None = None,
                index_key_scale: jax.Array | None = None) -> "DSACache":
-        """Writes T new tokens per row at that row's current length; returns the updated cache."""
+        """Writes T new tokens per row at that row's current length; returns the updated cache.
+
+        Overflow (a row's length + T > max_len) raises when the lengths are known (eager code). Under
+        jit it cannot raise: the rows past max_len are dropped, never written over earlier ones, and
+        ``overflowed`` turns True; size the cache for prompt + new tokens (``generate`` checks this).
+        """
         T = latent.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"DSACache.append: {T} new tokens exceed the cache's max_len={self.max_len}; "
+                             f"create the cache with a larger max_len")
         known = concrete(self.lengths)
         if known is not None and known.max() + T > self.max_len:
             raise ValueError(f"DSACache.append: {T} new tokens overflow the cache of max_len={self.max_len} "
                              f"(row lengths {known.tolist()}); create the cache with a larger max_len")
+        slots = self.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
         def write(buf, new):
             if buf is None:
                 return None
-            new = new.astype(buf.dtype)
-            return jax.vmap(lambda b, n, at: jax.lax.dynamic_update_slice_in_dim(b, n, at, axis=0))(
-                buf, new, self.lengths)
+            return jax.vmap(lambda b, n, at: b.at[at].set(n.astype(b.dtype), mode="drop"))(buf, new, slots)
 
         sums = self.block_sums
         if sums is not None:
             sums = append_block_sums(sums, index_keys, index_key_scale, self.lengths, self.block_size)
         return DSACache(write(self.latent, latent), write(self.index_keys, index_keys),
                         write(self.index_key_scale, index_key_scale), self.lengths + T, sums, self.block_size)
+
+    @property
+    def overflowed(self) -> jax.Array:
+        """[B] bool: rows that were handed more tokens than max_len (only possible under jit)."""
+        return self.lengths > self.max_len
 
 
 class DSAOutput(NamedTuple):
@@ -123,9 +135,10 @@ class DSAAttention(nnx.Module):
                  selection: Selection | None = None) -> DSAOutput:
         """x [B, T, hidden] -> DSAOutput.
 
-        Without a cache, the T tokens attend among themselves (prefill; ``positions`` default
-        ``arange(T)``). With a cache, they are appended at each row's length and attend to
-        everything cached so far (chunked prefill and decode). ``selection`` is required on layers
+        Without a cache, the T tokens attend among themselves (prefill). With a cache, they are
+        appended at each row's length and attend to everything cached so far (chunked prefill and
+        decode). Causality always follows where a token sits among the keys (its slot); ``positions``
+        [B, T] only sets the RoPE positions (default: the slots). ``selection`` is required on layers
         without an indexer and overrides the layer's own indexer otherwise.
         """
         m = self.cfg.mla
@@ -135,9 +148,10 @@ class DSAAttention(nnx.Module):
         if self.indexer is None and selection is None:
             raise ValueError("DSAAttention: this layer has no indexer (an IndexCache shared layer); pass the "
                              "selection= of the full layer it reuses")
+        start = cache.lengths[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
+        slots = start + jnp.arange(T, dtype=jnp.int32)[None, :]
         if positions is None:
-            start = cache.lengths[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
-            positions = start + jnp.arange(T, dtype=jnp.int32)[None, :]
+            positions = slots
         elif positions.shape != (B, T):
             raise ValueError(f"DSAAttention: positions must be [B, T] = {(B, T)}, got {positions.shape}")
 
@@ -169,7 +183,7 @@ class DSAAttention(nnx.Module):
         if selection is None:
             ix = self.cfg.indexer
             selection = select_topk(keys.q, keys.k, keys.w, topk=ix.topk, method=ix.method, k_scale=keys.k_scale,
-                                    q_positions=positions, kv_lengths=kv_lengths,
+                                    q_positions=slots, kv_lengths=kv_lengths,
                                     implementation=self.implementation, **options)
 
         # Absorb W_UK into the query, attend over latent rows, expand with W_UV.

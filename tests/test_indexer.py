@@ -371,9 +371,11 @@ def test_fp8_path(fmt, use_hadamard):
     np.testing.assert_allclose(s8, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     # ...and within a few percent of the float path.
     s32 = f64(index_scores(a.q, a.k, a.w))
+    # (e4m3 keeps 3 mantissa bits: ~3.6% rms rounding per element; measured ~4-5% on these scores. A
+    # wrong scale, e.g. the q scale not folded into w, is off by orders of magnitude.)
     rel = np.linalg.norm(s8 - s32) / np.linalg.norm(s32)
-    print(f"fp8 rel err {rel:.4f}")
-    assert rel < 0.05, f"fp8 scores relative error {rel:.3f}"
+    assert rel < 0.08, f"fp8 scores relative error {rel:.3f}"
+    assert np.abs(s8 - s32).max() < 0.15 * np.abs(s32).max()
 
 
 # --------------------------------------------------------------------------------------------------
