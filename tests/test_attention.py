@@ -138,14 +138,15 @@ def np_index_scores(layer: DSAAttention, x, qr, positions=None):
 # helpers
 # --------------------------------------------------------------------------------------------------
 
-def make_cfg(topk=64, with_indexer=True, rope=None, q_lora=Q_LORA, fp8=False, layout="half") -> DSAConfig:
+def make_cfg(topk=64, with_indexer=True, rope=None, q_lora=Q_LORA, fp8=False, layout="half",
+             **selector) -> DSAConfig:
     mla = MLAConfig(hidden_size=HIDDEN, num_heads=HEADS, q_lora_rank=q_lora, kv_lora_rank=KV_LORA,
                     qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
                     rope=rope or RopeConfig(theta=THETA), query_chunk=16)
     ix = None
     if with_indexer:
         ix = IndexerConfig(hidden_size=HIDDEN, q_input_dim=q_lora or HIDDEN, n_heads=IX_H, head_dim=IX_D, topk=topk,
-                           rope_dim=ROPE, rope_layout=layout, fp8=fp8, query_chunk=16, key_chunk=16)
+                           rope_dim=ROPE, rope_layout=layout, fp8=fp8, query_chunk=16, key_chunk=16, **selector)
     return DSAConfig(mla=mla, indexer=ix)
 
 
@@ -284,6 +285,34 @@ def test_decode_token_by_token_equals_prefill(fp8):
     if not fp8:
         expected, _ = np_mla(layer, np.asarray(x), extra_mask=np.asarray(pre.selection.to_mask(T)))
         assert_close(pre.out, expected)
+
+
+@pytest.mark.parametrize("selector", [
+    {"method": "hisa", "block_size": 3, "num_blocks": 3},
+    {"method": "misa", "block_size": 4, "active_heads": 1},
+    {"method": "misa_h", "block_size": 4, "active_heads": 1, "candidates": 6},
+])
+def test_hierarchical_selectors_decode_equals_prefill(selector):
+    """The cache's pooled block sums, grown chunk by chunk and token by token, select what prefill selects."""
+    B, T, K = 2, 20, 4
+    layer = make_layer(make_cfg(topk=K, **selector))
+    x = jnp.asarray(make_x(B, T, seed=3))
+    pre = call(layer, x)
+    cache = layer.init_cache(B, 23)
+    assert cache.block_sums.shape == (B, -(-23 // selector["block_size"]), IX_D)
+    res = call(layer, x[:, :7], cache=cache)
+    outs, sels = [res.out], [res.selection]
+    cache = res.cache
+    for t in range(7, T):
+        res = call(layer, x[:, t:t + 1], cache=cache)
+        cache = res.cache
+        outs.append(res.out)
+        sels.append(res.selection)
+    np.testing.assert_allclose(f64(jnp.concatenate(outs, 1)), f64(pre.out), rtol=1e-5, atol=1e-5)
+    dec_sel = Selection(jnp.concatenate([s.indices for s in sels], 1), jnp.concatenate([s.valid for s in sels], 1))
+    check_selection_equal(dec_sel, pre.selection)
+    expected, _ = np_mla(layer, np.asarray(x), extra_mask=np.asarray(pre.selection.to_mask(T)))
+    assert_close(pre.out, expected)
 
 
 def test_chunked_prefill_equals_one_shot():
