@@ -1,17 +1,24 @@
-# The two set-up commands of the README. Each creates .venv on first use and installs what it needs.
+# The two set-up commands of the README. Each creates .venv on first use and installs what it needs:
+# the package for the demo; the package with its test and HF-parity extras (torch, transformers) for tests.
 PY ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+$(VENV)/.venv:
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.venv
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.venv
+	$(VENV)/bin/pip install --quiet -e ".[test,parity]"
+	touch $@
 
 .PHONY: demo test
-demo: $(STAMP)
+demo: $(VENV)/.installed
 	$(VENV)/bin/sparse-index demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -n 2 -q tests

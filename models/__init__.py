@@ -1,0 +1,34 @@
+"""DeepSeek-V3.2 and GLM-5 in Flax NNX, loaded from HF checkpoints without torch."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.convert.loader import is_converted, load_converted, load_hf_checkpoint, save_converted
+from models.convert.safetensors_reader import CheckpointError
+from models.modeling import CausalLMOutput, DSAForCausalLM, generate
+
+__all__ = ["CausalLMOutput", "CheckpointError", "DSAForCausalLM", "ModelConfig", "from_pretrained", "generate",
+           "convert"]
+
+
+def from_pretrained(path: str | pathlib.Path, dtype=None, *, progress: bool = True) -> DSAForCausalLM:
+    """Loads a DeepSeek-V3.2 (``deepseek_v32``) or GLM-5 (``glm_moe_dsa``) model.
+
+    ``path`` is an HF checkpoint folder (config.json + safetensors, single or sharded, bf16/fp32 or FP8 with
+    block scales) or a folder written by ``convert``. ``dtype`` is the compute and storage dtype of the
+    weights (default: bfloat16 for HF checkpoints, the converted dtype for converted folders); the
+    indexer's LayerNorm and head-weight projection and the MoE router stay float32.
+    """
+    if is_converted(path):
+        return load_converted(path, dtype=dtype)
+    return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, progress=progress)
+
+
+def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16,
+            progress: bool = True) -> pathlib.Path:
+    """Converts an HF checkpoint once into an Orbax checkpoint that ``from_pretrained`` restores directly."""
+    return save_converted(load_hf_checkpoint(hf_dir, dtype=dtype, progress=progress), hf_dir, out_dir)

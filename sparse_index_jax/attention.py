@@ -117,12 +117,12 @@ class DSAAttention(nnx.Module):
         lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if m.q_lora_rank:
             self.q_a_proj = nnx.Linear(m.hidden_size, m.q_lora_rank, **lin)
-            self.q_a_layernorm = RMSNorm(m.q_lora_rank, eps=m.rms_norm_eps, param_dtype=param_dtype)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, eps=m.latent_norm_eps, param_dtype=param_dtype)
             self.q_b_proj = nnx.Linear(m.q_lora_rank, m.num_heads * m.qk_head_dim, **lin)
         else:
             self.q_proj = nnx.Linear(m.hidden_size, m.num_heads * m.qk_head_dim, **lin)
         self.kv_a_proj_with_mqa = nnx.Linear(m.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, **lin)
-        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, eps=m.rms_norm_eps, param_dtype=param_dtype)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, eps=m.latent_norm_eps, param_dtype=param_dtype)
         self.kv_b_proj = nnx.Linear(m.kv_lora_rank, m.num_heads * (m.qk_nope_head_dim + m.v_head_dim), **lin)
         self.o_proj = nnx.Linear(m.num_heads * m.v_head_dim, m.hidden_size, **lin)
         self.indexer = (LightningIndexer(cfg.indexer, m.rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

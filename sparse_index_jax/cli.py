@@ -114,6 +114,22 @@ def cmd_bench_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import models
+
+    start = time.perf_counter()
+    out = models.convert(args.hf_dir, args.out_dir, dtype=jnp.dtype(args.dtype), progress=not args.quiet)
+    model = models.from_pretrained(out)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    print(f"converted {args.hf_dir} -> {out} ({n:,} parameters, {args.dtype}) in {time.perf_counter() - start:.1f} s; "
+          f"load it with models.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -143,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5, help="timed prefill repeats (default 5)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser(
+        "convert", help="convert an HF DeepSeek-V3.2 / GLM-5 checkpoint once into an Orbax checkpoint",
+        description="Reads an HF checkpoint folder (config.json + safetensors; single file or sharded; bf16, fp32, "
+                    "or FP8 with block scales, which are dequantised) tensor by tensor and writes OUT_DIR: "
+                    "config.json, an Orbax checkpoint of the Flax NNX state, and a marker file. "
+                    "models.from_pretrained(OUT_DIR) then restores it without re-converting. "
+                    "The multi-token-prediction layer is skipped.")
+    conv.add_argument("hf_dir", help="HF checkpoint folder")
+    conv.add_argument("out_dir", help="new folder for the converted model (must not exist or be empty)")
+    conv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                      help="weight dtype to store (default bfloat16; the indexer head weights and the router stay "
+                           "float32)")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks: selection fidelity (more to come with the kernels)",
                            description="Benchmarks. Each prints a table and writes JSON with its environment.")
@@ -178,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--decode-steps must be >= 0, got {args.decode_steps}")
     try:
         return args.func(args)
-    except ValueError as err:  # the library's input errors say what is wrong; no traceback for those
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # input errors say what is wrong: no traceback
         parser.exit(2, f"sparse-index {args.command}: error: {err}\n")
 
 

@@ -206,7 +206,9 @@ class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3 style) dimensions.
 
     The MLA rotary layout is interleaved for both DeepSeek-V3.2 and GLM-5 (HF's
-    ``apply_rotary_pos_emb_interleave``), whatever the indexer uses.
+    ``apply_rotary_pos_emb_interleave``), whatever the indexer uses. ``latent_norm_eps`` is the eps of
+    ``q_a_layernorm`` and ``kv_a_layernorm``: 1e-6 in the official code and in HF for both families,
+    whatever the model's ``rms_norm_eps`` (GLM-5: 1e-5) says.
     """
 
     hidden_size: int
@@ -216,7 +218,7 @@ class MLAConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    rms_norm_eps: float = 1e-6
+    latent_norm_eps: float = 1e-6
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     query_chunk: int = 64
 
@@ -229,7 +231,7 @@ class MLAConfig:
         _require(self.qk_rope_head_dim % 2 == 0, cls, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
         _require(self.q_lora_rank is None or self.q_lora_rank > 0, cls, "q_lora_rank",
                  f"must be None or > 0, got {self.q_lora_rank}")
-        _require(self.rms_norm_eps > 0, cls, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        _require(self.latent_norm_eps > 0, cls, "latent_norm_eps", f"must be > 0, got {self.latent_norm_eps}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -250,7 +252,6 @@ class MLAConfig:
             qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
             qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
             v_head_dim=int(cfg["v_head_dim"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf_config(cfg),
         )
         kw.update(overrides)

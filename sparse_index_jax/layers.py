@@ -13,7 +13,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, weight-only (DeepSeek / GLM / Llama style), output in the input dtype."""
+    """RMSNorm, weight-only (DeepSeek / GLM / Llama style), as HF computes it: normalise in float32, cast
+    back to the input dtype, then scale; output in the input dtype."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
         self.eps = eps
@@ -22,7 +23,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+        return (self.weight[...] * xf.astype(x.dtype)).astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)

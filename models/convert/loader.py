@@ -1,0 +1,152 @@
+"""HF checkpoint -> Flax NNX model, and the Orbax round trip.
+
+Loading builds the model abstractly (``nnx.eval_shape``: no memory), then fills one parameter at a
+time from the memory-mapped checkpoint, converting and placing it before the next one is read, so
+the host never holds the checkpoint twice. Every parameter must be found with the right shape, and
+every checkpoint tensor must be used (the MTP layers past ``num_hidden_layers`` are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+from models.convert.safetensors_reader import CheckpointError, CheckpointReader
+from models.modeling import DSAForCausalLM
+
+ORBAX_MARKER = "sparse_index_jax.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def hf_name(path: tuple) -> tuple[str, str]:
+    """(HF tensor name, how to convert) for one NNX parameter path.
+
+    Kinds: ``copy``; ``t`` (nnx.Linear kernels are [in, out], HF weights [out, in]); ``experts``
+    (per-expert HF weights, stacked then transposed). For ``experts`` the name has an ``{e}`` slot.
+    """
+    parts = [str(p) for p in path]
+    if parts == ["embed_tokens", "embedding"]:
+        return "model.embed_tokens.weight", "copy"
+    if parts == ["norm", "weight"]:
+        return "model.norm.weight", "copy"
+    if parts == ["lm_head", "kernel"]:
+        return "lm_head.weight", "t"
+    if parts[0] != "layers":
+        raise KeyError(f"no checkpoint name for parameter {'.'.join(parts)}")
+    prefix = f"model.layers.{parts[1]}."
+    rest, leaf = parts[2:-1], parts[-1]
+    if rest[:2] == ["mlp", "experts"]:
+        return prefix + f"mlp.experts.{{e}}.{leaf}.weight", "experts"
+    if leaf == "kernel":
+        return prefix + ".".join(rest) + ".weight", "t"
+    if leaf == "scale":  # nnx.LayerNorm calls its weight "scale"
+        return prefix + ".".join(rest) + ".weight", "copy"
+    return prefix + ".".join(rest + [leaf]), "copy"
+
+
+def _read(reader: CheckpointReader, name: str, kind: str, cfg: ModelConfig) -> tuple[np.ndarray, list[str]]:
+    """The parameter's value as float32 numpy in NNX layout, and the checkpoint names it used."""
+    block = cfg.weight_block_size
+    if kind == "experts":
+        names = [name.format(e=e) for e in range(cfg.n_routed_experts)]
+        value = np.stack([reader.get_dequantized(n, block).T for n in names])
+    else:
+        names = [name]
+        value = reader.get_dequantized(name, block)
+        value = value.T if kind == "t" else value
+    used = names + [n.removesuffix(".weight") + ".weight_scale_inv" for n in names
+                    if n.removesuffix(".weight") + ".weight_scale_inv" in reader]
+    return value, used
+
+
+def _abstract_model(cfg: ModelConfig, dtype) -> DSAForCausalLM:
+    return nnx.eval_shape(lambda: DSAForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; stay usable without it
+        return items
+    return tqdm(items, desc=desc, unit="tensor", file=sys.stderr)
+
+
+def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding=None,
+                       progress: bool = True) -> DSAForCausalLM:
+    """Loads an HF safetensors checkpoint (single file or sharded; bf16, fp32, or FP8 + block scales).
+
+    ``sharding(path, shape) -> jax.sharding.Sharding | None`` places each parameter as it is read
+    (None: the default device).
+    """
+    path = pathlib.Path(path)
+    cfg = ModelConfig.from_pretrained(path)
+    reader = CheckpointReader(path)
+    graphdef, state = nnx.split(_abstract_model(cfg, dtype))
+    flat = list(nnx.to_flat_state(state))
+    used: set[str] = set()
+    leaves = []
+    for param_path, var in _progress(flat, progress, f"loading {path.name}"):
+        name, kind = hf_name(param_path)
+        value, names = _read(reader, name, kind, cfg)
+        expected = tuple(var.get_value().shape)
+        if value.shape != expected:
+            shown = name.format(e=0) if kind == "experts" else name
+            raise CheckpointError(f"{reader.file_of(shown)}: tensor {name!r} has shape {value.shape} after conversion, "
+                                  f"the model expects {expected} (parameter {'.'.join(map(str, param_path))})")
+        target = sharding(param_path, expected) if sharding is not None else None
+        array = jnp.asarray(value, var.get_value().dtype) if target is None else jax.device_put(
+            value.astype(var.get_value().dtype), target)
+        leaves.append((param_path, var.replace(array)))
+        used.update(names)
+    unexpected = sorted(n for n in reader.names() - used
+                        if not ((m := _LAYER.match(n)) and int(m.group(1)) >= cfg.num_hidden_layers))
+    if unexpected:
+        shown = ", ".join(f"{n} ({reader.file_of(n).name})" for n in unexpected[:8])
+        more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+        raise CheckpointError(f"{path}: {len(unexpected)} checkpoint tensor(s) the model has no place for: "
+                              f"{shown}{more}. Is config.json the one this checkpoint was saved with?")
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def is_converted(path: str | pathlib.Path) -> bool:
+    return (pathlib.Path(path) / ORBAX_MARKER).is_file()
+
+
+def save_converted(model: DSAForCausalLM, hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Writes ``out_dir`` = config.json (copied) + an Orbax checkpoint of the model state + a marker file."""
+    import orbax.checkpoint as ocp
+
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pathlib.Path(hf_dir) / "config.json", out / "config.json")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "state", nnx.state(model))
+    checkpointer.wait_until_finished()
+    dtype = str(jnp.dtype(model.dtype))
+    (out / ORBAX_MARKER).write_text(json.dumps({"format": "orbax", "dtype": dtype, "source": str(hf_dir)}, indent=2))
+    return out
+
+
+def load_converted(path: str | pathlib.Path, *, dtype=None) -> DSAForCausalLM:
+    """Restores a folder written by ``save_converted``, in ``dtype`` (default: the dtype it was saved in)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    info = json.loads((path / ORBAX_MARKER).read_text())
+    cfg = ModelConfig.from_pretrained(path)
+    graphdef, abstract = nnx.split(_abstract_model(cfg, dtype or jnp.dtype(info["dtype"])))
+    state = ocp.StandardCheckpointer().restore(path / "state", abstract)  # casts to the abstract dtypes
+    return nnx.merge(graphdef, state)
