@@ -102,3 +102,25 @@ def test_rope_dot_products_depend_on_distance_only(layout):
 
     assert dot(9, 4) == pytest.approx(dot(105, 100), rel=1e-4)
     assert dot(9, 4) != pytest.approx(dot(9, 5), rel=1e-4)
+
+
+def test_model_config_key_styles_and_extras():
+    from models import ModelConfig
+
+    base = {"model_type": "deepseek_v32", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "moe_intermediate_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "n_routed_experts": 4,
+            "kv_lora_rank": 4, "q_lora_rank": 4, "qk_rope_head_dim": 2, "v_head_dim": 2, "qk_nope_head_dim": 2,
+            "num_experts_per_tok": 2, "first_k_dense_replace": 1, "some_future_key": [1, 2]}
+    new = ModelConfig.from_hf_config({**base, "rope_parameters": {**V32_YARN, "rope_theta": 1e4}})
+    old = ModelConfig.from_hf_config({**base, "rope_theta": 1e4, "rope_scaling": V32_YARN})
+    assert new == old and new.rope.rope_type == "yarn"
+    assert new.mlp_layer_types == ("dense", "sparse") and new.extra == {"some_future_key": [1, 2]}
+    freq = ModelConfig.from_hf_config({**base, "num_hidden_layers": 6, "index_topk_freq": 2,
+                                       "index_skip_topk_offset": 2})
+    assert freq.indexer_types == ("full", "full", "shared", "full", "shared", "full")
+    with pytest.raises(ValueError, match="ModelConfig.model_type"):
+        ModelConfig.from_hf_config({**base, "model_type": "llama"})
+    with pytest.raises(ValueError, match="ModelConfig.num_experts_per_tok"):
+        ModelConfig.from_hf_config({**base, "num_experts_per_tok": 9})
+    with pytest.raises(ValueError, match="ModelConfig.vocab_size: missing"):
+        ModelConfig.from_hf_config({k: v for k, v in base.items() if k != "vocab_size"})
