@@ -131,6 +131,11 @@ class ModelConfig:
             _fail("weight_block_size", f"must be two positive ints, got {self.weight_block_size}")
 
     @property
+    def index_pattern(self) -> str:
+        """The IndexCache pattern of the checkpoint: "F" (own indexer) or "S" (shared) per layer."""
+        return "".join("F" if t == "full" else "S" for t in self.indexer_types)
+
+    @property
     def indexer_rope_layout(self) -> str:
         return INDEXER_ROPE_LAYOUT[self.model_type]
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from sparse_index_jax.attention import DSAAttention, DSACache
+from sparse_index_jax.attention import DSAAttention, DSACache, DSAOutput
 from sparse_index_jax.layers import RMSNorm
-from sparse_index_jax.selection import Selection
+from sparse_index_jax.selection import Selection, causal_selection
 
 
 class Buffer(nnx.Variable):
@@ -115,10 +115,17 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, *, cache: DSACache | None, selection: Selection | None):
-        attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection)
+    def __call__(self, x, *, cache: DSACache | None, selection: Selection | None,
+                 capture: bool = False) -> tuple[jax.Array, DSAOutput]:
+        attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, capture=capture)
         x = x + attn.out
-        return x + self.mlp(self.post_attention_layernorm(x)), attn.selection, attn.cache
+        return x + self.mlp(self.post_attention_layernorm(x)), attn
+
+
+class LayersOutput(NamedTuple):
+    hidden: jax.Array                          # [B, T, hidden] after the last layer run
+    caches: tuple[DSACache, ...] | None        # one per layer run, when caches were given
+    attention: tuple[DSAOutput, ...]           # per layer run: selection, and probs/indexer with capture
 
 
 class CausalLMOutput(NamedTuple):
@@ -128,7 +135,12 @@ class CausalLMOutput(NamedTuple):
 
 
 class DSAForCausalLM(nnx.Module):
-    """``model(input_ids)`` -> logits; ``model(input_ids, caches=model.init_caches(...))`` for decoding."""
+    """``model(input_ids)`` -> logits; ``model(input_ids, caches=model.init_caches(...))`` for decoding.
+
+    ``index_pattern`` ("F"/"S" per layer, IndexCache) overrides which layers run their indexer: an S
+    layer reuses the selection of the nearest preceding F layer. A layer whose checkpoint has no
+    indexer weights can only be S.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
         param_dtype = param_dtype or dtype
@@ -145,27 +157,63 @@ class DSAForCausalLM(nnx.Module):
     def init_caches(self, batch: int, max_len: int) -> tuple[DSACache, ...]:
         return tuple(layer.self_attn.init_cache(batch, max_len) for layer in self.layers)
 
-    def __call__(self, input_ids: jax.Array, *, caches: tuple[DSACache, ...] | None = None) -> CausalLMOutput:
+    def check_pattern(self, pattern: str | None) -> str:
+        """The effective F/S pattern: ``pattern`` validated against the layers, or the config's own."""
+        own = self.cfg.index_pattern
+        if pattern is None:
+            return own
+        n = len(self.layers)
+        if len(pattern) != n or set(pattern) - {"F", "S"}:
+            raise ValueError(f"index_pattern must be {n} letters of 'F'/'S', got {pattern!r}")
+        if pattern[0] != "F":
+            raise ValueError(f"index_pattern {pattern!r}: layer 0 must be F (nothing precedes it to reuse)")
+        missing = [i for i, (p, o) in enumerate(zip(pattern, own)) if p == "F" and o == "S"]
+        if missing:
+            raise ValueError(f"index_pattern {pattern!r}: layers {missing} have no indexer weights in this model "
+                             f"(its own pattern is {own!r}), so they can only be S")
+        return pattern
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"DSAForCausalLM: input_ids must be an int array [B, T], got {input_ids.shape} "
                              f"{input_ids.dtype}")
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"DSAForCausalLM: {len(caches)} caches for {len(self.layers)} layers")
-        x = self.embed_tokens(input_ids)
-        selection, selections, new_caches = None, [], []
-        for i, layer in enumerate(self.layers):
-            # Full layers select for themselves; shared layers reuse the last full layer's selection.
-            handed = selection if self.cfg.indexer_types[i] == "shared" else None
-            x, selection, cache = layer(x, cache=None if caches is None else caches[i], selection=handed)
-            selections.append(selection)
-            new_caches.append(cache)
+        return self.embed_tokens(input_ids)
+
+    def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
+                   caches: tuple[DSACache, ...] | None = None, index_pattern: str | None = None,
+                   dense: bool = False, capture: bool = False) -> LayersOutput:
+        """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
+        (needed when layer ``start`` is S). ``dense`` makes every layer attend to all causal keys (the
+        dense baseline and the warm-up stage of indexer training; no caches)."""
+        pattern = self.check_pattern(index_pattern)
+        if caches is not None and len(caches) != len(self.layers) - start:
+            raise ValueError(f"DSAForCausalLM: {len(caches)} caches for {len(self.layers) - start} layers")
+        if dense and caches is not None:
+            raise ValueError("DSAForCausalLM: dense attention runs without caches")
+        if pattern[start] == "S" and selection is None and not dense:
+            raise ValueError(f"layer {start} is S: pass the selection of the F layer before it")
+        B, T, _ = x.shape
+        if dense:
+            selection = causal_selection(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), T)
+        attention, new_caches = [], []
+        for i in range(start, len(self.layers)):
+            handed = selection if (pattern[i] == "S" or dense) else None
+            cache = None if caches is None else caches[i - start]
+            x, attn = self.layers[i](x, cache=cache, selection=handed, capture=capture)
+            selection = attn.selection
+            attention.append(attn)
+            new_caches.append(attn.cache)
+        return LayersOutput(x, None if caches is None else tuple(new_caches), tuple(attention))
+
+    def logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
-        if self.lm_head is not None:
-            logits = self.lm_head(x)
-        else:
-            logits = self.embed_tokens.attend(x)
-        return CausalLMOutput(logits.astype(jnp.float32), None if caches is None else tuple(new_caches),
-                              tuple(selections))
+        logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, *, caches: tuple[DSACache, ...] | None = None,
+                 index_pattern: str | None = None, dense: bool = False) -> CausalLMOutput:
+        run = self.run_layers(self.embed(input_ids), caches=caches, index_pattern=index_pattern, dense=dense)
+        return CausalLMOutput(self.logits(run.hidden), run.caches, tuple(a.selection for a in run.attention))
 
 
 @nnx.jit

@@ -64,6 +64,20 @@ def head_block_logits(q_c: jax.Array, means: jax.Array) -> jax.Array:
     return jax.nn.relu(jnp.einsum("bchd,bmd->bchm", q_c.astype(jnp.float32), means))
 
 
+def gathered_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array | None,
+                    positions: jax.Array) -> jax.Array:
+    """Flat DSA scores of per-query key lists: q [B,T,H,d], w [B,T,H], k [B,S,d], k_scale [B,S] or None,
+    positions [B,T,C] (-1 allowed: scored as position 0, mask it yourself) -> [B,T,C] float32."""
+    safe = jnp.maximum(positions, 0)
+    rows = jax.vmap(lambda kb, p: kb[p])(k, safe)  # [B, T, C, d]
+    dt = matmul_dtype(q, rows)
+    logits = jnp.einsum("bchd,bcnd->bchn", q.astype(dt), rows.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w.astype(jnp.float32))
+    if k_scale is not None:
+        scores = scores * jax.vmap(lambda s, p: s[p])(k_scale.astype(jnp.float32), safe)
+    return scores
+
+
 def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array | None, cand_pos: jax.Array,
                 cand_ok: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
     """Top-k of the flat DSA score over per-query candidates.
@@ -72,13 +86,7 @@ def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array
     order per query, cand_ok [B,c,C] bool (eligible candidates). Returns (positions [B,c,topk] int32
     with -1 padding, valid). Gathers c*C key rows: memory O(c * C * (d + H)).
     """
-    safe = jnp.maximum(cand_pos, 0)
-    rows = jax.vmap(lambda kb, p: kb[p])(k, safe)  # [B, c, C, d]
-    dt = matmul_dtype(q_c, rows)
-    logits = jnp.einsum("bchd,bcnd->bchn", q_c.astype(dt), rows.astype(dt), preferred_element_type=jnp.float32)
-    scores = jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w_c.astype(jnp.float32))
-    if k_scale is not None:
-        scores = scores * jax.vmap(lambda s, p: s[p])(k_scale.astype(jnp.float32), safe)
+    scores = gathered_scores(q_c, w_c, k, k_scale, cand_pos)
     idx, valid = top_k_by_key(ranking_keys(scores, cand_ok), topk)
     positions = jnp.take_along_axis(cand_pos, jnp.maximum(idx, 0), axis=-1)
     return jnp.where(valid, positions, -1), valid

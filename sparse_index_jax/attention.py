@@ -101,6 +101,10 @@ class DSAOutput(NamedTuple):
     out: jax.Array          # [B, T, hidden]
     selection: Selection    # what the attention used (hand it to IndexCache shared layers)
     cache: DSACache | None  # the updated cache, when one was given
+    # With capture=True (indexer distillation): attention probabilities of each selection slot averaged
+    # over heads [B, T, k] float32, and the indexer's activations (keys: all keys attended) or None.
+    probs: jax.Array | None = None
+    indexer: IndexerActivations | None = None
 
 
 class DSAAttention(nnx.Module):
@@ -132,7 +136,7 @@ class DSAAttention(nnx.Module):
         return DSACache.create(self.cfg, batch, max_len, self.dtype)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array | None = None, cache: DSACache | None = None,
-                 selection: Selection | None = None) -> DSAOutput:
+                 selection: Selection | None = None, capture: bool = False) -> DSAOutput:
         """x [B, T, hidden] -> DSAOutput.
 
         Without a cache, the T tokens attend among themselves (prefill). With a cache, they are
@@ -167,8 +171,11 @@ class DSAAttention(nnx.Module):
         rows = jnp.concatenate([latent, k_rope], axis=-1)
 
         # The indexer runs when it selects, and also under a handed selection when a cache must keep its keys.
-        needs_keys = self.indexer is not None and (selection is None or cache is not None)
-        act = self.indexer(x, qr, positions) if needs_keys else None
+        needs_keys = self.indexer is not None and (selection is None or cache is not None or capture)
+        if capture:
+            act = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr), positions) if needs_keys else None
+        else:
+            act = self.indexer(x, qr, positions) if needs_keys else None
         options = self.cfg.indexer.selector_options() if self.indexer is not None else {}
         if cache is None:
             all_rows, kv_lengths = rows, None
@@ -191,8 +198,11 @@ class DSAAttention(nnx.Module):
         w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
         q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
-        out_latent = _sparse_mla.sparse_mla(q_full, all_rows.astype(q_full.dtype), selection.indices,
-                                            selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
-                                            implementation=self.implementation, query_chunk=m.query_chunk)
+        attended = _sparse_mla.sparse_mla(q_full, all_rows.astype(q_full.dtype), selection.indices,
+                                          selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
+                                          implementation=self.implementation, query_chunk=m.query_chunk,
+                                          return_probs=capture)
+        out_latent, probs = attended if capture else (attended, None)
         out = jnp.einsum("bthc,chv->bthv", out_latent, w_uv.astype(out_latent.dtype))
-        return DSAOutput(self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim)), selection, cache)
+        out = self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim))
+        return DSAOutput(out, selection, cache, probs, keys if capture else None)

@@ -66,6 +66,16 @@ class Selection:
         return jnp.any(hit, axis=-2)
 
 
+def causal_selection(q_positions: jax.Array, num_keys: int) -> Selection:
+    """Every key at a position <= the query's: dense causal attention as a Selection ([B, T, num_keys]).
+
+    For dense baselines and the dense warm-up of indexer training; O(T * S), short rows only.
+    """
+    keys = jnp.arange(num_keys, dtype=jnp.int32)
+    valid = keys[None, None, :] <= q_positions[:, :, None]
+    return Selection(jnp.where(valid, keys, -1), valid)
+
+
 def select_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, method: str = "dsa",
                 q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
                 k_scale: jax.Array | None = None, implementation: str = "auto",

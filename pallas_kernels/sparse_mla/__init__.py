@@ -23,10 +23,12 @@ def backend_for(implementation: str = "auto") -> Backend:
 
 
 def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
-               implementation: str = "auto", query_chunk: int = 64) -> jax.Array:
+               implementation: str = "auto", query_chunk: int = 64, return_probs: bool = False):
     """Attention of q [B,T,Hq,Dk] over the rows of kv [B,S,Dk] named by indices/valid [B,T,k].
 
-    Returns [B,T,Hq,v_dim] in q's dtype; the value of a row is its first ``v_dim`` columns.
+    Returns [B,T,Hq,v_dim] in q's dtype; the value of a row is its first ``v_dim`` columns. With
+    ``return_probs`` returns (out, probs) where probs [B,T,k] float32 are the attention probabilities
+    of each slot averaged over heads (the indexer distillation target).
     """
     if q.ndim != 4:
         raise ValueError(f"{_OP}: q must have shape [B, T, Hq, Dk], got {q.shape}")
@@ -45,4 +47,5 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array
         raise ValueError(f"{_OP}: v_dim={v_dim} exceeds the row width Dk={D}")
     query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
     run = _IMPLEMENTATIONS[backend_for(implementation).name]
-    return run(q, kv, indices.astype(jnp.int32), valid, scale=float(scale), v_dim=v_dim, query_chunk=query_chunk)
+    return run(q, kv, indices.astype(jnp.int32), valid, scale=float(scale), v_dim=v_dim, query_chunk=query_chunk,
+               return_probs=return_probs)

@@ -26,8 +26,12 @@ def gather_rows(kv: jax.Array, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda rows, idx: rows[jnp.maximum(idx, 0)])(kv, indices)
 
 
-def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_dim: int) -> jax.Array:
-    """Softmax attention of q [B,T,H,D] over its own rows [B,T,k,D] where valid [B,T,k]; float32 out."""
+def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
+           return_probs: bool = False):
+    """Softmax attention of q [B,T,H,D] over its own rows [B,T,k,D] where valid [B,T,k]; float32 out.
+
+    With ``return_probs`` also the attention probabilities averaged over heads, [B,T,k] float32.
+    """
     logits = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -36,14 +40,21 @@ def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_d
     denom = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
                      preferred_element_type=jnp.float32)
-    return out / jnp.where(denom > 0, denom, 1.0)
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    if return_probs:
+        return out / safe_denom, jnp.mean(p / safe_denom, axis=2)
+    return out / safe_denom
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk"))
-def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, query_chunk: int) -> jax.Array:
-    """out [B,T,Hq,v_dim] in q.dtype."""
+@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk", "return_probs"))
+def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, query_chunk: int,
+                         return_probs: bool = False):
+    """out [B,T,Hq,v_dim] in q.dtype (and, with ``return_probs``, head-mean probabilities [B,T,k] float32)."""
+
     def one_chunk(q_c, idx_c, valid_c):
-        return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim)
+        return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim, return_probs=return_probs)
 
     out = map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False))
+    if return_probs:
+        return out[0].astype(q.dtype), out[1]
     return out.astype(q.dtype)
