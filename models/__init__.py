@@ -15,17 +15,27 @@ __all__ = ["CausalLMOutput", "CheckpointError", "DSAForCausalLM", "ModelConfig",
            "convert"]
 
 
-def from_pretrained(path: str | pathlib.Path, dtype=None, *, progress: bool = True) -> DSAForCausalLM:
+def from_pretrained(path: str | pathlib.Path, dtype=None, *, progress: bool = True, index_pattern: str | None = None,
+                    selector: dict | None = None) -> DSAForCausalLM:
     """Loads a DeepSeek-V3.2 (``deepseek_v32``) or GLM-5 (``glm_moe_dsa``) model.
 
     ``path`` is an HF checkpoint folder (config.json + safetensors, single or sharded, bf16/fp32 or FP8 with
     block scales) or a folder written by ``convert``. ``dtype`` is the compute and storage dtype of the
     weights (default: bfloat16 for HF checkpoints, the converted dtype for converted folders); the
     indexer's LayerNorm and head-weight projection and the MoE router stay float32.
+
+    ``index_pattern`` ("F"/"S" per layer) bakes an IndexCache pattern in: S layers reuse the last F
+    layer's selection and their indexer weights are not loaded. ``selector`` picks the F layers'
+    selector and its options, e.g. ``{"method": "hisa", "block_size": 128, "num_blocks": 64}``
+    (HF checkpoints only; a converted folder keeps what it was converted with).
     """
     if is_converted(path):
+        if index_pattern is not None or selector is not None:
+            raise ValueError(f"{path} is a converted folder: index_pattern / selector apply when loading an HF "
+                             f"checkpoint (convert again, or call the model with index_pattern=...)")
         return load_converted(path, dtype=dtype)
-    return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, progress=progress)
+    return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, progress=progress, index_pattern=index_pattern,
+                              selector=selector)
 
 
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16,

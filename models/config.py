@@ -100,6 +100,7 @@ class ModelConfig:
     weight_block_size: tuple[int, int] | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    selector: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # IndexerConfig overrides, e.g. method
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -130,6 +131,28 @@ class ModelConfig:
                                                    or min(self.weight_block_size) <= 0):
             _fail("weight_block_size", f"must be two positive ints, got {self.weight_block_size}")
 
+    def with_index_cache(self, pattern: str | None = None, selector: Mapping[str, Any] | None = None) -> "ModelConfig":
+        """This config with another IndexCache pattern (S layers get no indexer) and/or selector options
+        (``{"method": "hisa", "num_blocks": 64, ...}``, any ``IndexerConfig`` selector field)."""
+        cfg = self
+        if pattern is not None:
+            if len(pattern) != self.num_hidden_layers or set(pattern) - {"F", "S"} or pattern[:1] != "F":
+                _fail("indexer_types", f"pattern must be {self.num_hidden_layers} letters of F/S starting with F, "
+                                       f"got {pattern!r}")
+            missing = [i for i, (p, o) in enumerate(zip(pattern, self.index_pattern)) if p == "F" and o == "S"]
+            if missing:
+                _fail("indexer_types", f"pattern {pattern!r} makes layers {missing} F, but this checkpoint has no "
+                                       f"indexer weights for them (its pattern is {self.index_pattern!r})")
+            cfg = dataclasses.replace(cfg, indexer_types=tuple("full" if p == "F" else "shared" for p in pattern))
+        if selector is not None:
+            allowed = {"method", "block_size", "num_blocks", "active_heads", "candidates", "query_chunk", "key_chunk"}
+            unknown = sorted(set(selector) - allowed)
+            if unknown:
+                _fail("selector", f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+            cfg = dataclasses.replace(cfg, selector=dict(selector))
+            cfg.layer_config(0)  # validates the options now, naming the bad field
+        return cfg
+
     @property
     def index_pattern(self) -> str:
         """The IndexCache pattern of the checkpoint: "F" (own indexer) or "S" (shared) per layer."""
@@ -149,7 +172,8 @@ class ModelConfig:
         if self.indexer_types[layer] == "full":
             indexer = IndexerConfig(hidden_size=self.hidden_size, q_input_dim=self.q_lora_rank or self.hidden_size,
                                     n_heads=self.index_n_heads, head_dim=self.index_head_dim, topk=self.index_topk,
-                                    rope_dim=self.qk_rope_head_dim, rope_layout=self.indexer_rope_layout)
+                                    rope_dim=self.qk_rope_head_dim, rope_layout=self.indexer_rope_layout,
+                                    **self.selector)
         return DSAConfig(mla=mla, indexer=indexer)
 
     @classmethod

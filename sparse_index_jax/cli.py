@@ -130,6 +130,107 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model_and_data(args: argparse.Namespace, *, pattern: str | None = None):
+    import jax.numpy as jnp
+
+    import models
+    from sparse_index_jax.data import PackedDataset, load_tokenizer, read_tokens
+
+    selector = {"method": args.selector} if args.selector != "dsa" else None
+    model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), selector=selector)
+    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
+    tokens = read_tokens(args.data, bin_dtype=args.bin_dtype, tokenizer=load_tokenizer(args.model), eos_id=eos)
+    data = PackedDataset(tokens, args.seq_len, seed=args.seed, heldout_fraction=args.heldout)
+    print(f"model {args.model}: {model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, pattern "
+          f"{model.check_pattern(pattern)}; data: {len(tokens):,} tokens -> {len(data.train_ids)} train / "
+          f"{len(data.heldout_ids)} held-out sequences of {args.seq_len}")
+    return model, data
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    from sparse_index_jax.index_cache import greedy_search
+    from sparse_index_jax.plots import line_plot
+
+    model, data = _load_model_and_data(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = data.heldout_batches(args.batch_size, args.calib_batches)
+    state = greedy_search(model, batches, args.keep, state_path=out / "search_state.json",
+                          fingerprint=data.fingerprint(), progress=not args.quiet)
+    kept = [len(state.pattern)] + [h["pattern"].count("F") for h in state.history]
+    losses = [state.base_loss] + [h["loss"] for h in state.history]
+    report = {"pattern": state.pattern, "keep": args.keep, "kept_layers": kept[-1], "base_loss": state.base_loss,
+              "final_loss": losses[-1], "curve": {"f_layers": kept, "loss": losses}, "history": state.history,
+              "calibration": {"batches": len(batches), "batch_size": args.batch_size, "seq_len": args.seq_len,
+                              "data": data.fingerprint()}}
+    (out / "search.json").write_text(json.dumps(report, indent=2))
+    line_plot(out / "search.png", {"calibration LM loss": (kept, losses)}, title="IndexCache greedy search",
+              xlabel="F layers kept (of %d)" % len(state.pattern), ylabel="LM loss")
+    print(f"pattern {state.pattern} ({kept[-1]} of {len(state.pattern)} layers F): LM loss {state.base_loss:.4f} "
+          f"-> {losses[-1]:.4f}; wrote {out / 'search.json'} and {out / 'search.png'}")
+    return 0
+
+
+def _pattern_arg(args: argparse.Namespace, n_layers: int) -> str | None:
+    from sparse_index_jax.index_cache import IndexCacheConfig
+
+    if args.pattern and args.every:
+        raise ValueError("give --pattern or --every, not both")
+    if args.every:
+        return IndexCacheConfig.uniform(n_layers, args.every, args.offset).pattern
+    return IndexCacheConfig(args.pattern).pattern if args.pattern else None
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    from sparse_index_jax.plots import line_plot
+    from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
+
+    model, data = _load_model_and_data(args)
+    pattern = model.check_pattern(_pattern_arg(args, model.cfg.num_hidden_layers))
+    cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
+                        batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
+                        optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
+                        keep_checkpoints=args.keep_checkpoints)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
+    distill(model, data, cfg, out, progress=not args.quiet)
+    after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
+    (out / "eval.json").write_text(json.dumps({"pattern": pattern, "before": before, "after": after}, indent=2))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    line_plot(out / "distill.png", {
+        "indexer KL": ([r["step"] for r in rows], [r["indexer_kl"] for r in rows]),
+        "LM loss (sparse stage)": ([r["step"] for r in rows if r["stage"] == "sparse"],
+                                   [r["lm_loss"] for r in rows if r["stage"] == "sparse"])},
+        title=f"indexer distillation, pattern {pattern}", xlabel="step", ylabel="loss", logy=True)
+    print(f"held-out indexer KL (dense) {before['indexer_kl_dense']:.4f} -> {after['indexer_kl_dense']:.4f}; "
+          f"(sparse slots) {before['indexer_kl_sparse']:.4f} -> {after['indexer_kl_sparse']:.4f}; LM loss with sparse "
+          f"attention {before['lm_loss_sparse']:.4f} -> {after['lm_loss_sparse']:.4f} (dense "
+          f"{after['lm_loss_dense']:.4f}). Checkpoints in {out / 'checkpoints'}, curves in {out / 'distill.png'}")
+    return 0
+
+
+def _model_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF checkpoint folder (DeepSeek-V3.2 / GLM-5) or converted folder")
+    parser.add_argument("--data", required=True, nargs="+", help="token files (.npy, .bin) or text files (tokenised "
+                                                                  "with the model folder's tokenizer.json)")
+    parser.add_argument("--seq-len", type=_positive, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch-size", type=_positive, default=2, help="sequences per batch (default 2)")
+    parser.add_argument("--selector", choices=("dsa", "hisa", "misa", "misa_h"), default="dsa",
+                        help="the F layers' selector (default dsa)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default uint16)")
+    parser.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of sequences (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and shuffling seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -174,6 +275,41 @@ def build_parser() -> argparse.ArgumentParser:
                            "float32)")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
+
+    search = sub.add_parser(
+        "search", help="IndexCache: find which layers may reuse an earlier layer's top-k (training-free)",
+        description="Greedy IndexCache pattern search: start with every layer running its own indexer (F), "
+                    "repeatedly flip to S (reuse the nearest earlier F layer's selection) the layer whose flip "
+                    "raises the LM loss on fixed held-out calibration batches least, until --keep of the layers "
+                    "remain F. Resumable (OUT/search_state.json); writes OUT/search.json and OUT/search.png.")
+    _model_data_args(search)
+    search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
+    search.add_argument("--calib-batches", type=_positive, default=4, help="calibration batches (default 4)")
+    search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
+    search.set_defaults(func=cmd_search)
+
+    dist = sub.add_parser(
+        "distill", help="train the indexers (dense warm-up, then sparse), IndexCache-aware",
+        description="Multi-layer indexer distillation: each F layer's indexer learns the head-averaged attention "
+                    "of every layer it serves (itself and the S layers after it). Stage 1 (dense warm-up): only "
+                    "the indexers train, on KL over all keys. Stage 2 (sparse): KL over the selected keys for the "
+                    "indexers (detached inputs), LM loss with sparse attention for the rest. Orbax checkpoints in "
+                    "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png.")
+    _model_data_args(dist)
+    dist.add_argument("--pattern", help="IndexCache pattern, e.g. FSSFSSFS (default: the model's own)")
+    dist.add_argument("--every", type=_positive, help="uniform pattern: F every N layers (layer 0 always F)")
+    dist.add_argument("--offset", type=int, default=0, help="first F layer of the uniform pattern after 0")
+    dist.add_argument("--warmup-steps", type=int, default=100, help="dense warm-up steps (default 100)")
+    dist.add_argument("--sparse-steps", type=int, default=100, help="sparse-stage steps (default 100)")
+    dist.add_argument("--warmup-lr", type=float, default=1e-3, help="stage-1 learning rate (default 1e-3)")
+    dist.add_argument("--sparse-lr", type=float, default=7.3e-6, help="stage-2 learning rate (default 7.3e-6)")
+    dist.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
+    dist.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    dist.add_argument("--save-every", type=_positive, default=50, help="checkpoint every N steps (default 50)")
+    dist.add_argument("--keep-checkpoints", type=_positive, default=3, help="checkpoints kept (default 3)")
+    dist.add_argument("--eval-batches", type=_positive, default=4, help="held-out batches evaluated (default 4)")
+    dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
+    dist.set_defaults(func=cmd_distill)
 
     bench = sub.add_parser("bench", help="benchmarks: selection fidelity (more to come with the kernels)",
                            description="Benchmarks. Each prints a table and writes JSON with its environment.")

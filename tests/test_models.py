@@ -18,30 +18,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="HF parity tests need torch (pip install -e '.[parity]')")
-transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers 5.23")
+from tiny_models import COMMON, FAMILIES, hf_model, torch  # noqa: E402  (skips without torch/transformers)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import models  # noqa: E402
 from models import CheckpointError, ModelConfig  # noqa: E402
 from sparse_index_jax.cli import main  # noqa: E402
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=80, moe_intermediate_size=24, num_attention_heads=4,
-              num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
-              kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16,
-              num_experts_per_tok=2, first_k_dense_replace=1, index_topk=4, index_head_dim=16, index_n_heads=16,
-              max_position_embeddings=256, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-FAMILIES = {
-    "deepseek_v32": (transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM, dict(
-        num_hidden_layers=3, n_group=2, topk_group=1,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-                         "mscale": 1.0, "mscale_all_dim": 1.0})),
-    "glm_moe_dsa": (transformers.GlmMoeDsaConfig, transformers.GlmMoeDsaForCausalLM, dict(
-        num_hidden_layers=4, n_group=1, topk_group=1, rms_norm_eps=1e-5,
-        indexer_types=["full", "full", "shared", "full"],
-        rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
-}
 FP8_BLOCK = [16, 16]  # 24 and 112 rows are not multiples: ragged edge blocks
 NOT_FP8 = ("norm", "weights_proj", "mlp.gate.", "embed_tokens", "lm_head")
 
@@ -72,9 +55,7 @@ def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def checkpoints(request, tmp_path_factory):
     """{form: folder} for one family: fp32, bf16 (sharded), fp8, and fp8_reference (its dequantised fp32 twin)."""
     family = request.param
-    config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    hf = model_cls(config_cls(**COMMON, **extra)).eval()
+    hf = hf_model(family)
     root = tmp_path_factory.mktemp(family)
     hf.save_pretrained(root / "fp32")
     hf.to(torch.bfloat16).save_pretrained(root / "bf16", max_shard_size="60KB")

@@ -82,15 +82,18 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="tensor", file=sys.stderr)
 
 
-def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding=None,
-                       progress: bool = True) -> DSAForCausalLM:
+def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding=None, progress: bool = True,
+                       index_pattern: str | None = None, selector: dict | None = None) -> DSAForCausalLM:
     """Loads an HF safetensors checkpoint (single file or sharded; bf16, fp32, or FP8 + block scales).
 
     ``sharding(path, shape) -> jax.sharding.Sharding | None`` places each parameter as it is read
-    (None: the default device).
+    (None: the default device). ``index_pattern`` / ``selector``: see ``ModelConfig.with_index_cache``;
+    the indexer weights of layers the pattern makes S are left unread.
     """
     path = pathlib.Path(path)
-    cfg = ModelConfig.from_pretrained(path)
+    checkpoint_cfg = ModelConfig.from_pretrained(path)
+    cfg = checkpoint_cfg.with_index_cache(index_pattern, selector)
+    dropped = {i for i, (new, old) in enumerate(zip(cfg.index_pattern, checkpoint_cfg.index_pattern)) if new != old}
     reader = CheckpointReader(path)
     graphdef, state = nnx.split(_abstract_model(cfg, dtype))
     flat = list(nnx.to_flat_state(state))
@@ -109,8 +112,12 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
             value.astype(var.get_value().dtype), target)
         leaves.append((param_path, var.replace(array)))
         used.update(names)
-    unexpected = sorted(n for n in reader.names() - used
-                        if not ((m := _LAYER.match(n)) and int(m.group(1)) >= cfg.num_hidden_layers))
+    def skipped(name: str) -> bool:  # the MTP layer, and indexers of layers the pattern made S
+        m = _LAYER.match(name)
+        return bool(m) and (int(m.group(1)) >= cfg.num_hidden_layers
+                            or (int(m.group(1)) in dropped and ".self_attn.indexer." in name))
+
+    unexpected = sorted(n for n in reader.names() - used if not skipped(n))
     if unexpected:
         shown = ", ".join(f"{n} ({reader.file_of(n).name})" for n in unexpected[:8])
         more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""

@@ -1,0 +1,33 @@
+"""PNG plots for search curves, training curves and benchmarks (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping, Sequence
+
+
+def line_plot(path: str | pathlib.Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+              title: str, xlabel: str, ylabel: str, logy: bool = False) -> pathlib.Path | None:
+    """Writes one PNG with a line per series; returns its path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: {path} not drawn; pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, markersize=3, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,207 @@
+"""Training-aware IndexCache: multi-layer indexer distillation in two stages.
+
+Stage "dense" (warm-up): every layer attends densely; only the indexers train (every other weight is
+frozen and, through the optimizer's ``wrt`` filter, carries no optimizer state); loss = indexer KL.
+Stage "sparse": F layers select their top-k, S layers reuse it; the indexer KL is restricted to the
+selected slots and the indexers see detached inputs, so they learn only from the KL while the rest of
+the model learns only from the LM loss (loss = LM + KL, the two gradient paths never mix).
+
+Checkpoints (Orbax ``CheckpointManager``) hold the model, the optimizer and the step; the batch of a
+step is a pure function of (seed, step), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pallas_kernels.blocks import gathered_scores
+from sparse_index_jax.data import PackedDataset
+from sparse_index_jax.index_cache import IndexCacheConfig
+from sparse_index_jax.train.losses import indexer_kl, lm_loss
+
+STAGES = ("dense", "sparse")
+INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    pattern: str | None = None          # IndexCache pattern; None: the model's own
+    warmup_steps: int = 100             # stage "dense"
+    sparse_steps: int = 100             # stage "sparse"
+    batch_size: int = 4
+    warmup_lr: float = 1e-3             # the V3.2 report's values
+    sparse_lr: float = 7.3e-6
+    optimizer: str = "adamw"            # adamw | adam | sgd
+    schedule: str = "constant"          # constant | cosine (within each stage)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    save_every: int = 50
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        for name in ("warmup_steps", "sparse_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "save_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DistillConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"DistillConfig.optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"DistillConfig.schedule must be constant or cosine, got {self.schedule!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.sparse_steps
+
+    def stage(self, step: int) -> str:
+        return "dense" if step < self.warmup_steps else "sparse"
+
+    def tx(self, stage: str) -> optax.GradientTransformation:
+        lr, steps = ((self.warmup_lr, self.warmup_steps) if stage == "dense" else (self.sparse_lr, self.sparse_steps))
+        schedule = optax.cosine_decay_schedule(lr, max(steps, 1)) if self.schedule == "cosine" else lr
+        opt = {"adamw": lambda: optax.adamw(schedule, weight_decay=self.weight_decay),
+               "adam": lambda: optax.adam(schedule), "sgd": lambda: optax.sgd(schedule)}[self.optimizer]()
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip), opt) if self.grad_clip else opt
+
+
+def trainable(stage: str):
+    """What a stage trains: the indexers alone in the dense warm-up, every parameter in the sparse stage."""
+    return INDEXER_PARAMS if stage == "dense" else nnx.Param
+
+
+def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, stage: str):
+    """(loss, metrics) of one batch; see the module docstring for what each stage optimises."""
+    run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True)
+    kl = 0.0
+    for full, served in IndexCacheConfig(pattern).groups():
+        attn = run.attention[full]
+        act, sel = attn.indexer, attn.selection
+        scores = gathered_scores(act.q, act.w, act.k, act.k_scale, sel.indices)
+        kl = kl + indexer_kl([run.attention[j].probs for j in served], scores, sel.valid)
+    lm = lm_loss(model.logits(run.hidden), targets)
+    loss = kl if stage == "dense" else lm + kl
+    return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}
+
+
+@nnx.jit(static_argnames=("pattern", "stage"))
+def train_step(model, optimizer, inputs, targets, pattern: str, stage: str):
+    def loss_fn(model):
+        return distill_losses(model, inputs, targets, pattern, stage)
+
+    grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, trainable(stage)), has_aux=True)(model)
+    optimizer.update(model, grads)
+    return metrics
+
+
+@nnx.jit(static_argnames=("pattern", "stage"))
+def eval_step(model, inputs, targets, pattern: str, stage: str):
+    return distill_losses(model, inputs, targets, pattern, stage)[1]
+
+
+def _checkpoint_manager(folder: pathlib.Path, cfg: DistillConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=1,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(folder.absolute(), options=options)
+
+
+def _data_parallel(model, batch_size: int):
+    """Replicates the model over all devices and returns the batch sharding (None on one device)."""
+    n = jax.device_count()
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise ValueError(f"distill: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
+    mesh = jax.make_mesh((n,), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathlib.Path, *,
+            progress: bool = True, log: Callable[[str], None] = print, stop_after: int | None = None) -> list[dict]:
+    """Runs (or resumes) the two stages; writes ``out_dir/checkpoints`` and ``out_dir/metrics.jsonl``.
+
+    ``stop_after`` ends the run after that many steps of this call (an interruption, for tests and
+    time-boxed jobs); a later call resumes from the latest checkpoint. Returns this call's metrics.
+    """
+    import orbax.checkpoint as ocp
+
+    pattern = model.check_pattern(cfg.pattern)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manager = _checkpoint_manager(out / "checkpoints", cfg)
+    sharding = _data_parallel(model, cfg.batch_size)
+
+    step = manager.latest_step() or 0
+    optimizer, opt_stage = None, None
+    if step:
+        saved_stage = cfg.stage(step - 1)
+        saved_opt = nnx.Optimizer(model, cfg.tx(saved_stage), wrt=trainable(saved_stage))
+        target = {"model": nnx.state(model), "opt": nnx.state(saved_opt)}
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        nnx.update(model, restored["model"])
+        nnx.update(saved_opt, restored["opt"])
+        optimizer, opt_stage = saved_opt, saved_stage
+        log(f"resumed from step {step} ({out / 'checkpoints'})")
+    (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "pattern": pattern,
+                                              "data": data.fingerprint()}, indent=2))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.total_steps, initial=step, desc="distill", unit="step", file=sys.stderr)
+    history = []
+    done_here = 0
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
+            stage = cfg.stage(step)
+            if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
+                optimizer, opt_stage = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage)), stage
+            inputs, targets = data.train_batch(step, cfg.batch_size)
+            inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+            if sharding is not None:
+                inputs, targets = jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
+            start = time.perf_counter()
+            metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, pattern, stage).items()}
+            step += 1
+            done_here += 1
+            record = {"step": step, "stage": stage, **metrics, "seconds": time.perf_counter() - start}
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if step % cfg.save_every == 0 or step == cfg.total_steps or (stop_after and done_here == stop_after):
+                manager.save(step, args=ocp.args.StandardSave({"model": nnx.state(model), "opt": nnx.state(optimizer)}))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(stage=stage, kl=f"{metrics['indexer_kl']:.4f}", lm=f"{metrics['lm_loss']:.3f}")
+    manager.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def evaluate(model, data: PackedDataset, pattern: str | None, batch_size: int, max_batches: int = 4) -> dict:
+    """Held-out indexer KL (sparse slots) and LM loss, dense vs sparse attention."""
+    pattern = model.check_pattern(pattern)
+    rows = {"dense": [], "sparse": []}
+    for inputs, targets in data.heldout_batches(batch_size, max_batches):
+        for stage in STAGES:
+            rows[stage].append(eval_step(model, jnp.asarray(inputs), jnp.asarray(targets), pattern, stage))
+    mean = lambda xs, key: float(np.mean([float(x[key]) for x in xs]))
+    return {"lm_loss_dense": mean(rows["dense"], "lm_loss"), "lm_loss_sparse": mean(rows["sparse"], "lm_loss"),
+            "indexer_kl_dense": mean(rows["dense"], "indexer_kl"),
+            "indexer_kl_sparse": mean(rows["sparse"], "indexer_kl")}
