@@ -10,13 +10,14 @@ from models.config import ModelConfig
 from models.convert.loader import is_converted, load_converted, load_hf_checkpoint, save_converted
 from models.convert.safetensors_reader import CheckpointError
 from models.modeling import CausalLMOutput, DSAForCausalLM, generate
+from sparse_index_jax.sharding import param_sharding
 
 __all__ = ["CausalLMOutput", "CheckpointError", "DSAForCausalLM", "ModelConfig", "from_pretrained", "generate",
            "convert"]
 
 
-def from_pretrained(path: str | pathlib.Path, dtype=None, *, progress: bool = True, index_pattern: str | None = None,
-                    selector: dict | None = None) -> DSAForCausalLM:
+def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress: bool = True,
+                    index_pattern: str | None = None, selector: dict | None = None) -> DSAForCausalLM:
     """Loads a DeepSeek-V3.2 (``deepseek_v32``) or GLM-5 (``glm_moe_dsa``) model.
 
     ``path`` is an HF checkpoint folder (config.json + safetensors, single or sharded, bf16/fp32 or FP8 with
@@ -28,14 +29,19 @@ def from_pretrained(path: str | pathlib.Path, dtype=None, *, progress: bool = Tr
     layer's selection and their indexer weights are not loaded. ``selector`` picks the F layers'
     selector and its options, e.g. ``{"method": "hisa", "block_size": 128, "num_blocks": 64}``
     (HF checkpoints only; a converted folder keeps what it was converted with).
+
+    ``mesh`` (``sparse_index_jax.sharding.make_mesh``): every parameter is placed on its shards as it
+    is read, by the logical-axis rules of ``sparse_index_jax.sharding``; no device ever holds the whole
+    model unless the rules replicate it.
     """
+    sharding = param_sharding(mesh) if mesh is not None else None
     if is_converted(path):
         if index_pattern is not None or selector is not None:
             raise ValueError(f"{path} is a converted folder: index_pattern / selector apply when loading an HF "
                              f"checkpoint (convert again, or call the model with index_pattern=...)")
-        return load_converted(path, dtype=dtype)
-    return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, progress=progress, index_pattern=index_pattern,
-                              selector=selector)
+        return load_converted(path, dtype=dtype, sharding=sharding)
+    return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, sharding=sharding, progress=progress,
+                              index_pattern=index_pattern, selector=selector)
 
 
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16,

@@ -17,6 +17,7 @@ from models.config import ModelConfig
 from sparse_index_jax.attention import DSAAttention, DSACache, DSAOutput
 from sparse_index_jax.layers import RMSNorm
 from sparse_index_jax.selection import Selection, causal_selection
+from sparse_index_jax.sharding import constrain
 
 
 class Buffer(nnx.Variable):
@@ -200,6 +201,7 @@ class DSAForCausalLM(nnx.Module):
             handed = selection if (pattern[i] == "S" or dense) else None
             cache = None if caches is None else caches[i - start]
             x, attn = self.layers[i](x, cache=cache, selection=handed, capture=capture)
+            x = constrain(x, ("batch", "seq", "embed"))
             selection = attn.selection
             attention.append(attn)
             new_caches.append(attn.cache)

@@ -42,8 +42,9 @@ def ranking_keys(scores: jax.Array, eligible: jax.Array) -> jax.Array:
     return jnp.where(eligible, keys, jnp.int32(INELIGIBLE_KEY))
 
 
-def top_k_by_key(keys: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
-    """Top-``topk`` along the last axis of int32 ``keys``: (indices int32 with -1 padding, valid bool).
+def top_k_by_key(keys: jax.Array, topk: int, *, return_keys: bool = False):
+    """Top-``topk`` along the last axis of int32 ``keys``: (indices int32 with -1 padding, valid bool),
+    plus the selected keys (INELIGIBLE_KEY on padding) with ``return_keys``.
 
     When the axis is shorter than ``topk`` the result is padded; slots whose key is ineligible are
     padding too. Order: best first, ties by lower index, padding last.
@@ -57,7 +58,8 @@ def top_k_by_key(keys: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
         pad = [(0, 0)] * (keys.ndim - 1) + [(0, topk - kk)]
         idx = jnp.pad(idx, pad, constant_values=-1)
         valid = jnp.pad(valid, pad, constant_values=False)
-    return idx, valid
+        values = jnp.pad(values, pad, constant_values=INELIGIBLE_KEY)
+    return (idx, valid, values) if return_keys else (idx, valid)
 
 
 def chunk_axis(x: jax.Array, axis: int, size: int, fill) -> jax.Array:

@@ -11,6 +11,6 @@ def test_quickstart_runs():
     code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md quickstart", "exec"), scope)
-    assert scope["out"].shape == (2, 1, 256)
+    assert scope["res"].out.shape == (2, 1, 256)
     assert scope["sel"].indices.shape == (2, 512, 64)
-    assert int(scope["cache"].lengths[0]) == 513
+    assert int(scope["res"].cache.lengths[0]) == 513

@@ -107,9 +107,12 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
             shown = name.format(e=0) if kind == "experts" else name
             raise CheckpointError(f"{reader.file_of(shown)}: tensor {name!r} has shape {value.shape} after conversion, "
                                   f"the model expects {expected} (parameter {'.'.join(map(str, param_path))})")
-        target = sharding(param_path, expected) if sharding is not None else None
-        array = jnp.asarray(value, var.get_value().dtype) if target is None else jax.device_put(
-            value.astype(var.get_value().dtype), target)
+        dtype = var.get_value().dtype
+        if sharding is None:
+            array = jnp.asarray(value, dtype)
+        else:  # each device (each host, on multi-host) receives only its own shard
+            array = jax.make_array_from_callback(expected, sharding(param_path, expected),
+                                                 lambda index, value=value: value[index].astype(dtype))
         leaves.append((param_path, var.replace(array)))
         used.update(names)
     def skipped(name: str) -> bool:  # the MTP layer, and indexers of layers the pattern made S
@@ -147,13 +150,19 @@ def save_converted(model: DSAForCausalLM, hf_dir: str | pathlib.Path, out_dir: s
     return out
 
 
-def load_converted(path: str | pathlib.Path, *, dtype=None) -> DSAForCausalLM:
-    """Restores a folder written by ``save_converted``, in ``dtype`` (default: the dtype it was saved in)."""
+def load_converted(path: str | pathlib.Path, *, dtype=None, sharding=None) -> DSAForCausalLM:
+    """Restores a folder written by ``save_converted``, in ``dtype`` (default: the dtype it was saved in),
+    each parameter straight onto ``sharding(path, shape)`` when given."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
     info = json.loads((path / ORBAX_MARKER).read_text())
     cfg = ModelConfig.from_pretrained(path)
     graphdef, abstract = nnx.split(_abstract_model(cfg, dtype or jnp.dtype(info["dtype"])))
+    if sharding is not None:
+        abstract = nnx.from_flat_state([
+            (p, v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                               sharding=sharding(p, v.get_value().shape))))
+            for p, v in nnx.to_flat_state(abstract)])
     state = ocp.StandardCheckpointer().restore(path / "state", abstract)  # casts to the abstract dtypes
     return nnx.merge(graphdef, state)

@@ -41,10 +41,11 @@ def eligibility(q_positions: jax.Array, kv_lengths: jax.Array, key_positions: ja
         key_positions[None, None, :] < kv_lengths[:, None, None])
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "query_chunk", "key_chunk"))
+@functools.partial(jax.jit, static_argnames=("topk", "query_chunk", "key_chunk", "return_keys"))
 def dsa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int,
-                       key_chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k of the DSA scores: (indices [B,T,topk] int32, -1 padded; valid [B,T,topk] bool)."""
+                       key_chunk: int, return_keys: bool = False):
+    """Exact top-k of the DSA scores: (indices [B,T,topk] int32, -1 padded; valid [B,T,topk] bool), and
+    with ``return_keys`` the selected ranking keys (what a context-parallel merge compares)."""
     B, T, H, d = q.shape
     S = k.shape[1]
     qc, kc = min(query_chunk, T), min(key_chunk, S)
@@ -62,6 +63,6 @@ def dsa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, 
         _, scores = jax.lax.scan(one_key_block, None, (k_blocks, s_blocks))  # [nk, B, qc, kc]
         scores = jnp.moveaxis(scores, 0, 2).reshape(B, qc, -1)[:, :, :S]
         keys = ranking_keys(scores, eligibility(pos_c, kv_lengths, key_positions))
-        return top_k_by_key(keys, topk)
+        return top_k_by_key(keys, topk, return_keys=return_keys)
 
     return map_query_chunks(one_query_chunk, qc, (q, 0), (w, 0), (q_positions, -1))

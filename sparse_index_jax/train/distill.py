@@ -28,6 +28,7 @@ from flax import nnx
 from pallas_kernels.blocks import gathered_scores
 from sparse_index_jax.data import PackedDataset
 from sparse_index_jax.index_cache import IndexCacheConfig
+from sparse_index_jax.sharding import make_mesh
 from sparse_index_jax.train.losses import indexer_kl, lm_loss
 
 STAGES = ("dense", "sparse")
@@ -125,7 +126,7 @@ def _data_parallel(model, batch_size: int):
         return None
     if batch_size % n:
         raise ValueError(f"distill: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
-    mesh = jax.make_mesh((n,), ("data",))
+    mesh = make_mesh(data=n)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     nnx.update(model, jax.device_put(nnx.state(model), replicated))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -1,0 +1,61 @@
+"""Context-parallel DSA selection: keys sharded along the sequence, an exact global top-k merge.
+
+Each device of the ``context`` mesh axis holds S / n consecutive keys, scores them against every query
+and keeps its local top-k together with the ranking keys (the float32 score mapped to an ordered int32,
+see ``pallas_kernels.common``). An all-gather brings the n local lists together (n * k candidates per
+query, not n * S scores) and one more top-k picks the global winners. Shards are concatenated in
+position order and each local list has equal keys in position order, so "equal score -> lower position"
+holds across shards too: the result equals single-device ``select_topk`` index for index.
+
+Communication per query row: n * topk * 8 bytes (int32 key + int32 index) gathered on every device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels.common import check_indexer_inputs, check_positive_int, top_k_by_key
+from pallas_kernels.dsa_topk.reference import dsa_topk_reference
+from sparse_index_jax.selection import Selection
+
+
+def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, mesh: Mesh,
+                                 axis: str = "context", q_positions: jax.Array | None = None,
+                                 kv_lengths: jax.Array | None = None, k_scale: jax.Array | None = None,
+                                 query_chunk: int = 256, key_chunk: int = 1024) -> Selection:
+    """``select_topk(method="dsa")`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result.
+
+    S must divide evenly over the axis. Queries, head weights, positions and lengths are replicated
+    over ``axis`` (shard the batch over another mesh axis if you like). ``key_chunk`` should divide
+    S / n so each device scores exactly the key blocks a single device would (bit-identical scores).
+    """
+    op = "select_topk_context_parallel"
+    topk = check_positive_int(op, "topk", topk)
+    q_positions, kv_lengths = check_indexer_inputs(op, q, k, w, k_scale, q_positions, kv_lengths)
+    if axis not in mesh.shape:
+        raise ValueError(f"{op}: mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
+    n = mesh.shape[axis]
+    S = k.shape[1]
+    if S % n:
+        raise ValueError(f"{op}: S={S} keys do not split evenly over the {n} devices of axis {axis!r}; pad k")
+    local_len = S // n
+    if k_scale is None:
+        k_scale = jnp.ones(k.shape[:2], jnp.float32)
+
+    def shard(q, k, w, k_scale, q_positions, kv_lengths):
+        offset = jax.lax.axis_index(axis) * local_len
+        idx, valid, keys = dsa_topk_reference(
+            q, k, w, k_scale, q_positions - offset, jnp.clip(kv_lengths - offset, 0, local_len),
+            topk=topk, query_chunk=query_chunk, key_chunk=min(key_chunk, local_len), return_keys=True)
+        idx = jnp.where(valid, idx + offset, -1)
+        gathered_keys = jax.lax.all_gather(keys, axis, axis=2, tiled=True)   # [B, T, n * topk], shard order
+        gathered_idx = jax.lax.all_gather(idx, axis, axis=2, tiled=True)
+        slot, ok = top_k_by_key(gathered_keys, topk)
+        return jnp.where(ok, jnp.take_along_axis(gathered_idx, jnp.maximum(slot, 0), axis=-1), -1), ok
+
+    run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P(None, axis), P(), P()),
+                        out_specs=(P(), P()), check_vma=False)
+    indices, valid = run(q, k, w, k_scale, q_positions, kv_lengths)
+    return Selection(indices, valid)

@@ -1,0 +1,101 @@
+"""Checks that need 8 devices. Run by tests/test_multidevice.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (JAX fixes the device count at start-up)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from sparse_index_jax import select_topk  # noqa: E402
+from sparse_index_jax.context_parallel import select_topk_context_parallel  # noqa: E402
+from sparse_index_jax.sharding import make_mesh  # noqa: E402
+
+
+def check_context_parallel_selection():
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    for mesh in (make_mesh(context=8), make_mesh(data=2, context=4)):
+        for integer in (True, False):
+            B, T, S, H, d, topk = 2, 40, 64, 3, 8, 12
+            draw = (lambda *s: rng.integers(-2, 3, s).astype(np.float32)) if integer else (
+                lambda *s: rng.standard_normal(s).astype(np.float32))
+            q, k, w = draw(B, T, H, d), draw(B, S, d), draw(B, T, H)
+            kv = np.array([64, 37], np.int32)
+            pos = rng.integers(-1, 70, (B, T)).astype(np.int32)
+            ref = select_topk(q, k, w, topk=topk, q_positions=pos, kv_lengths=kv, key_chunk=8)
+            got = select_topk_context_parallel(q, k, w, topk=topk, mesh=mesh, q_positions=pos, kv_lengths=kv,
+                                               key_chunk=8)
+            np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
+            np.testing.assert_array_equal(np.asarray(got.valid), np.asarray(ref.valid))
+    try:
+        select_topk_context_parallel(q, k[:, :60], w, topk=4, mesh=make_mesh(context=8))
+    except ValueError as err:
+        assert "do not split evenly" in str(err)
+    else:
+        raise AssertionError("uneven key shards must be refused")
+
+
+def check_sharded_model_forward():
+    import models
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3)
+        ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, (4, 12)))
+        plain = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        expected = np.asarray(plain(ids).logits)
+        mesh = make_mesh(data=2, tensor=2, expert=2)
+        sharded = models.from_pretrained(folder, dtype=jnp.float32, progress=False, mesh=mesh)
+        experts = sharded.layers[1].mlp.experts.gate_proj[...]
+        assert experts.sharding.spec[0] == "expert", experts.sharding
+        assert len({s.device for s in experts.addressable_shards}) == 8
+        q_b = sharded.layers[0].self_attn.q_b_proj.kernel[...]
+        assert q_b.sharding.spec == jax.sharding.PartitionSpec(None, "tensor"), q_b.sharding
+        shard_rows = {s.data.shape for s in q_b.addressable_shards}
+        assert shard_rows == {(q_b.shape[0], q_b.shape[1] // 2)}, shard_rows  # no device holds the whole weight
+        ids_sharded = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        got = np.asarray(sharded(ids_sharded).logits)
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def check_data_parallel_distillation():
+    import models
+    from flax import nnx
+    from sparse_index_jax.data import PackedDataset
+    from sparse_index_jax.train.distill import DistillConfig, distill, train_step, trainable
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3, initializer_range=0.3)
+        data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
+        # SGD: updates are linear in the gradients, so the data-parallel reduction order (a last-bit
+        # difference) stays a last-bit difference; Adam would amplify it on near-zero gradients.
+        cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
+                            sparse_lr=0.05, optimizer="sgd", save_every=100)
+        parallel = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False)
+        single = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        opt, opt_stage = None, None
+        for step in range(cfg.total_steps):
+            stage = cfg.stage(step)
+            if stage != opt_stage:
+                opt, opt_stage = nnx.Optimizer(single, cfg.tx(stage), wrt=trainable(stage)), stage
+            inputs, targets = data.train_batch(step, cfg.batch_size)
+            train_step(single, opt, jnp.asarray(inputs), jnp.asarray(targets), "FSF", stage)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(parallel)), nnx.to_flat_state(nnx.state(single))):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
+                                       err_msg=str(path))
+        leaf = nnx.state(parallel, nnx.Param)["layers"][0]["self_attn"]["indexer"]["wk"]["kernel"][...]
+        assert len(leaf.sharding.device_set) == 8  # replicated over the data axis
+
+
+if __name__ == "__main__":
+    globals()[f"check_{sys.argv[1]}"]()
+    print("ok")
