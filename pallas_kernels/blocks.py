@@ -35,11 +35,29 @@ def pool_block_sums(k: jax.Array, k_scale: jax.Array | None, kv_lengths: jax.Arr
 
 
 def append_block_sums(sums: jax.Array, k_new: jax.Array, k_scale_new: jax.Array | None, start: jax.Array,
-                      block_size: int) -> jax.Array:
-    """Adds T new keys per row (k_new [B,T,d], written at positions start[b] + arange(T)) to ``sums``."""
-    T = k_new.shape[1]
-    blocks = (start[:, None] + jnp.arange(T)[None, :]) // block_size  # [B, T]
-    return jax.vmap(lambda s, ids, new: s.at[ids].add(new, mode="drop"))(sums, blocks, dequantized(k_new, k_scale_new))
+                      block_size: int, limit: int | None = None) -> jax.Array:
+    """Adds T new keys per row (k_new [B,T,d], written at positions start[b] + arange(T)) to ``sums``.
+
+    Keys at positions >= ``limit`` (a cache's max_len) are not counted. No scatter-add: the new keys are
+    laid out block-aligned and summed by a reshape, so the result is deterministic on every backend
+    (GPU scatter-adds use atomics, whose float order varies from run to run).
+    """
+    B, T, d = k_new.shape
+    M = sums.shape[1]
+    span = T // block_size + 2  # blocks the T new keys can touch, whatever their offset in the first one
+    keys = dequantized(k_new, k_scale_new)
+    if limit is not None:
+        keys = jnp.where((start[:, None] + jnp.arange(T) < limit)[..., None], keys, 0.0)
+
+    def one_row(row_sums, new, at):
+        first, offset = at // block_size, at % block_size
+        laid = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((span * block_size, d), jnp.float32), new, offset, 0)
+        partial = laid.reshape(span, block_size, d).sum(axis=1)
+        padded = jnp.concatenate([row_sums, jnp.zeros((span, d), jnp.float32)])  # room past the end: dropped
+        current = jax.lax.dynamic_slice_in_dim(padded, first, span, 0)
+        return jax.lax.dynamic_update_slice_in_dim(padded, current + partial, first, 0)[:M]
+
+    return jax.vmap(one_row)(sums, keys, start)
 
 
 def block_counts(kv_lengths: jax.Array, num_blocks: int, block_size: int) -> jax.Array:

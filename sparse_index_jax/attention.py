@@ -87,7 +87,8 @@ class DSACache:
 
         sums = self.block_sums
         if sums is not None:
-            sums = append_block_sums(sums, index_keys, index_key_scale, self.lengths, self.block_size)
+            sums = append_block_sums(sums, index_keys, index_key_scale, self.lengths, self.block_size,
+                                     limit=self.max_len)
         return DSACache(write(self.latent, latent), write(self.index_keys, index_keys),
                         write(self.index_key_scale, index_key_scale), self.lengths + T, sums, self.block_size)
 

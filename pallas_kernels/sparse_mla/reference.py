@@ -51,6 +51,7 @@ def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, que
                          return_probs: bool = False):
     """out [B,T,Hq,v_dim] in q.dtype (and, with ``return_probs``, head-mean probabilities [B,T,k] float32)."""
 
+    @jax.checkpoint  # backward recomputes a chunk's gather instead of keeping every chunk's rows
     def one_chunk(q_c, idx_c, valid_c):
         return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim, return_probs=return_probs)
 

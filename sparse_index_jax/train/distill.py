@@ -26,10 +26,11 @@ import optax
 from flax import nnx
 
 from pallas_kernels.blocks import gathered_scores
+from pallas_kernels.common import map_query_chunks
 from sparse_index_jax.data import PackedDataset
 from sparse_index_jax.index_cache import IndexCacheConfig
 from sparse_index_jax.sharding import make_mesh
-from sparse_index_jax.train.losses import indexer_kl, lm_loss
+from sparse_index_jax.train.losses import indexer_kl_rows, lm_loss
 
 STAGES = ("dense", "sparse")
 INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
@@ -82,15 +83,28 @@ def trainable(stage: str):
     return INDEXER_PARAMS if stage == "dense" else nnx.Param
 
 
+def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64) -> jax.Array:
+    """``indexer_kl`` of one F layer, ``chunk`` query rows at a time under ``jax.checkpoint``: the gathered
+    keys [B, chunk, k, d] and logits [B, chunk, H, k] exist for one chunk at a time, also in backward."""
+
+    @jax.checkpoint
+    def one_chunk(q, w, indices, valid, p):
+        scores = gathered_scores(q, w, act.k, act.k_scale, indices)
+        return indexer_kl_rows(jnp.moveaxis(p, 2, 0), scores, valid)
+
+    kl, has_keys = map_query_chunks(one_chunk, chunk, (act.q, 0), (act.w, 0), (selection.indices, -1),
+                                    (selection.valid, False), (targets, 0))
+    return jnp.sum(kl) / jnp.maximum(jnp.sum(has_keys), 1)
+
+
 def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, stage: str):
     """(loss, metrics) of one batch; see the module docstring for what each stage optimises."""
     run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True)
     kl = 0.0
     for full, served in IndexCacheConfig(pattern).groups():
         attn = run.attention[full]
-        act, sel = attn.indexer, attn.selection
-        scores = gathered_scores(act.q, act.w, act.k, act.k_scale, sel.indices)
-        kl = kl + indexer_kl([run.attention[j].probs for j in served], scores, sel.valid)
+        attention = jnp.stack([run.attention[j].probs for j in served], axis=2)  # [B, T, m, k]
+        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention)
     lm = lm_loss(model.logits(run.hidden), targets)
     loss = kl if stage == "dense" else lm + kl
     return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}

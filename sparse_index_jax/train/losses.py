@@ -18,19 +18,23 @@ import jax
 import jax.numpy as jnp
 
 
+def indexer_kl_rows(targets: jax.Array, scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per query row: (mean over targets of KL(target || softmax(scores)), row has a valid slot).
+
+    targets [m, B, T, k] (rows summing to 1 over valid slots), scores [B, T, k] float32, valid [B, T, k].
+    """
+    log_q = jnp.where(valid, jax.nn.log_softmax(jnp.where(valid, scores, -jnp.inf), axis=-1), 0.0)
+    p = jax.lax.stop_gradient(jnp.where(valid, targets, 0.0))
+    kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), axis=-1)  # [m, B, T]
+    has_keys = jnp.any(valid, axis=-1)
+    return jnp.where(has_keys, jnp.mean(kl, axis=0), 0.0), has_keys
+
+
 def indexer_kl(targets: Sequence[jax.Array], scores: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean over ``targets`` (each [B,T,k], rows summing to 1 over valid slots) and over query rows of
     KL(target || softmax(scores)); scores [B,T,k] float32, valid [B,T,k]. Rows without a valid slot count 0."""
-    log_q = jax.nn.log_softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
-    log_q = jnp.where(valid, log_q, 0.0)
-    has_keys = jnp.any(valid, axis=-1)
-    rows = jnp.maximum(jnp.sum(has_keys), 1)
-    total = 0.0
-    for p in targets:
-        p = jax.lax.stop_gradient(jnp.where(valid, p, 0.0))
-        kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), axis=-1)
-        total = total + jnp.sum(jnp.where(has_keys, kl, 0.0)) / rows
-    return total / len(targets)
+    kl, has_keys = indexer_kl_rows(jnp.stack(list(targets)), scores, valid)
+    return jnp.sum(kl) / jnp.maximum(jnp.sum(has_keys), 1)
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
