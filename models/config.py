@@ -53,7 +53,8 @@ def _indexer_types(cfg: Mapping[str, Any], n_layers: int) -> tuple[str, ...]:
             types = list(pattern)
     elif cfg.get("index_topk_freq") is not None:
         freq = max(int(cfg["index_topk_freq"]), 1)
-        offset = int(cfg.get("index_skip_topk_offset", 2))
+        offset = cfg.get("index_skip_topk_offset")
+        offset = 2 if offset is None else int(offset)  # HF's default
         types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
     else:
         types = ["full"] * n_layers
@@ -184,6 +185,9 @@ class ModelConfig:
                 _fail(key, "missing from config.json")
             return cfg[key]
 
+        if cfg.get("attention_bias"):
+            _fail("attention_bias", "attention projections with biases are not supported (no released DeepSeek-V3.2 "
+                                    "or GLM-5 checkpoint has them)")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             _fail("hidden_act", f"only 'silu' is supported, got {act!r}")

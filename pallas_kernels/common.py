@@ -142,6 +142,8 @@ def check_indexer_inputs(op: str, q, k, w, k_scale, q_positions, kv_lengths):
         if not _is_float(x):
             raise TypeError(f"{op}: {name} must be a floating dtype (bf16, f16, f32 or float8), got {x.dtype}")
     B, T, H, d = q.shape
+    if 0 in (B, T, H, d):
+        raise ValueError(f"{op}: q has an empty dimension {q.shape}; need B, T, H, d >= 1")
     if k.shape[0] != B or k.shape[2] != d:
         raise ValueError(f"{op}: k must have shape [B={B}, S, d={d}] to match q {q.shape}, got {k.shape}")
     if w.shape != (B, T, H):

@@ -134,12 +134,14 @@ def _load_model_and_data(args: argparse.Namespace, *, pattern: str | None = None
     import jax.numpy as jnp
 
     import models
-    from sparse_index_jax.data import PackedDataset, load_tokenizer, read_tokens
+    from sparse_index_jax.data import PackedDataset, check_token_range, load_tokenizer, read_tokens
 
     selector = {"method": args.selector} if args.selector != "dsa" else None
     model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), selector=selector)
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
     tokens = read_tokens(args.data, bin_dtype=args.bin_dtype, tokenizer=load_tokenizer(args.model), eos_id=eos)
+    uses_bin = any(str(f).endswith(".bin") for f in args.data)
+    check_token_range(tokens, model.cfg.vocab_size, bin_dtype=args.bin_dtype if uses_bin else "int32")
     data = PackedDataset(tokens, args.seq_len, seed=args.seed, heldout_fraction=args.heldout)
     print(f"model {args.model}: {model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, pattern "
           f"{model.check_pattern(pattern)}; data: {len(tokens):,} tokens -> {len(data.train_ids)} train / "

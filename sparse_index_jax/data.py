@@ -36,6 +36,10 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
             if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
                 raise ValueError(f"{file}: expected a 1-D integer array of token ids, got {tokens.shape} {tokens.dtype}")
         elif suffix == ".bin":
+            itemsize = np.dtype(bin_dtype).itemsize
+            if file.stat().st_size % itemsize:
+                raise ValueError(f"{file}: {file.stat().st_size} bytes is not a whole number of {bin_dtype} "
+                                 f"tokens; is --bin-dtype right?")
             tokens = np.memmap(file, dtype=np.dtype(bin_dtype), mode="r")
         elif suffix in TEXT_SUFFIXES:
             if tokenizer is None:
@@ -48,6 +52,16 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
         if eos_id is not None:
             parts.append(np.array([eos_id], np.int32))
     return np.concatenate(parts)
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, *, bin_dtype: str = "uint16") -> None:
+    """Token ids must index the model's vocabulary: an id past it would embed as garbage (or NaN)."""
+    if np.dtype(bin_dtype).itemsize == 2 and vocab_size > 65536:
+        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, more than uint16 .bin files can hold; "
+                         f"pass --bin-dtype uint32 (and write the files that way)")
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token ids span [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary is "
+                         f"[0, {vocab_size}): wrong tokenizer or --bin-dtype?")
 
 
 def load_tokenizer(model_dir: str | pathlib.Path):

@@ -157,6 +157,7 @@ def _args(B=1, T=4, S=6, H=2, d=3):
     ({"k": jnp.zeros((2, 6, 3))}, {}, "k must have shape [B=1, S, d=3]"),
     ({"w": jnp.zeros((1, 4, 3))}, {}, "w must have shape [B, T, H] = (1, 4, 2)"),
     ({"k": jnp.zeros((1, 0, 3))}, {}, "S = 0"),
+    ({"q": jnp.zeros((1, 0, 2, 3)), "w": jnp.zeros((1, 0, 2))}, {}, "q has an empty dimension"),
     ({}, {"topk": 0}, "topk must be a positive int"),
     ({}, {"topk": -3}, "topk must be a positive int"),
     ({}, {"topk": 2.5}, "topk must be a positive int"),

@@ -172,6 +172,10 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         nnx.update(saved_opt, restored["opt"])
         optimizer, opt_stage = saved_opt, saved_stage
         log(f"resumed from step {step} ({out / 'checkpoints'})")
+    log_path = out / "metrics.jsonl"
+    if log_path.is_file():  # steps logged after the checkpoint we resume from will run again: drop them
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "pattern": pattern,
                                               "data": data.fingerprint()}, indent=2))
 
@@ -181,7 +185,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         bar = tqdm(total=cfg.total_steps, initial=step, desc="distill", unit="step", file=sys.stderr)
     history = []
     done_here = 0
-    with open(out / "metrics.jsonl", "a") as metrics_file:
+    with open(log_path, "a") as metrics_file:
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
