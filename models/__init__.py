@@ -44,7 +44,10 @@ def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress
                               index_pattern=index_pattern, selector=selector)
 
 
-def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16,
-            progress: bool = True) -> pathlib.Path:
-    """Converts an HF checkpoint once into an Orbax checkpoint that ``from_pretrained`` restores directly."""
-    return save_converted(load_hf_checkpoint(hf_dir, dtype=dtype, progress=progress), hf_dir, out_dir)
+def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16, progress: bool = True,
+            mesh=None) -> pathlib.Path:
+    """Converts an HF checkpoint once into an Orbax checkpoint that ``from_pretrained`` restores directly.
+    With ``mesh`` the weights are sharded while read (the whole model never sits on one device)."""
+    sharding = param_sharding(mesh) if mesh is not None else None
+    model = load_hf_checkpoint(hf_dir, dtype=dtype, progress=progress, sharding=sharding)
+    return save_converted(model, hf_dir, out_dir)

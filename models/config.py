@@ -137,13 +137,12 @@ class ModelConfig:
         (``{"method": "hisa", "num_blocks": 64, ...}``, any ``IndexerConfig`` selector field)."""
         cfg = self
         if pattern is not None:
-            if len(pattern) != self.num_hidden_layers or set(pattern) - {"F", "S"} or pattern[:1] != "F":
-                _fail("indexer_types", f"pattern must be {self.num_hidden_layers} letters of F/S starting with F, "
-                                       f"got {pattern!r}")
-            missing = [i for i, (p, o) in enumerate(zip(pattern, self.index_pattern)) if p == "F" and o == "S"]
-            if missing:
-                _fail("indexer_types", f"pattern {pattern!r} makes layers {missing} F, but this checkpoint has no "
-                                       f"indexer weights for them (its pattern is {self.index_pattern!r})")
+            from sparse_index_jax.index_cache import check_pattern
+
+            try:
+                check_pattern(pattern, self.num_hidden_layers, available=self.index_pattern)
+            except ValueError as err:
+                _fail("indexer_types", str(err))
             cfg = dataclasses.replace(cfg, indexer_types=tuple("full" if p == "F" else "shared" for p in pattern))
         if selector is not None:
             allowed = {"method", "block_size", "num_blocks", "active_heads", "candidates", "query_chunk", "key_chunk"}

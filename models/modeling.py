@@ -15,6 +15,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from sparse_index_jax.attention import DSAAttention, DSACache, DSAOutput
+from sparse_index_jax.index_cache import check_pattern
 from sparse_index_jax.layers import RMSNorm
 from sparse_index_jax.selection import Selection, causal_selection
 from sparse_index_jax.sharding import constrain
@@ -161,18 +162,7 @@ class DSAForCausalLM(nnx.Module):
     def check_pattern(self, pattern: str | None) -> str:
         """The effective F/S pattern: ``pattern`` validated against the layers, or the config's own."""
         own = self.cfg.index_pattern
-        if pattern is None:
-            return own
-        n = len(self.layers)
-        if len(pattern) != n or set(pattern) - {"F", "S"}:
-            raise ValueError(f"index_pattern must be {n} letters of 'F'/'S', got {pattern!r}")
-        if pattern[0] != "F":
-            raise ValueError(f"index_pattern {pattern!r}: layer 0 must be F (nothing precedes it to reuse)")
-        missing = [i for i, (p, o) in enumerate(zip(pattern, own)) if p == "F" and o == "S"]
-        if missing:
-            raise ValueError(f"index_pattern {pattern!r}: layers {missing} have no indexer weights in this model "
-                             f"(its own pattern is {own!r}), so they can only be S")
-        return pattern
+        return own if pattern is None else check_pattern(pattern, len(self.layers), available=own)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):

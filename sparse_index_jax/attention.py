@@ -199,7 +199,7 @@ class DSAAttention(nnx.Module):
         w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
         q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
-        attended = _sparse_mla.sparse_mla(q_full, all_rows.astype(q_full.dtype), selection.indices,
+        attended = _sparse_mla.sparse_mla(q_full, all_rows, selection.indices,
                                           selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
                                           implementation=self.implementation, query_chunk=m.query_chunk,
                                           return_probs=capture)

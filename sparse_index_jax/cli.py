@@ -122,9 +122,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import models
 
     start = time.perf_counter()
-    out = models.convert(args.hf_dir, args.out_dir, dtype=jnp.dtype(args.dtype), progress=not args.quiet)
-    model = models.from_pretrained(out)
-    n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    mesh = _parse_mesh(args.mesh)
+    out = models.convert(args.hf_dir, args.out_dir, dtype=jnp.dtype(args.dtype), progress=not args.quiet, mesh=mesh)
+    abstract = nnx.eval_shape(lambda: models.DSAForCausalLM(models.ModelConfig.from_pretrained(out), rngs=nnx.Rngs(0)))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
     print(f"converted {args.hf_dir} -> {out} ({n:,} parameters, {args.dtype}) in {time.perf_counter() - start:.1f} s; "
           f"load it with models.from_pretrained({str(out)!r})")
     return 0
@@ -233,6 +234,21 @@ def _model_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _parse_mesh(text: str | None):
+    """``"tensor=4,expert=2"`` -> a mesh over all devices (unnamed axes have size 1); None -> no mesh."""
+    if not text:
+        return None
+    from sparse_index_jax.sharding import MESH_AXES, make_mesh
+
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().isdigit():
+            raise ValueError(f"--mesh: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}, got {part!r}")
+        sizes[name.strip()] = int(value)
+    return make_mesh(**sizes)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -275,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                       help="weight dtype to store (default bfloat16; the indexer head weights and the router stay "
                            "float32)")
+    conv.add_argument("--mesh", help="shard while loading, e.g. tensor=8 or tensor=4,expert=2 (product = device "
+                                     "count); without it every weight lands on the default device")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
 

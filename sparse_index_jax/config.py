@@ -173,8 +173,8 @@ class IndexerConfig:
         else:
             opts.update(block_size=self.selector_block_size, active_heads=self.active_heads,
                         key_chunk=self.key_chunk)
-            if self.method == "misa_h":
-                opts["candidates"] = self.candidates or 4 * self.topk
+            if self.method == "misa_h" and self.candidates:
+                opts["candidates"] = self.candidates  # None: select_topk's default, 4 * topk
         if self.query_chunk is not None:
             opts["query_chunk"] = self.query_chunk
         return opts

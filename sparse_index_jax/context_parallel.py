@@ -2,12 +2,15 @@
 
 Each device of the ``context`` mesh axis holds S / n consecutive keys, scores them against every query
 and keeps its local top-k together with the ranking keys (the float32 score mapped to an ordered int32,
-see ``pallas_kernels.common``). An all-gather brings the n local lists together (n * k candidates per
-query, not n * S scores) and one more top-k picks the global winners. Shards are concatenated in
-position order and each local list has equal keys in position order, so "equal score -> lower position"
-holds across shards too: the result equals single-device ``select_topk`` index for index.
+see ``pallas_kernels.common``). An all-to-all then sends every device the n local lists of ITS OWN T / n
+queries (n * k candidates per query, never n * S scores), and one more top-k picks the global winners;
+the selection comes out sharded along the queries. Lists arrive in shard (= position) order and each has
+equal keys in position order, so "equal score -> lower position" holds across shards: the result equals
+single-device ``select_topk`` index for index.
 
-Communication per query row: n * topk * 8 bytes (int32 key + int32 index) gathered on every device.
+Communication per layer and device: about T * topk * 8 bytes sent and received (int32 key + int32
+index per candidate), e.g. 2 GiB at T = 128K, topk = 2048, whatever n is; an all-gather would cost n
+times that. Compute per device: T * (S / n) * H * d multiply-adds, 1/n of the single-device scan.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
                                  query_chunk: int = 256, key_chunk: int = 1024) -> Selection:
     """``select_topk(method="dsa")`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result.
 
-    S must divide evenly over the axis. Queries, head weights, positions and lengths are replicated
-    over ``axis`` (shard the batch over another mesh axis if you like). ``key_chunk`` should divide
+    S and T must divide evenly over the axis. Queries, head weights, positions and lengths are
+    replicated over ``axis``; the returned Selection is sharded along T. ``key_chunk`` should divide
     S / n so each device scores exactly the key blocks a single device would (bit-identical scores).
     """
     op = "select_topk_context_parallel"
@@ -38,8 +41,9 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
         raise ValueError(f"{op}: mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
     n = mesh.shape[axis]
     S = k.shape[1]
-    if S % n:
-        raise ValueError(f"{op}: S={S} keys do not split evenly over the {n} devices of axis {axis!r}; pad k")
+    if S % n or q.shape[1] % n:
+        raise ValueError(f"{op}: S={S} keys and T={q.shape[1]} queries must split evenly over the {n} devices of "
+                         f"axis {axis!r}; pad them (padded queries at position -1 select nothing)")
     local_len = S // n
     if k_scale is None:
         k_scale = jnp.ones(k.shape[:2], jnp.float32)
@@ -50,12 +54,13 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
             q, k, w, k_scale, q_positions - offset, jnp.clip(kv_lengths - offset, 0, local_len),
             topk=topk, query_chunk=query_chunk, key_chunk=min(key_chunk, local_len), return_keys=True)
         idx = jnp.where(valid, idx + offset, -1)
-        gathered_keys = jax.lax.all_gather(keys, axis, axis=2, tiled=True)   # [B, T, n * topk], shard order
-        gathered_idx = jax.lax.all_gather(idx, axis, axis=2, tiled=True)
-        slot, ok = top_k_by_key(gathered_keys, topk)
-        return jnp.where(ok, jnp.take_along_axis(gathered_idx, jnp.maximum(slot, 0), axis=-1), -1), ok
+        # device j receives rows j*T/n .. of every shard's list: [B, T / n, n * topk], in shard order
+        keys = jax.lax.all_to_all(keys, axis, split_axis=1, concat_axis=2, tiled=True)
+        idx = jax.lax.all_to_all(idx, axis, split_axis=1, concat_axis=2, tiled=True)
+        slot, ok = top_k_by_key(keys, topk)
+        return jnp.where(ok, jnp.take_along_axis(idx, jnp.maximum(slot, 0), axis=-1), -1), ok
 
     run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P(None, axis), P(), P()),
-                        out_specs=(P(), P()), check_vma=False)
+                        out_specs=(P(None, axis), P(None, axis)), check_vma=False)
     indices, valid = run(q, k, w, k_scale, q_positions, kv_lengths)
     return Selection(indices, valid)

@@ -110,7 +110,8 @@ class PackedDataset:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def train_batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``step``: a pure function of (seed, step); each epoch visits every train sequence once."""
+        """Batch ``step``: a pure function of (seed, step). An epoch is one seeded permutation of the train
+        sequences cut into full batches (the remainder, n % batch_size sequences, waits for a later epoch)."""
         n = len(self.train_ids)
         if batch_size > n:
             raise ValueError(f"PackedDataset: batch_size {batch_size} exceeds the {n} training sequences")

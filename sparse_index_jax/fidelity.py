@@ -127,7 +127,8 @@ def run(setup: FidelitySetup, progress=None) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     regimes = report["regimes"]
-    header = ["method", *[f"IoU / recall [{r}]" for r in regimes], "needles", "seconds (CPU)"]
+    header = ["method", *[f"IoU / recall [{r}]" for r in regimes], "needles",
+              f"seconds ({report['environment']['backend']})"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for method, row in report["methods"].items():
         cells = [method] + [f"{row[r]['iou']:.3f} / {row[r]['recall']:.3f} ({row[r]['rows']})" for r in regimes]

@@ -69,6 +69,20 @@ class IndexCacheConfig:
         return out
 
 
+def check_pattern(pattern: str, num_layers: int, available: str | None = None) -> str:
+    """Validates an F/S pattern for a model of ``num_layers`` layers; ``available`` is the pattern of the
+    weights at hand (a layer it marks S has no indexer weights, so it cannot be F)."""
+    IndexCacheConfig(pattern)
+    if len(pattern) != num_layers:
+        raise ValueError(f"index pattern {pattern!r} has {len(pattern)} letters for {num_layers} layers")
+    if available is not None:
+        missing = [i for i, (p, a) in enumerate(zip(pattern, available)) if p == "F" and a == "S"]
+        if missing:
+            raise ValueError(f"index pattern {pattern!r}: layers {missing} have no indexer weights in this model "
+                             f"(its own pattern is {available!r}), so they can only be S")
+    return pattern
+
+
 # ---- training-free greedy search ------------------------------------------------------------------
 
 @nnx.jit(static_argnames=("reuse",))

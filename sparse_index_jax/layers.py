@@ -47,7 +47,9 @@ def hadamard_rotate(x: jax.Array) -> jax.Array:
 
 
 def quantize_fp8(x: jax.Array, scale_fmt: str = "plain") -> tuple[jax.Array, jax.Array]:
-    """float8_e4m3fn quantisation with one scale per vector (the last axis), as the official indexer.
+    """float8_e4m3fn quantisation with one scale per vector (the last axis). The official indexer uses groups
+    of 128 values, i.e. one group per vector for its head_dim of 128 (DeepSeek-V3.2 and GLM-5 alike); for
+    other head dims this is one scale per head vector, which is what lets the q scale fold into w.
 
     ``amax = max(|x|, 1e-4)``; ``scale = amax / 448`` (``plain``) or ``2^ceil(log2(amax / 448))``
     (``ue8m0``). Returns (x_fp8, scale) with ``x ~= x_fp8 * scale``; scale has the last axis dropped.

@@ -109,7 +109,7 @@ def select_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, method: 
 
     Memory: queries are processed ``query_chunk`` rows at a time (dsa: against ``key_chunk`` keys
     at a time), so no [T, S, H] and no [T, S] tensor is built. dsa's peak extra memory is
-    ``4 * B * query_chunk * (2 * S + H * key_chunk)`` bytes; each op's ``reference.py`` in
+    about ``4 * B * query_chunk * (3 * S + 2 * H * key_chunk)`` bytes; each op's ``reference.py`` in
     ``pallas_kernels`` states its own.
     """
     if method not in _METHODS:

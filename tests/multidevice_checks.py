@@ -37,7 +37,7 @@ def check_context_parallel_selection():
     try:
         select_topk_context_parallel(q, k[:, :60], w, topk=4, mesh=make_mesh(context=8))
     except ValueError as err:
-        assert "do not split evenly" in str(err)
+        assert "must split evenly" in str(err)
     else:
         raise AssertionError("uneven key shards must be refused")
 

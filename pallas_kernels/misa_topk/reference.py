@@ -35,7 +35,6 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
     M = means.shape[1]
     block_ids = jnp.arange(M, dtype=jnp.int32)
     offsets = jnp.arange(block_size, dtype=jnp.int32)
-    k_deq = dequantized(k, k_scale)
 
     def one_query_chunk(q_c, w_c, pos_c):
         last = last_eligible(pos_c, kv_lengths)                          # [B, c]
@@ -45,7 +44,9 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
         # The own block's causal partial mean: keys own*B .. last, gathered per query.
         own_pos = jnp.maximum(own, 0)[..., None] * block_size + offsets  # [B, c, B]
         mask = own_pos <= last[..., None]
-        rows = jax.vmap(lambda kb, p: kb[jnp.minimum(p, S - 1)])(k_deq, own_pos)
+        own_pos = jnp.minimum(own_pos, S - 1)
+        rows = jax.vmap(lambda kb, p: kb[p])(k, own_pos)  # gather first: never a dequantised copy of all keys
+        rows = dequantized(rows, None if k_scale is None else jax.vmap(lambda s, p: s[p])(k_scale, own_pos))
         partial = jnp.sum(jnp.where(mask[..., None], rows, 0.0), axis=2) / jnp.maximum(
             jnp.sum(mask, axis=-1), 1)[..., None]
         own_logit = jax.nn.relu(jnp.einsum("bchd,bcd->bch", q_c.astype(jnp.float32), partial))

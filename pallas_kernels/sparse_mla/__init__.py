@@ -33,7 +33,7 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array
     if q.ndim != 4:
         raise ValueError(f"{_OP}: q must have shape [B, T, Hq, Dk], got {q.shape}")
     B, T, _, D = q.shape
-    if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:
+    if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:  # kv may be stored in another float dtype
         raise ValueError(f"{_OP}: kv must have shape [B={B}, S, Dk={D}] to match q {q.shape}, got {kv.shape}")
     if indices.ndim != 3 or indices.shape[:2] != (B, T) or not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"{_OP}: indices must be an int array [B={B}, T={T}, k], got {indices.shape} {indices.dtype}")

@@ -53,7 +53,8 @@ def sparse_mla_reference(q, kv, indices, valid, *, scale: float, v_dim: int, que
 
     @jax.checkpoint  # backward recomputes a chunk's gather instead of keeping every chunk's rows
     def one_chunk(q_c, idx_c, valid_c):
-        return attend(q_c, gather_rows(kv, idx_c), valid_c, scale=scale, v_dim=v_dim, return_probs=return_probs)
+        rows = gather_rows(kv, idx_c).astype(q.dtype)  # cast the k gathered rows, never the whole cache
+        return attend(q_c, rows, valid_c, scale=scale, v_dim=v_dim, return_probs=return_probs)
 
     out = map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False))
     if return_probs:
