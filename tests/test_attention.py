@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import sparse_mla as sparse_mla_mod
+from numpy_rope import np_yarn
 from sparse_index_jax import DSAAttention, DSACache, DSAConfig, IndexerConfig, MLAConfig, RopeConfig, Selection
 
 THETA = 10000.0
@@ -27,20 +28,6 @@ IX_H, IX_D = 2, 8
 # --------------------------------------------------------------------------------------------------
 # float64 numpy oracle
 # --------------------------------------------------------------------------------------------------
-
-def np_yarn(rope_dim, theta, factor, orig_max, beta_fast, beta_slow, mscale, mscale_all_dim):
-    """(inverse frequencies, cos/sin multiplier, softmax mscale) of the HF / DeepSeek YaRN rule."""
-    def corr(rot):
-        return rope_dim * np.log(orig_max / (rot * 2 * np.pi)) / (2 * np.log(theta))
-    low, high = max(np.floor(corr(beta_fast)), 0), min(np.ceil(corr(beta_slow)), rope_dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(rope_dim // 2) - low) / (high - low), 0, 1)
-    extra = theta ** (-np.arange(0, rope_dim, 2) / rope_dim)
-    inv = extra / factor * ramp + extra * (1 - ramp)
-    ms = lambda m: 1.0 if factor <= 1 else 0.1 * m * np.log(factor) + 1.0
-    return inv, ms(mscale) / ms(mscale_all_dim), ms(mscale_all_dim)
-
 
 def np_rope(x, pos, layout, inv_freqs, mult=1.0):
     """Rotates the whole last axis of x; 'interleaved' pairs (2i, 2i+1), 'half' pairs (i, i+n/2)."""

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.dsa_topk import index_scores
+from numpy_rope import np_yarn
 from sparse_index_jax import IndexerConfig, LightningIndexer, RopeConfig
 
 THETA = 10000.0
@@ -31,20 +32,6 @@ def np_pairs(rope_dim: int, layout: str) -> list[tuple[int, int]]:
     if layout == "interleaved":
         return [(2 * i, 2 * i + 1) for i in range(half)]
     raise ValueError(layout)
-
-
-def np_yarn(rope_dim, theta, factor, orig_max, beta_fast, beta_slow, mscale, mscale_all_dim):
-    """(inverse frequencies, cos/sin multiplier) of HF transformers' YaRN rule, in float64."""
-    def corr(rot):
-        return rope_dim * np.log(orig_max / (rot * 2 * np.pi)) / (2 * np.log(theta))
-    low, high = max(np.floor(corr(beta_fast)), 0), min(np.ceil(corr(beta_slow)), rope_dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(rope_dim // 2) - low) / (high - low), 0, 1)
-    extra = theta ** (-np.arange(0, rope_dim, 2) / rope_dim)
-    inv = extra / factor * ramp + extra * (1 - ramp)
-    ms = lambda m: 1.0 if factor <= 1 else 0.1 * m * np.log(factor) + 1.0
-    return inv, ms(mscale) / ms(mscale_all_dim)
 
 
 def np_rope(x: np.ndarray, pos: np.ndarray, rope_dim: int, layout: str, theta: float = THETA,
@@ -173,7 +160,7 @@ def test_yarn_rope_matches_numpy(layout):
     rope = RopeConfig(theta=THETA, rope_type="yarn", **yarn)
     cfg = make_cfg(rope_layout=layout)
     ix = make_indexer(cfg, rope=rope)
-    inv, mult = np_yarn(cfg.rope_dim, THETA, 4.0, 64, 32.0, 1.0, 1.0, 0.5)
+    inv, mult, _ = np_yarn(cfg.rope_dim, THETA, 4.0, 64, 32.0, 1.0, 1.0, 0.5)
     # This setting really ramps (pairs are neither all interpolated nor all extrapolated) and scales cos/sin.
     plain = THETA ** (-np.arange(0, cfg.rope_dim, 2) / cfg.rope_dim)
     assert np.any(np.isclose(inv, plain)) and np.any(np.isclose(inv, plain / 4)) and abs(mult - 1) > 0.05
