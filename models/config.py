@@ -12,9 +12,7 @@ import json
 import pathlib
 from typing import Any, Mapping
 
-from sparse_index_jax.config import DSAConfig, IndexerConfig, MLAConfig, RopeConfig
-
-INDEXER_ROPE_LAYOUT = {"deepseek_v32": "half", "glm_moe_dsa": "interleaved"}
+from sparse_index_jax.config import INDEXER_ROPE_LAYOUT, DSAConfig, IndexerConfig, MLAConfig, RopeConfig
 
 # Keys this config reads; any other key of config.json is kept in ``extra`` untouched.
 _KNOWN = {

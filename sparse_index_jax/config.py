@@ -13,6 +13,9 @@ from typing import Any, Literal, Mapping
 RopeLayout = Literal["half", "interleaved"]
 SelectorMethod = Literal["dsa", "hisa", "misa", "misa_h"]
 
+# The indexer's RoPE pairing of each supported HF model type.
+INDEXER_ROPE_LAYOUT = {"deepseek_v32": "half", "glm_moe_dsa": "interleaved"}
+
 # Block size each hierarchical selector uses unless told otherwise (HISA paper; MISA public code).
 DEFAULT_BLOCK_SIZE = {"hisa": 128, "misa": 1024, "misa_h": 1024}
 
@@ -183,8 +186,7 @@ class IndexerConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "IndexerConfig":
         """Indexer of a ``deepseek_v32`` or ``glm_moe_dsa`` config: the RoPE layout follows the model type."""
         model_type = cfg.get("model_type", "deepseek_v32")
-        layouts = {"deepseek_v32": "half", "glm_moe_dsa": "interleaved"}
-        if model_type not in layouts and "rope_layout" not in overrides:
+        if model_type not in INDEXER_ROPE_LAYOUT and "rope_layout" not in overrides:
             raise ValueError(f"IndexerConfig.rope_layout: unknown model_type {model_type!r}; pass rope_layout= "
                              f"('half' for DeepSeek-V3.2-style, 'interleaved' for GLM-5-style indexers)")
         q_lora = cfg.get("q_lora_rank")
@@ -195,7 +197,7 @@ class IndexerConfig:
             head_dim=int(cfg.get("index_head_dim", 128)),
             topk=int(cfg.get("index_topk", 2048)),
             rope_dim=int(cfg.get("qk_rope_head_dim", 64)),
-            rope_layout=layouts.get(model_type, "half"),
+            rope_layout=INDEXER_ROPE_LAYOUT.get(model_type, "half"),
         )
         kw.update(overrides)
         return cls(**kw)
