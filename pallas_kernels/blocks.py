@@ -97,17 +97,23 @@ def gathered_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array
 
 
 def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array | None, cand_pos: jax.Array,
-                cand_ok: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
+                cand_ok: jax.Array, topk: int, *, key_offset=0, return_keys: bool = False):
     """Top-k of the flat DSA score over per-query candidates.
 
     q_c [B,c,H,d], w_c [B,c,H], k [B,S,d], k_scale [B,S] or None, cand_pos [B,c,C] int32 in increasing
     order per query, cand_ok [B,c,C] bool (eligible candidates). Returns (positions [B,c,topk] int32
-    with -1 padding, valid). Gathers c*C key rows: memory O(c * C * (d + H)).
+    with -1 padding, valid), and the ranking keys with ``return_keys``. Gathers c*C key rows: memory
+    O(c * C * (d + H)).
+
+    ``k`` may be one shard of the keys, holding positions ``key_offset .. key_offset + len(k)``
+    (context parallelism): candidates outside it are skipped, positions stay global.
     """
-    scores = gathered_scores(q_c, w_c, k, k_scale, cand_pos)
-    idx, valid = top_k_by_key(ranking_keys(scores, cand_ok), topk)
-    positions = jnp.take_along_axis(cand_pos, jnp.maximum(idx, 0), axis=-1)
-    return jnp.where(valid, positions, -1), valid
+    local = cand_pos - key_offset
+    in_shard = (local >= 0) & (local < k.shape[1])
+    scores = gathered_scores(q_c, w_c, k, k_scale, jnp.where(in_shard, local, -1))
+    idx, valid, keys = top_k_by_key(ranking_keys(scores, cand_ok & in_shard), topk, return_keys=True)
+    positions = jnp.where(valid, jnp.take_along_axis(cand_pos, jnp.maximum(idx, 0), axis=-1), -1)
+    return (positions, valid, keys) if return_keys else (positions, valid)
 
 
 def check_block_sums(op: str, block_sums, k: jax.Array, block_size: int) -> None:

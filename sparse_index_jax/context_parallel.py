@@ -19,23 +19,36 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pallas_kernels.blocks import pool_block_sums
 from pallas_kernels.common import check_indexer_inputs, check_positive_int, top_k_by_key
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference
+from pallas_kernels.hisa_topk import hisa_options
+from pallas_kernels.hisa_topk.reference import hisa_topk_reference
+from pallas_kernels.misa_topk import misa_options
+from pallas_kernels.misa_topk.reference import misa_topk_reference
 from sparse_index_jax.selection import Selection
+
+METHODS = ("dsa", "hisa", "misa", "misa_h")
 
 
 def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, mesh: Mesh,
-                                 axis: str = "context", q_positions: jax.Array | None = None,
+                                 method: str = "dsa", axis: str = "context", q_positions: jax.Array | None = None,
                                  kv_lengths: jax.Array | None = None, k_scale: jax.Array | None = None,
-                                 query_chunk: int = 256, key_chunk: int = 1024) -> Selection:
-    """``select_topk(method="dsa")`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result.
+                                 **options) -> Selection:
+    """``select_topk`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result, index for index.
 
-    S and T must divide evenly over the axis. Queries, head weights, positions and lengths are
-    replicated over ``axis``; the returned Selection is sharded along T. ``key_chunk`` should divide
-    S / n so each device scores exactly the key blocks a single device would (bit-identical scores).
+    S and T must divide evenly over the axis (for hisa / misa / misa_h, each shard must also hold whole
+    blocks). Queries, head weights, positions and lengths are replicated over ``axis``; the returned
+    Selection is sharded along T. ``options`` are the method's (see ``select_topk``); dsa's
+    ``key_chunk`` should divide S / n so each device scores exactly the key blocks a single device would.
+
+    hisa / misa / misa_h: each shard pools its keys into block sums and an all-gather hands every shard
+    all of them (M * d floats per row: tiny), so block choice and routing are the same everywhere; MISA's
+    own-block partial mean is completed by a psum; MISA-H all-gathers its first-pass candidates.
     """
     op = "select_topk_context_parallel"
-    topk = check_positive_int(op, "topk", topk)
+    if method not in METHODS:
+        raise ValueError(f"{op}: unknown method {method!r}; available: {METHODS}")
     q_positions, kv_lengths = check_indexer_inputs(op, q, k, w, k_scale, q_positions, kv_lengths)
     if axis not in mesh.shape:
         raise ValueError(f"{op}: mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
@@ -45,19 +58,46 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
         raise ValueError(f"{op}: S={S} keys and T={q.shape[1]} queries must split evenly over the {n} devices of "
                          f"axis {axis!r}; pad them (padded queries at position -1 select nothing)")
     local_len = S // n
+    if method == "dsa":
+        unknown = set(options) - {"query_chunk", "key_chunk"}
+        if unknown:
+            raise TypeError(f"{op}: method 'dsa' takes no option(s) {sorted(unknown)}")
+        opts = dict(topk=check_positive_int(op, "topk", topk),
+                    query_chunk=check_positive_int(op, "query_chunk", options.get("query_chunk", 256)),
+                    key_chunk=min(check_positive_int(op, "key_chunk", options.get("key_chunk", 1024)), local_len))
+    elif method == "hisa":
+        opts = hisa_options(topk, **options)
+    else:
+        if method == "misa_h":
+            options.setdefault("candidates", 4 * topk)
+        elif "candidates" in options:
+            raise TypeError(f"{op}: method 'misa' takes no option 'candidates' (that is misa_h)")
+        opts = misa_options(topk, q.shape[2], **options)
+    if method != "dsa" and local_len % opts["block_size"]:
+        raise ValueError(f"{op}: each shard's {local_len} keys must hold whole blocks of {opts['block_size']}")
     if k_scale is None:
         k_scale = jnp.ones(k.shape[:2], jnp.float32)
 
     def shard(q, k, w, k_scale, q_positions, kv_lengths):
         offset = jax.lax.axis_index(axis) * local_len
-        idx, valid, keys = dsa_topk_reference(
-            q, k, w, k_scale, q_positions - offset, jnp.clip(kv_lengths - offset, 0, local_len),
-            topk=topk, query_chunk=query_chunk, key_chunk=min(key_chunk, local_len), return_keys=True)
-        idx = jnp.where(valid, idx + offset, -1)
+        if method == "dsa":
+            idx, valid, keys = dsa_topk_reference(q, k, w, k_scale, q_positions - offset,
+                                                  jnp.clip(kv_lengths - offset, 0, local_len), return_keys=True,
+                                                  **opts)
+            idx = jnp.where(valid, idx + offset, -1)
+        else:
+            local_sums = pool_block_sums(k, k_scale, jnp.clip(kv_lengths - offset, 0, local_len), opts["block_size"])
+            sums = jax.lax.all_gather(local_sums, axis, axis=1, tiled=True)  # [B, S / block, d], block order
+            if method == "hisa":
+                idx, valid, keys = hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, sums,
+                                                       key_offset=offset, return_keys=True, **opts)
+            else:
+                idx, valid, keys = misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, sums,
+                                                       key_offset=offset, axis_name=axis, return_keys=True, **opts)
         # device j receives rows j*T/n .. of every shard's list: [B, T / n, n * topk], in shard order
         keys = jax.lax.all_to_all(keys, axis, split_axis=1, concat_axis=2, tiled=True)
         idx = jax.lax.all_to_all(idx, axis, split_axis=1, concat_axis=2, tiled=True)
-        slot, ok = top_k_by_key(keys, topk)
+        slot, ok = top_k_by_key(keys, opts["topk"])
         return jnp.where(ok, jnp.take_along_axis(idx, jnp.maximum(slot, 0), axis=-1), -1), ok
 
     run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P(None, axis), P(), P()),

@@ -19,8 +19,12 @@ from sparse_index_jax.sharding import make_mesh  # noqa: E402
 
 
 def check_context_parallel_selection():
+    """Every method, sharded keys vs one device: same indices, same validity, ragged lengths and positions."""
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
+    methods = {"dsa": {"key_chunk": 8}, "hisa": {"block_size": 4, "num_blocks": 4},
+               "misa": {"block_size": 4, "active_heads": 2}, "misa_h": {"block_size": 4, "active_heads": 1,
+                                                                         "candidates": 20}}
     for mesh in (make_mesh(context=8), make_mesh(data=2, context=4)):
         for integer in (True, False):
             B, T, S, H, d, topk = 2, 40, 64, 3, 8, 12
@@ -29,17 +33,22 @@ def check_context_parallel_selection():
             q, k, w = draw(B, T, H, d), draw(B, S, d), draw(B, T, H)
             kv = np.array([64, 37], np.int32)
             pos = rng.integers(-1, 70, (B, T)).astype(np.int32)
-            ref = select_topk(q, k, w, topk=topk, q_positions=pos, kv_lengths=kv, key_chunk=8)
-            got = select_topk_context_parallel(q, k, w, topk=topk, mesh=mesh, q_positions=pos, kv_lengths=kv,
-                                               key_chunk=8)
-            np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
-            np.testing.assert_array_equal(np.asarray(got.valid), np.asarray(ref.valid))
-    try:
-        select_topk_context_parallel(q, k[:, :60], w, topk=4, mesh=make_mesh(context=8))
-    except ValueError as err:
-        assert "must split evenly" in str(err)
-    else:
-        raise AssertionError("uneven key shards must be refused")
+            for method, opts in methods.items():
+                ref = select_topk(q, k, w, topk=topk, method=method, q_positions=pos, kv_lengths=kv, **opts)
+                got = select_topk_context_parallel(q, k, w, topk=topk, method=method, mesh=mesh, q_positions=pos,
+                                                   kv_lengths=kv, **opts)
+                np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices),
+                                              err_msg=f"{method} {mesh.shape} integer={integer}")
+                np.testing.assert_array_equal(np.asarray(got.valid), np.asarray(ref.valid))
+    for bad, message in (({"k": k[:, :60]}, "must split evenly"),
+                         ({"method": "hisa", "block_size": 16}, "whole blocks of 16")):
+        args = {"q": q, "k": k, "w": w, "topk": 4, "mesh": make_mesh(context=8), **bad}
+        try:
+            select_topk_context_parallel(**args)
+        except ValueError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError(f"{bad} must be refused")
 
 
 def check_sharded_model_forward():

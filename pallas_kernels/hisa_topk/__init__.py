@@ -11,7 +11,7 @@ from pallas_kernels.blocks import check_block_sums, pool_block_sums
 from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
 
-__all__ = ["hisa_topk", "backend_for", "hisa_topk_reference"]
+__all__ = ["hisa_topk", "hisa_options", "backend_for", "hisa_topk_reference"]
 
 _OP = "hisa_topk"
 _IMPLEMENTATIONS = {"xla": hisa_topk_reference}
@@ -22,15 +22,8 @@ def backend_for(implementation: str = "auto") -> Backend:
     return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
 
 
-def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, block_size: int = 128, num_blocks: int = 64,
-              k_scale: jax.Array | None = None, q_positions: jax.Array | None = None,
-              kv_lengths: jax.Array | None = None, block_sums: jax.Array | None = None,
-              implementation: str = "auto", query_chunk: int = 32) -> tuple[jax.Array, jax.Array]:
-    """HISA top-k; see ``sparse_index_jax.select_topk`` for the contract and ``reference.py`` for the algorithm.
-
-    ``block_sums`` [B, ceil(S/block_size), d] float32: pooled key sums kept by a decode cache; computed
-    from ``k`` when omitted.
-    """
+def hisa_options(topk: int, block_size: int = 128, num_blocks: int = 64, query_chunk: int = 32) -> dict:
+    """Validated HISA options (shared by the single-device and context-parallel paths)."""
     topk = check_positive_int(_OP, "topk", topk)
     block_size = check_positive_int(_OP, "block_size", block_size)
     num_blocks = check_positive_int(_OP, "num_blocks", num_blocks)
@@ -43,10 +36,22 @@ def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, block_size
             f"{_OP}: (num_blocks - 1) * block_size = {(num_blocks - 1) * block_size} < topk={topk}. The query's own "
             f"block may hold a single eligible token, so only the other num_blocks - 1 full blocks guarantee topk "
             f"candidates; raise num_blocks or block_size")
+    return dict(topk=topk, block_size=block_size, num_blocks=num_blocks, query_chunk=query_chunk)
+
+
+def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, block_size: int = 128, num_blocks: int = 64,
+              k_scale: jax.Array | None = None, q_positions: jax.Array | None = None,
+              kv_lengths: jax.Array | None = None, block_sums: jax.Array | None = None,
+              implementation: str = "auto", query_chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+    """HISA top-k; see ``sparse_index_jax.select_topk`` for the contract and ``reference.py`` for the algorithm.
+
+    ``block_sums`` [B, ceil(S/block_size), d] float32: pooled key sums kept by a decode cache; computed
+    from ``k`` when omitted.
+    """
+    options = hisa_options(topk, block_size, num_blocks, query_chunk)
     q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
     if block_sums is None:
-        block_sums = pool_block_sums(k, k_scale, kv_lengths, block_size)
-    check_block_sums(_OP, block_sums, k, block_size)
+        block_sums = pool_block_sums(k, k_scale, kv_lengths, options["block_size"])
+    check_block_sums(_OP, block_sums, k, options["block_size"])
     run = _IMPLEMENTATIONS[backend_for(implementation).name]
-    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
-               num_blocks=num_blocks, query_chunk=query_chunk)
+    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, **options)

@@ -27,9 +27,12 @@ from pallas_kernels.blocks import block_means, head_block_logits, last_eligible,
 from pallas_kernels.common import map_query_chunks, ranking_keys, top_k_by_key
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "query_chunk"))
+@functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "query_chunk", "return_keys"))
 def hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                        num_blocks: int, query_chunk: int) -> tuple[jax.Array, jax.Array]:
+                        num_blocks: int, query_chunk: int, key_offset=0, return_keys: bool = False):
+    """(indices, valid[, ranking keys]). ``block_sums``, positions and lengths are global; ``k`` may be the
+    shard of keys starting at ``key_offset`` (context parallelism: the block choice is the same on every
+    shard, each refines the kept tokens it holds)."""
     B, T, H, d = q.shape
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
@@ -50,6 +53,7 @@ def hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *
         kept_ok = kept < M
         cand_pos = (jnp.minimum(kept, M - 1)[..., None] * block_size + offsets).reshape(B, -1, m * block_size)
         cand_ok = (jnp.repeat(kept_ok, block_size, axis=-1) & (cand_pos <= last[..., None]))
-        return refine_topk(q_c, w_c, k, k_scale, cand_pos, cand_ok, topk)
+        return refine_topk(q_c, w_c, k, k_scale, cand_pos, cand_ok, topk, key_offset=key_offset,
+                           return_keys=return_keys)
 
     return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))

@@ -11,7 +11,7 @@ from pallas_kernels.blocks import check_block_sums, pool_block_sums
 from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
 from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
 
-__all__ = ["misa_topk", "backend_for", "misa_topk_reference", "route_heads"]
+__all__ = ["misa_topk", "misa_options", "backend_for", "misa_topk_reference", "route_heads"]
 
 _OP = "misa_topk"
 _IMPLEMENTATIONS = {"xla": misa_topk_reference}
@@ -20,6 +20,25 @@ _IMPLEMENTATIONS = {"xla": misa_topk_reference}
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
     return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+
+
+def misa_options(topk: int, num_heads: int, active_heads: int = 8, block_size: int = 1024,
+                 candidates: int | None = None, query_chunk: int = 64, key_chunk: int = 1024) -> dict:
+    """Validated MISA / MISA-H options (shared by the single-device and context-parallel paths)."""
+    topk = check_positive_int(_OP, "topk", topk)
+    active_heads = check_positive_int(_OP, "active_heads", active_heads)
+    block_size = check_positive_int(_OP, "block_size", block_size)
+    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
+    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
+    if active_heads > num_heads:
+        raise ValueError(f"{_OP}: active_heads={active_heads} exceeds the {num_heads} indexer heads of q")
+    if candidates is not None:
+        candidates = check_positive_int(_OP, "candidates", candidates)
+        if candidates < topk:
+            raise ValueError(f"{_OP}: candidates={candidates} must be >= topk={topk} (MISA-H re-ranks them to "
+                             f"keep topk); the usual choice is 4 * topk")
+    return dict(topk=topk, block_size=block_size, active_heads=active_heads, candidates=candidates,
+                query_chunk=query_chunk, key_chunk=key_chunk)
 
 
 def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, active_heads: int = 8,
@@ -31,23 +50,10 @@ def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, active_hea
 
     See ``sparse_index_jax.select_topk`` for the contract and ``reference.py`` for the algorithm.
     """
-    topk = check_positive_int(_OP, "topk", topk)
-    active_heads = check_positive_int(_OP, "active_heads", active_heads)
-    block_size = check_positive_int(_OP, "block_size", block_size)
-    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
-    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
     q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
-    H = q.shape[2]
-    if active_heads > H:
-        raise ValueError(f"{_OP}: active_heads={active_heads} exceeds the {H} indexer heads of q {q.shape}")
-    if candidates is not None:
-        candidates = check_positive_int(_OP, "candidates", candidates)
-        if candidates < topk:
-            raise ValueError(f"{_OP}: candidates={candidates} must be >= topk={topk} (MISA-H re-ranks them to "
-                             f"keep topk); the usual choice is 4 * topk")
+    options = misa_options(topk, q.shape[2], active_heads, block_size, candidates, query_chunk, key_chunk)
     if block_sums is None:
-        block_sums = pool_block_sums(k, k_scale, kv_lengths, block_size)
-    check_block_sums(_OP, block_sums, k, block_size)
+        block_sums = pool_block_sums(k, k_scale, kv_lengths, options["block_size"])
+    check_block_sums(_OP, block_sums, k, options["block_size"])
     run = _IMPLEMENTATIONS[backend_for(implementation).name]
-    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
-               active_heads=active_heads, candidates=candidates, query_chunk=query_chunk, key_chunk=key_chunk)
+    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, **options)

@@ -27,9 +27,13 @@ from pallas_kernels.dsa_topk.reference import dsa_topk_reference
 
 
 def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_size: int, active_heads: int,
-                query_chunk: int) -> jax.Array:
-    """[B, T, active_heads] int32 routed head ids per query, in increasing order."""
-    B, T, H, d = q.shape
+                query_chunk: int, key_offset=0, axis_name: str | None = None) -> jax.Array:
+    """[B, T, active_heads] int32 routed head ids per query, in increasing order.
+
+    Context parallelism: ``k`` holds the keys from ``key_offset`` on, ``block_sums`` / positions / lengths
+    are global, and the own block's partial sum is completed with a ``psum`` over ``axis_name`` (one
+    shard holds the whole block, the others add exact zeros, so every shard routes identically).
+    """
     S = k.shape[1]
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
@@ -44,11 +48,15 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
         # The own block's causal partial mean: keys own*B .. last, gathered per query.
         own_pos = jnp.maximum(own, 0)[..., None] * block_size + offsets  # [B, c, B]
         mask = own_pos <= last[..., None]
-        own_pos = jnp.minimum(own_pos, S - 1)
-        rows = jax.vmap(lambda kb, p: kb[p])(k, own_pos)  # gather first: never a dequantised copy of all keys
-        rows = dequantized(rows, None if k_scale is None else jax.vmap(lambda s, p: s[p])(k_scale, own_pos))
-        partial = jnp.sum(jnp.where(mask[..., None], rows, 0.0), axis=2) / jnp.maximum(
-            jnp.sum(mask, axis=-1), 1)[..., None]
+        local = own_pos - key_offset
+        here = mask & (local >= 0) & (local < S)
+        local = jnp.clip(local, 0, S - 1)
+        rows = jax.vmap(lambda kb, p: kb[p])(k, local)  # gather first: never a dequantised copy of all keys
+        rows = dequantized(rows, None if k_scale is None else jax.vmap(lambda s, p: s[p])(k_scale, local))
+        partial = jnp.sum(jnp.where(here[..., None], rows, 0.0), axis=2)
+        if axis_name is not None:
+            partial = jax.lax.psum(partial, axis_name)
+        partial = partial / jnp.maximum(jnp.sum(mask, axis=-1), 1)[..., None]
         own_logit = jax.nn.relu(jnp.einsum("bchd,bcd->bch", q_c.astype(jnp.float32), partial))
         energy = (energy + jnp.where((last >= 0)[..., None], own_logit, 0.0)) * jnp.abs(w_c.astype(jnp.float32))
         heads, _ = top_k_by_key(ranking_keys(energy, jnp.ones_like(energy, bool)), active_heads)
@@ -58,28 +66,40 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
-                                             "key_chunk"))
+                                             "key_chunk", "axis_name", "return_keys"))
 def misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                        active_heads: int, candidates: int | None, query_chunk: int,
-                        key_chunk: int) -> tuple[jax.Array, jax.Array]:
-    """MISA (``candidates=None``) or MISA-H: (indices [B,T,topk] int32 -1 padded, valid)."""
+                        active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
+                        key_offset=0, axis_name: str | None = None, return_keys: bool = False):
+    """MISA (``candidates=None``) or MISA-H: (indices [B,T,topk] int32 -1 padded, valid[, ranking keys]).
+
+    With ``axis_name`` (inside ``shard_map``), ``k`` is the shard of keys starting at ``key_offset``; the
+    result is this shard's part, to be merged by the caller (``sparse_index_jax.context_parallel``).
+    """
+    S = k.shape[1]
     heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
-                        active_heads=active_heads, query_chunk=query_chunk)
+                        active_heads=active_heads, query_chunk=query_chunk, key_offset=key_offset,
+                        axis_name=axis_name)
     q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
     w_routed = jnp.take_along_axis(w, heads, axis=2)
-    first = dsa_topk_reference(q_routed, k, w_routed, k_scale, q_positions, kv_lengths,
-                               topk=topk if candidates is None else candidates, query_chunk=query_chunk,
-                               key_chunk=key_chunk)
+    idx, valid, keys = dsa_topk_reference(q_routed, k, w_routed, k_scale, q_positions - key_offset,
+                                          jnp.clip(kv_lengths - key_offset, 0, S),
+                                          topk=topk if candidates is None else candidates,
+                                          query_chunk=query_chunk, key_chunk=key_chunk, return_keys=True)
+    idx = jnp.where(valid, idx + key_offset, -1)
     if candidates is None:
-        return first
-    S = k.shape[1]
-    cand, cand_ok = first
+        return (idx, valid, keys) if return_keys else (idx, valid)
+    if axis_name is not None:  # every shard re-ranks the globally best candidates it holds
+        keys = jax.lax.all_gather(keys, axis_name, axis=2, tiled=True)
+        idx = jax.lax.all_gather(idx, axis_name, axis=2, tiled=True)
+        slot, valid = top_k_by_key(keys, candidates)
+        idx = jnp.where(valid, jnp.take_along_axis(idx, jnp.maximum(slot, 0), axis=-1), -1)
     # Increasing position order for the re-rank, so ties go to the lower position.
-    cand = jnp.sort(jnp.where(cand_ok, cand, S), axis=-1)
-    cand_ok = cand < S
+    big = jnp.iinfo(jnp.int32).max
+    cand = jnp.sort(jnp.where(valid, idx, big), axis=-1)
+    cand_ok = cand < big
     cand = jnp.where(cand_ok, cand, -1)
 
     def rerank(q_c, w_c, cand_c, ok_c):
-        return refine_topk(q_c, w_c, k, k_scale, cand_c, ok_c, topk)
+        return refine_topk(q_c, w_c, k, k_scale, cand_c, ok_c, topk, key_offset=key_offset, return_keys=return_keys)
 
     return map_query_chunks(rerank, query_chunk, (q, 0), (w, 0), (cand, -1), (cand_ok, False))
