@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.blocks import pool_block_sums
-from pallas_kernels.common import check_indexer_inputs, check_positive_int, top_k_by_key
+from pallas_kernels.common import check_indexer_inputs, check_positive_int, map_query_chunks, top_k_by_key
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference
 from pallas_kernels.hisa_topk import hisa_options
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
@@ -104,3 +104,45 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
                         out_specs=(P(None, axis), P(None, axis)), check_vma=False)
     indices, valid = run(q, k, w, k_scale, q_positions, kv_lengths)
     return Selection(indices, valid)
+
+
+def sparse_mla_context_parallel(q: jax.Array, kv: jax.Array, selection: Selection, *, scale: float, v_dim: int,
+                                mesh: Mesh, axis: str = "context", query_chunk: int = 64) -> jax.Array:
+    """``pallas_kernels.sparse_mla`` with the cache rows kv [B,S,Dk] sharded over ``axis``.
+
+    Each device attends its queries' selected rows that it holds, and the shards' partial softmaxes are
+    combined exactly: the row maximum by ``pmax``, then the exponential sums and the weighted values by
+    ``psum`` (flash-decoding style). Equal to the single-device result up to float summation order.
+    Queries and the selection are replicated over ``axis``; so is the output [B,T,Hq,v_dim].
+    Communication per layer and device: two all-reduces of [B,T,Hq] floats and one of [B,T,Hq,v_dim].
+    """
+    op = "sparse_mla_context_parallel"
+    n = mesh.shape[axis]
+    S = kv.shape[1]
+    if S % n:
+        raise ValueError(f"{op}: S={S} cache rows do not split evenly over the {n} devices of axis {axis!r}")
+    local_len = S // n
+    query_chunk = check_positive_int(op, "query_chunk", query_chunk)
+
+    def shard(q, kv, indices, valid):
+        offset = jax.lax.axis_index(axis) * local_len
+
+        def one_chunk(q_c, idx_c, ok_c):
+            local = idx_c - offset
+            here = ok_c & (local >= 0) & (local < local_len)
+            rows = jax.vmap(lambda rows, i: rows[i])(kv, jnp.clip(local, 0, local_len - 1)).astype(q.dtype)
+            logits = jnp.einsum("bthd,btkd->bthk", q_c, rows, preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(here[:, :, None, :], logits, -jnp.inf)
+            row_max = jax.lax.pmax(jnp.max(logits, axis=-1, keepdims=True), axis)
+            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+            p = jnp.exp(logits - row_max)
+            denom = jax.lax.psum(jnp.sum(p, axis=-1, keepdims=True), axis)
+            out = jax.lax.psum(jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
+                                          preferred_element_type=jnp.float32), axis)
+            return out / jnp.where(denom > 0, denom, 1.0)
+
+        return map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False)).astype(q.dtype)
+
+    run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P()), out_specs=P(),
+                        check_vma=False)
+    return run(q, kv, selection.indices, selection.valid)
