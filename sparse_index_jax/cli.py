@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser(
         "search", help="IndexCache: find which layers may reuse an earlier layer's top-k (training-free)",
-        description="Greedy IndexCache pattern search: start with every layer running its own indexer (F), "
-                    "repeatedly flip to S (reuse the nearest earlier F layer's selection) the layer whose flip "
+        description="Greedy IndexCache pattern search: start from the checkpoint's pattern (every layer runs its "
+                    "own indexer, F, unless it is an IndexShare checkpoint), repeatedly flip to S (reuse the nearest earlier F layer's selection) the layer whose flip "
                     "raises the LM loss on fixed held-out calibration batches least, until --keep of the layers "
                     "remain F. Resumable (OUT/search_state.json); writes OUT/search.json and OUT/search.png.")
     _model_data_args(search)
