@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import matmul_dtype, ranking_keys, top_k_by_key
+from pallas_kernels.common import matmul_dtype, ranking_keys, to_shard, top_k_by_key
 
 
 def num_blocks_for(S: int, block_size: int) -> int:
@@ -108,9 +108,8 @@ def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array
     ``k`` may be one shard of the keys, holding positions ``key_offset .. key_offset + len(k)``
     (context parallelism): candidates outside it are skipped, positions stay global.
     """
-    local = cand_pos - key_offset
-    in_shard = (local >= 0) & (local < k.shape[1])
-    scores = gathered_scores(q_c, w_c, k, k_scale, jnp.where(in_shard, local, -1))
+    local, in_shard = to_shard(cand_pos, key_offset, k.shape[1])
+    scores = gathered_scores(q_c, w_c, k, k_scale, local)
     idx, valid, keys = top_k_by_key(ranking_keys(scores, cand_ok & in_shard), topk, return_keys=True)
     positions = jnp.where(valid, jnp.take_along_axis(cand_pos, jnp.maximum(idx, 0), axis=-1), -1)
     return (positions, valid, keys) if return_keys else (positions, valid)

@@ -32,6 +32,13 @@ def matmul_dtype(*xs) -> jnp.dtype:
     return functools.reduce(jnp.promote_types, dtypes)
 
 
+def to_shard(positions: jax.Array, key_offset, shard_len: int) -> tuple[jax.Array, jax.Array]:
+    """Global key positions -> (positions inside a shard holding ``key_offset .. key_offset + shard_len``,
+    clipped into it so gathers stay in bounds; whether each position really lies in the shard)."""
+    local = positions - key_offset
+    return jnp.clip(local, 0, shard_len - 1), (local >= 0) & (local < shard_len)
+
+
 def ranking_keys(scores: jax.Array, eligible: jax.Array) -> jax.Array:
     """int32 keys ordered like ``scores`` (float32); ineligible entries get ``INELIGIBLE_KEY``."""
     s = scores.astype(jnp.float32)

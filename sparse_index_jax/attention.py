@@ -145,6 +145,10 @@ class DSAAttention(nnx.Module):
         decode). Causality always follows where a token sits among the keys (its slot); ``positions``
         [B, T] only sets the RoPE positions (default: the slots). ``selection`` is required on layers
         without an indexer and overrides the layer's own indexer otherwise.
+
+        ``capture`` also returns the head-averaged attention probabilities of each selection slot and the
+        indexer's activations, computed even under a handed selection and from DETACHED inputs (the
+        indexer learns only from its distillation loss, never from the language-model loss).
         """
         m = self.cfg.mla
         B, T, hidden = x.shape
@@ -173,10 +177,10 @@ class DSAAttention(nnx.Module):
 
         # The indexer runs when it selects, and also under a handed selection when a cache must keep its keys.
         needs_keys = self.indexer is not None and (selection is None or cache is not None or capture)
-        if capture:
-            act = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr), positions) if needs_keys else None
-        else:
-            act = self.indexer(x, qr, positions) if needs_keys else None
+        act = None
+        if needs_keys:  # detached under capture: the indexer learns only from its distillation loss
+            detach = jax.lax.stop_gradient if capture else (lambda a: a)
+            act = self.indexer(detach(x), detach(qr), positions)
         options = self.cfg.indexer.selector_options() if self.indexer is not None else {}
         if cache is None:
             all_rows, kv_lengths = rows, None

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.blocks import pool_block_sums
-from pallas_kernels.common import check_indexer_inputs, check_positive_int, map_query_chunks, top_k_by_key
+from pallas_kernels.common import check_indexer_inputs, check_positive_int, map_query_chunks, to_shard, top_k_by_key
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference
 from pallas_kernels.hisa_topk import hisa_options
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
-from pallas_kernels.misa_topk import misa_options
+from pallas_kernels.misa_topk import default_candidates, misa_options
 from pallas_kernels.misa_topk.reference import misa_topk_reference
+from pallas_kernels.sparse_mla.reference import attend, gather_rows
 from sparse_index_jax.selection import Selection
 
 METHODS = ("dsa", "hisa", "misa", "misa_h")
@@ -69,7 +70,7 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
         opts = hisa_options(topk, **options)
     else:
         if method == "misa_h":
-            options.setdefault("candidates", 4 * topk)
+            options.setdefault("candidates", default_candidates(topk))
         elif "candidates" in options:
             raise TypeError(f"{op}: method 'misa' takes no option 'candidates' (that is misa_h)")
         opts = misa_options(topk, q.shape[2], **options)
@@ -128,18 +129,9 @@ def sparse_mla_context_parallel(q: jax.Array, kv: jax.Array, selection: Selectio
         offset = jax.lax.axis_index(axis) * local_len
 
         def one_chunk(q_c, idx_c, ok_c):
-            local = idx_c - offset
-            here = ok_c & (local >= 0) & (local < local_len)
-            rows = jax.vmap(lambda rows, i: rows[i])(kv, jnp.clip(local, 0, local_len - 1)).astype(q.dtype)
-            logits = jnp.einsum("bthd,btkd->bthk", q_c, rows, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(here[:, :, None, :], logits, -jnp.inf)
-            row_max = jax.lax.pmax(jnp.max(logits, axis=-1, keepdims=True), axis)
-            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-            p = jnp.exp(logits - row_max)
-            denom = jax.lax.psum(jnp.sum(p, axis=-1, keepdims=True), axis)
-            out = jax.lax.psum(jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
-                                          preferred_element_type=jnp.float32), axis)
-            return out / jnp.where(denom > 0, denom, 1.0)
+            local, in_shard = to_shard(idx_c, offset, local_len)
+            rows = gather_rows(kv, local).astype(q.dtype)
+            return attend(q_c, rows, ok_c & in_shard, scale=scale, v_dim=v_dim, axis_name=axis)
 
         return map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False)).astype(q.dtype)
 

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 
 from pallas_kernels.dsa_topk import dsa_topk
 from pallas_kernels.hisa_topk import hisa_topk
-from pallas_kernels.misa_topk import misa_topk
+from pallas_kernels.misa_topk import default_candidates, misa_topk
 
 
 def _misa_h(q, k, w, *, topk, candidates=None, **options):
-    return misa_topk(q, k, w, topk=topk, candidates=4 * topk if candidates is None else candidates, **options)
+    return misa_topk(q, k, w, topk=topk, candidates=default_candidates(topk) if candidates is None else candidates,
+                     **options)
 
 
 def _misa(q, k, w, **options):

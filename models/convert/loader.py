@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.convert.safetensors_reader import CheckpointError, CheckpointReader
+from models.convert.safetensors_reader import CheckpointError, CheckpointReader, scale_name_of
 from models.modeling import DSAForCausalLM
 
 ORBAX_MARKER = "sparse_index_jax.json"
@@ -63,8 +63,7 @@ def _read(reader: CheckpointReader, name: str, kind: str, cfg: ModelConfig) -> t
         names = [name]
         value = reader.get_dequantized(name, block)
         value = value.T if kind == "t" else value
-    used = names + [n.removesuffix(".weight") + ".weight_scale_inv" for n in names
-                    if n.removesuffix(".weight") + ".weight_scale_inv" in reader]
+    used = names + [scale_name_of(n) for n in names if scale_name_of(n) in reader]
     return value, used
 
 
@@ -107,14 +106,15 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
             shown = name.format(e=0) if kind == "experts" else name
             raise CheckpointError(f"{reader.file_of(shown)}: tensor {name!r} has shape {value.shape} after conversion, "
                                   f"the model expects {expected} (parameter {'.'.join(map(str, param_path))})")
-        dtype = var.get_value().dtype
+        param_dtype = var.get_value().dtype  # float32 for the indexer head weights and router, else dtype
         if sharding is None:
-            array = jnp.asarray(value, dtype)
+            array = jnp.asarray(value, param_dtype)
         else:  # each device (each host, on multi-host) receives only its own shard
             array = jax.make_array_from_callback(expected, sharding(param_path, expected),
-                                                 lambda index, value=value: value[index].astype(dtype))
+                                                 lambda index, value=value: value[index].astype(param_dtype))
         leaves.append((param_path, var.replace(array)))
         used.update(names)
+
     def skipped(name: str) -> bool:  # the MTP layer, and indexers of layers the pattern made S
         m = _LAYER.match(name)
         return bool(m) and (int(m.group(1)) >= cfg.num_hidden_layers

@@ -24,6 +24,11 @@ DTYPES = {
 _MAX_HEADER = 256 * 1024 * 1024
 
 
+def scale_name_of(weight_name: str) -> str:
+    """The block-scale tensor stored next to an FP8 weight."""
+    return weight_name.removesuffix(".weight") + ".weight_scale_inv"
+
+
 class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, malformed or does not fit the model."""
 
@@ -139,7 +144,7 @@ class CheckpointReader:
             if not np.issubdtype(value.dtype, np.floating) and value.dtype != DTYPES["BF16"]:
                 raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} is {value.dtype}, expected a float")
             return np.asarray(value, np.float32)
-        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+        scale_name = scale_name_of(name)
         if scale_name not in self:
             raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} has no {scale_name!r}")
         if block_size is None:

@@ -11,7 +11,7 @@ from pallas_kernels.blocks import check_block_sums, pool_block_sums
 from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
 from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
 
-__all__ = ["misa_topk", "misa_options", "backend_for", "misa_topk_reference", "route_heads"]
+__all__ = ["misa_topk", "misa_options", "default_candidates", "backend_for", "misa_topk_reference", "route_heads"]
 
 _OP = "misa_topk"
 _IMPLEMENTATIONS = {"xla": misa_topk_reference}
@@ -20,6 +20,11 @@ _IMPLEMENTATIONS = {"xla": misa_topk_reference}
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
     return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+
+
+def default_candidates(topk: int) -> int:
+    """MISA-H's routed pass keeps 4 * topk candidates unless told otherwise (the paper's setting)."""
+    return 4 * topk
 
 
 def misa_options(topk: int, num_heads: int, active_heads: int = 8, block_size: int = 1024,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.blocks import block_means, dequantized, head_block_logits, last_eligible, refine_topk
-from pallas_kernels.common import map_query_chunks, ranking_keys, top_k_by_key
+from pallas_kernels.common import map_query_chunks, ranking_keys, to_shard, top_k_by_key
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference
 
 
@@ -48,9 +48,8 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
         # The own block's causal partial mean: keys own*B .. last, gathered per query.
         own_pos = jnp.maximum(own, 0)[..., None] * block_size + offsets  # [B, c, B]
         mask = own_pos <= last[..., None]
-        local = own_pos - key_offset
-        here = mask & (local >= 0) & (local < S)
-        local = jnp.clip(local, 0, S - 1)
+        local, in_shard = to_shard(own_pos, key_offset, S)
+        here = mask & in_shard
         rows = jax.vmap(lambda kb, p: kb[p])(k, local)  # gather first: never a dequantised copy of all keys
         rows = dequantized(rows, None if k_scale is None else jax.vmap(lambda s, p: s[p])(k_scale, local))
         partial = jnp.sum(jnp.where(here[..., None], rows, 0.0), axis=2)

@@ -27,19 +27,23 @@ def gather_rows(kv: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
-           return_probs: bool = False):
+           return_probs: bool = False, axis_name: str | None = None):
     """Softmax attention of q [B,T,H,D] over its own rows [B,T,k,D] where valid [B,T,k]; float32 out.
 
     With ``return_probs`` also the attention probabilities averaged over heads, [B,T,k] float32.
+    With ``axis_name`` (inside ``shard_map``) each device holds part of every query's rows and the
+    partial softmaxes are combined exactly: the row maximum by ``pmax``, sums and values by ``psum``.
     """
+    reduce_max, reduce_sum = ((lambda x: jax.lax.pmax(x, axis_name), lambda x: jax.lax.psum(x, axis_name))
+                              if axis_name is not None else (lambda x: x, lambda x: x))
     logits = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = reduce_max(jnp.max(logits, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # all-padding rows: no NaN
     p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
-                     preferred_element_type=jnp.float32)
+    denom = reduce_sum(jnp.sum(p, axis=-1, keepdims=True))
+    out = reduce_sum(jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
+                                preferred_element_type=jnp.float32))
     safe_denom = jnp.where(denom > 0, denom, 1.0)
     if return_probs:
         return out / safe_denom, jnp.mean(p / safe_denom, axis=2)

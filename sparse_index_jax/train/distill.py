@@ -185,15 +185,14 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         bar = tqdm(total=cfg.total_steps, initial=step, desc="distill", unit="step", file=sys.stderr)
     history = []
     done_here = 0
+    # host batch -> its devices in one transfer (split over the data axis when there are several)
+    put = jnp.asarray if sharding is None else (lambda batch: jax.device_put(batch, sharding))
     with open(log_path, "a") as metrics_file:
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
                 optimizer, opt_stage = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage)), stage
-            inputs, targets = data.train_batch(step, cfg.batch_size)
-            inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
-            if sharding is not None:
-                inputs, targets = jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
+            inputs, targets = map(put, data.train_batch(step, cfg.batch_size))
             start = time.perf_counter()
             metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, pattern, stage).items()}
             step += 1
