@@ -100,6 +100,30 @@ class Backend:
     reason: str
 
 
+def pallas_interpret() -> bool:
+    """Whether Pallas GPU kernels run interpreted here: on CPU they do (slow, exact: what the tests use),
+    on GPU they are compiled."""
+    return jax.default_backend() == "cpu"
+
+
+def implementations_here(has_gpu_kernel: bool) -> tuple[str, ...]:
+    """The implementations of an op on the current platform, best first.
+
+    GPU: the Pallas kernel first. CPU: the plain-JAX reference first; ``"pallas"`` still runs there, in
+    interpret mode, so kernels can be tested without a GPU. TPU: the reference (TPU kernels: issue 8).
+    """
+    platform = jax.default_backend()
+    if not has_gpu_kernel or platform not in ("gpu", "cpu"):
+        return ("xla",)
+    return ("pallas", "xla") if platform == "gpu" else ("xla", "pallas")
+
+
+def triton_params(num_warps: int = 4, num_stages: int = 2):
+    """Compiler parameters for the Pallas Triton lowering (jax 0.10 and 0.11 name them alike)."""
+    from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415  (GPU-only import)
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def choose_backend(op: str, implementation: str, available: Sequence[str]) -> Backend:
     """Resolves ``implementation`` for ``op``.
 
