@@ -100,6 +100,11 @@ class Backend:
     reason: str
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): Triton tensors have power-of-two shapes."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def pallas_interpret() -> bool:
     """Whether Pallas GPU kernels run interpreted here: on CPU they do (slow, exact: what the tests use),
     on GPU they are compiled."""

@@ -1,14 +1,17 @@
 """DSA lightning-indexer scoring + exact top-k: one entry point over its implementations.
 
-Implementations: ``xla`` (``reference.py``, plain JAX, every platform). ``auto`` takes the best one
-available on the current platform and ``backend_for`` says which and why.
+Implementations: ``pallas`` (``pallas_gpu.py``: fused scoring kernel + radix top-k kernel; compiled on
+GPU, interpreted on CPU for tests) and ``xla`` (``reference.py``, plain JAX, every platform). ``auto``
+takes the best one available on the current platform and ``backend_for`` says which and why.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
+from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
+                                   implementations_here)
+from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference, eligibility, index_scores
 
 __all__ = ["dsa_topk", "backend_for", "index_scores", "eligibility", "dsa_topk_reference"]
@@ -16,16 +19,12 @@ __all__ = ["dsa_topk", "backend_for", "index_scores", "eligibility", "dsa_topk_r
 _OP = "dsa_topk"
 
 
-_IMPLEMENTATIONS = {"xla": dsa_topk_reference}
-
-
-def _available() -> tuple[str, ...]:
-    return tuple(_IMPLEMENTATIONS)
+_IMPLEMENTATIONS = {"xla": dsa_topk_reference, "pallas": dsa_topk_pallas}
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, _available())
+    return choose_backend(_OP, implementation, implementations_here(True))
 
 
 def dsa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, k_scale: jax.Array | None = None,
