@@ -114,6 +114,52 @@ def cmd_bench_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from sparse_index_jax import bench_speed
+
+    setup = bench_speed.SpeedSetup(
+        lengths=tuple(args.lengths or bench_speed.DEFAULT_LENGTHS), entries=tuple(args.entries or bench_speed.ENTRIES),
+        topk=args.topk, heads=args.heads, head_dim=args.head_dim, hisa_block=args.hisa_block, hisa_blocks=args.hisa_blocks, misa_block=args.misa_block,
+        misa_heads=args.misa_heads, misa_candidates=args.misa_candidates, mla_heads=args.mla_heads,
+        mla_dk=args.mla_dk, mla_v_dim=args.mla_v_dim, decode_batch=args.decode_batch,
+        implementation=args.implementation, repeats=args.repeats, matmul_size=args.matmul_size,
+        memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30),
+        max_seconds=args.max_seconds, seed=args.seed)
+    out = args.out or bench_speed.default_out()
+    print(f"bench speed on {bench_speed.device_slug()}: T = S in {list(setup.lengths)}, top-k {setup.topk}, "
+          f"{setup.heads} indexer heads x {setup.head_dim}, implementation {setup.implementation!r}", flush=True)
+    report = bench_speed.run(setup, progress=not args.quiet)
+    print()
+    print(bench_speed.format_table(report))
+    json_path, png_path = bench_speed.save(report, out)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    """``"4K,8K,16384"`` -> [4096, 8192, 16384]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        scale = 1024 if part.endswith("K") else 1
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) <= 0:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive lengths like 4K,8K or 256,512, "
+                                             f"got {text!r}")
+        values.append(int(digits) * scale)
+    return values
+
+
+def _entries(text: str) -> list[str]:
+    from sparse_index_jax.bench_speed import ENTRIES
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ENTRIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown entries {unknown}; choose from {','.join(ENTRIES)}")
+    return names
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -331,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
     dist.set_defaults(func=cmd_distill)
 
-    bench = sub.add_parser("bench", help="benchmarks: selection fidelity (more to come with the kernels)",
+    bench = sub.add_parser("bench", help="benchmarks: selection fidelity, speed",
                            description="Benchmarks. Each prints a table and writes JSON with its environment.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     fid = bench_sub.add_parser(
@@ -348,6 +394,76 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--out", default="bench/results/fidelity_synthetic.json", help="JSON report path")
     fid.set_defaults(func=cmd_bench_fidelity)
+
+    speed = bench_sub.add_parser(
+        "speed", help="time DSA/HISA/MISA/MISA-H selection and sparse MLA against the plain XLA baseline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Times, in one process on the default device (GPU/TPU, or CPU for a smoke run with small
+--lengths), for every T = S in --lengths (batch 1, causal prefill, fresh random inputs: bf16
+q/k, fp32 head weights):
+  naive_xla           the plain XLA baseline of performance.md: einsum -> [T,S,H] fp32 -> ReLU ->
+                      head-weighted sum -> causal mask -> lax.top_k. Recorded as "oom" without
+                      running when T*S*H*4*2 bytes exceed the free device memory (or
+                      --memory-budget-gb), and when it runs out of memory.
+  dsa, hisa, misa,    pallas_kernels selectors, scoring + top-k of the whole prefill. HISA/MISA
+  misa_h              get their pooled block sums computed before the timed region.
+  sparse_mla          sparse MLA forward over k random causal indices per query;
+  sparse_mla_fwd_bwd  jax.grad of its sum wrt q and kv.
+  dsa_decode,         one new token for each of --decode-batch sequences with lengths drawn in
+  sparse_mla_decode   [S/2, S].
+  matmul_peak         a bf16 NxN matmul (--matmul-size), the peak every TFLOP/s is divided by.
+Each call is jitted and compiled first (compile time recorded apart), warmed up once, then run
+--repeats times with block_until_ready: median and min ms. Any error or out-of-memory skips that
+entry at that length with a one-line reason; the rest go on. --max-seconds skips what is left
+once the budget is spent.
+
+FLOPs (2 per multiply-add of the dot products; head sums, softmax, top-k not counted):
+  naive_xla, dsa  causal work 2*H*d*T*(T+1)/2; also flops_square = 2*T*S*H*d (performance.md's
+                  "effective TFLOP/s").
+  hisa            per query t: 2*H*d*(blocks before t's block + candidate tokens <= t kept).
+  misa            per query t: 2*H*d*(t//block + 1) routing + 2*A*d*(t+1) routed scan;
+  misa_h          + 2*H*d*min(candidates, t+1) re-ranking.
+  sparse_mla      2*Hq*k*(Dk+v_dim) per query; fwd_bwd = 3.5x (backward = 2.5x forward).
+Ratios from the same run: speedup of dsa over naive_xla, of hisa/misa/misa_h over dsa
+(baseline ms / entry ms), and every entry's fraction of the matmul peak.
+
+Output: a table (rows: entries, columns: lengths, cells: median ms; then the ratios), a JSON
+report (--out, default bench/results/speed_<device-kind>.json: environment, setup, backend
+chosen per op with its reason, per entry and length median/min/compile ms, FLOPs, TFLOP/s,
+shapes, skip reasons; ratios) and a PNG next to it (time vs length; ratios vs length).
+CPU smoke run: sparse-index bench speed --lengths 256,512 --topk 64""")
+    speed.add_argument("--lengths", type=_lengths, default=None,
+                       help="comma-separated T = S values, K = 1024 (default 4K,8K,16K,32K,64K,128K)")
+    speed.add_argument("--entries", type=_entries, default=None,
+                       help="comma-separated subset of the entries above (default: all)")
+    speed.add_argument("--implementation", choices=("auto", "xla", "pallas"), default="auto",
+                       help="implementation of every op (default auto; backend_for's choice is recorded)")
+    speed.add_argument("--topk", type=_positive, default=2048, help="keys selected per query (default 2048)")
+    speed.add_argument("--heads", type=_positive, default=64, help="indexer heads H (default 64)")
+    speed.add_argument("--head-dim", type=_positive, default=128, help="indexer head dim d (default 128)")
+    speed.add_argument("--hisa-block", type=_positive, default=128, help="HISA block size (default 128)")
+    speed.add_argument("--hisa-blocks", type=_positive, default=64, help="HISA blocks kept (default 64)")
+    speed.add_argument("--misa-block", type=_positive, default=128, help="MISA/MISA-H block size (default 128)")
+    speed.add_argument("--misa-heads", type=_positive, default=8, help="MISA active heads (default 8)")
+    speed.add_argument("--misa-candidates", type=_positive, default=None,
+                       help="MISA-H candidates re-ranked (default 4 * topk)")
+    speed.add_argument("--mla-heads", type=_positive, default=128, help="sparse MLA query heads (default 128)")
+    speed.add_argument("--mla-dk", type=_positive, default=576, help="sparse MLA row width Dk (default 576)")
+    speed.add_argument("--mla-v-dim", type=_positive, default=512, help="sparse MLA value width (default 512)")
+    speed.add_argument("--decode-batch", type=_positive, default=64, help="decode sequences (default 64)")
+    speed.add_argument("--repeats", type=_positive, default=None, help="timed runs (default 5; 2 on CPU)")
+    speed.add_argument("--matmul-size", type=_positive, default=None,
+                       help="N of the bf16 NxN peak matmul (default 8192; 512 on CPU)")
+    speed.add_argument("--memory-budget-gb", type=float, default=None,
+                       help="memory naive_xla may use, GiB (default: the device's free memory)")
+    speed.add_argument("--max-seconds", type=float, default=None,
+                       help="time budget: entries not started when it is spent are skipped")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--out", default=None,
+                       help="JSON report path (default bench/results/speed_<device-kind>.json); PNG alongside")
+    speed.add_argument("--quiet", action="store_true", help="no progress bar")
+    speed.set_defaults(func=cmd_bench_speed)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""``sparse-index bench speed``: tiny CPU runs of the speed benchmark (report, plot, guards, CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparse_index_jax import bench_speed
+from sparse_index_jax.cli import main
+
+TINY = dict(topk=16, heads=4, head_dim=16, hisa_block=16, hisa_blocks=4, misa_block=16, misa_heads=2,
+            mla_heads=4, mla_dk=64, mla_v_dim=32, decode_batch=2, repeats=1, matmul_size=128)
+TINY_ARGS = ["--topk", "16", "--heads", "4", "--head-dim", "16", "--hisa-block", "16", "--hisa-blocks", "4",
+             "--misa-block", "16", "--misa-heads", "2", "--mla-heads", "4", "--mla-dk", "64", "--mla-v-dim", "32",
+             "--decode-batch", "2", "--repeats", "1", "--matmul-size", "128", "--quiet"]
+
+
+def test_every_entry_runs_and_the_report_is_complete(tmp_path):
+    report = bench_speed.run(bench_speed.SpeedSetup(lengths=(128,), **TINY), progress=False)
+    json_path, png_path = bench_speed.save(report, tmp_path / "speed.json")
+    saved = json.loads(json_path.read_text())
+    assert png_path is not None and png_path.exists() and png_path.stat().st_size > 0
+
+    env = saved["environment"]
+    assert env["platform"] == "cpu" and env["device_kind"] and env["jax"] and env["jaxlib"] and env["timestamp"]
+    assert saved["setup"]["topk"] == 16 and saved["setup"]["lengths"] == [128] and saved["setup"]["repeats"] == 1
+    assert saved["setup"]["dtypes"]["q"] == "bfloat16" and saved["setup"]["misa_candidates"] == 64
+    assert set(saved["backends"]) == {"dsa_topk", "hisa_topk", "misa_topk", "sparse_mla"}
+    assert all(b["reason"] for b in saved["backends"].values())
+    assert saved["matmul_peak"]["tflops"] > 0 and saved["flop_convention"]
+
+    assert set(saved["results"]) == set(bench_speed.ENTRIES)
+    for entry, cells in saved["results"].items():
+        cell = cells["128"]
+        assert cell["status"] == "ok", (entry, cell)
+        assert 0 < cell["min_ms"] <= cell["median_ms"] and cell["compile_ms"] > 0
+        assert cell["flops"] > 0 and cell["tflops"] > 0 and 0 < cell["fraction_of_peak"] and cell["shapes"]
+    res = saved["results"]
+    assert res["dsa"]["128"]["flops"] == 4 * 16 * 128 * 129  # 2*H*d*T*(T+1)/2
+    assert res["dsa"]["128"]["flops_square"] == 2 * 128 * 128 * 4 * 16
+    assert res["sparse_mla_fwd_bwd"]["128"]["flops"] == 3.5 * res["sparse_mla"]["128"]["flops"]
+    assert res["hisa"]["128"]["flops"] < res["dsa"]["128"]["flops"]  # 4 blocks of 16 < 128 keys: it prunes
+
+    for name in ("dsa_vs_naive_xla", "hisa_vs_dsa", "misa_vs_dsa", "misa_h_vs_dsa"):
+        assert saved["ratios"][name]["128"] > 0
+    assert set(saved["ratios"]["fraction_of_matmul_peak"]) == set(bench_speed.ENTRIES)
+    table = bench_speed.format_table(report)
+    assert "speedup dsa_vs_naive_xla" in table and "% of peak hisa" in table
+
+
+def test_cli_naive_guard_skips_the_oversized_length(tmp_path, capsys):
+    # naive_xla needs T*S*H*8 bytes: 131 kB at T = 64, 524 kB at T = 128; the budget (322 kB) lies between.
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--lengths", "64,128", "--entries", "naive_xla,dsa", "--memory-budget-gb", "0.0003",
+                 "--out", str(out), *TINY_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "naive_xla" in printed and f"wrote {out}" in printed
+    saved = json.loads(out.read_text())
+    naive = saved["results"]["naive_xla"]
+    assert naive["64"]["status"] == "ok"
+    assert naive["128"]["status"] == "oom" and "exceeds the memory budget" in naive["128"]["reason"]
+    assert saved["results"]["dsa"]["128"]["status"] == "ok"
+    assert list(saved["ratios"]["dsa_vs_naive_xla"]) == ["64"]
+    assert out.with_suffix(".png").exists()
+
+
+def test_errors_and_the_time_budget_skip_entries_without_stopping_the_run(monkeypatch):
+    real = bench_speed._prepare
+
+    def failing(entry, setup, inputs):
+        if entry == "hisa":
+            raise ValueError("hisa_topk: implementation='pallas' cannot serve this call on platform 'cpu'\nmore")
+        return real(entry, setup, inputs)
+
+    monkeypatch.setattr(bench_speed, "_prepare", failing)
+    report = bench_speed.run(bench_speed.SpeedSetup(lengths=(64,), entries=("dsa", "hisa", "misa"), **TINY),
+                             progress=False)
+    hisa = report["results"]["hisa"]["64"]
+    assert hisa["status"] == "skipped" and "cannot serve this call" in hisa["reason"] and "\n" not in hisa["reason"]
+    assert report["results"]["misa"]["64"]["status"] == "ok"
+    assert report["ratios"]["hisa_vs_dsa"] == {} and "64" in report["ratios"]["misa_vs_dsa"]
+
+    late = bench_speed.run(bench_speed.SpeedSetup(lengths=(64, 128), entries=("dsa",), max_seconds=0, **TINY),
+                           progress=False)
+    assert all(c["status"] == "skipped" and "--max-seconds" in c["reason"] for c in late["results"]["dsa"].values())
+
+
+def test_flop_counts_match_their_formulas():
+    T, H, d = 1000, 8, 32
+    assert bench_speed.dsa_flops(T, H, d) == sum(2 * H * d * (t + 1) for t in range(T))
+    # Every block kept (num_blocks * block >= T): HISA scores every causal token plus the block means.
+    assert bench_speed.hisa_flops(T, H, d, 100, 10) == bench_speed.dsa_flops(T, H, d) + sum(
+        2 * H * d * (t // 100) for t in range(T))
+    # All heads routed: MISA's scan is DSA's, plus the router.
+    assert bench_speed.misa_flops(T, H, d, 100, H, None) == bench_speed.dsa_flops(T, H, d) + sum(
+        2 * H * d * (t // 100 + 1) for t in range(T))
+
+
+def test_help_explains_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "speed", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for phrase in ("naive_xla", "matmul", "compile", "median", "FLOPs", "2*H*d*T*(T+1)/2", "bench/results/speed_",
+                   "--max-seconds", "--memory-budget-gb", "--lengths"):
+        assert phrase in text, phrase
+
+
+def test_bad_lengths_and_entries_are_rejected(capsys):
+    for bad in (["--lengths", "4K,x"], ["--entries", "dsa,nope"]):
+        with pytest.raises(SystemExit) as done:
+            main(["bench", "speed", *bad])
+        assert done.value.code == 2
+    assert "nope" in capsys.readouterr().err
