@@ -1,6 +1,10 @@
 """Sparse MLA attention over selected cache rows: one entry point over its implementations.
 
-Implementations: ``xla`` (``reference.py``, gather-based, every platform).
+Implementations: ``pallas`` (``pallas_gpu.py``: Triton-lowered forward kernel with an online softmax
+over gathered rows, custom-VJP backward kernel; compiled on GPU, interpreted on CPU for tests; q in
+bfloat16, float16 or float32) and ``xla`` (``reference.py``, gather-based, every platform). ``auto``
+takes the best one available on the current platform (GPU: ``pallas``; CPU and TPU: ``xla``), and
+falls back to ``xla`` for query dtypes the kernel does not take; ``backend_for`` says which and why.
 """
 
 from __future__ import annotations
@@ -8,18 +12,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import Backend, check_positive_int, choose_backend
+from pallas_kernels.common import Backend, check_positive_int, choose_backend, implementations_here
+from pallas_kernels.sparse_mla.pallas_gpu import sparse_mla_pallas
 from pallas_kernels.sparse_mla.reference import attend, gather_rows, sparse_mla_reference
 
-__all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "gather_rows", "attend"]
+__all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "sparse_mla_pallas", "gather_rows", "attend"]
 
 _OP = "sparse_mla"
-_IMPLEMENTATIONS = {"xla": sparse_mla_reference}
+_IMPLEMENTATIONS = {"xla": sparse_mla_reference, "pallas": sparse_mla_pallas}
+_PALLAS_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # of q; kv may be any float (rows cast after the gather)
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+    return choose_backend(_OP, implementation, implementations_here(True))
 
 
 def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
@@ -46,6 +52,12 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array
     if v_dim > D:
         raise ValueError(f"{_OP}: v_dim={v_dim} exceeds the row width Dk={D}")
     query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
-    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    name = backend_for(implementation).name
+    if name == "pallas" and q.dtype not in _PALLAS_DTYPES:
+        if implementation == "pallas":
+            raise TypeError(f"{_OP}: the pallas implementation takes q in bfloat16, float16 or float32, got "
+                            f"{q.dtype}; use implementation='xla' or 'auto'")
+        name = "xla"
+    run = _IMPLEMENTATIONS[name]
     return run(q, kv, indices.astype(jnp.int32), valid, scale=float(scale), v_dim=v_dim, query_chunk=query_chunk,
                return_probs=return_probs)
