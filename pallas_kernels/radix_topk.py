@@ -60,15 +60,17 @@ def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_ti
         shift = 32 - _DIGIT_BITS * (r + 1)
 
         def count(j, carry, shift=shift, prefix=prefix, r=r):
-            counts, n_ok = carry
+            counts, n_ok = carry  # per lane: the cross-lane sums happen once per pass, not per tile
             key, ok = load(j)
             u = key ^ _MIN
             match = ok if r == 0 else ok & ((u >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS)))
             digit = (u >> shift) & (_BINS - 1)
             hit = (digit[None, :] == bins[:, None]) & match[None, :]
-            return counts + jnp.sum(hit.astype(jnp.int32), axis=1), n_ok + jnp.sum(ok.astype(jnp.int32))
+            return counts + hit.astype(jnp.int32), n_ok + ok.astype(jnp.int32)
 
-        counts, n_ok = jax.lax.fori_loop(0, n_tiles, count, (jnp.zeros((_BINS,), jnp.int32), jnp.int32(0)))
+        counts, n_ok = jax.lax.fori_loop(0, n_tiles, count, (jnp.zeros((_BINS, tile), jnp.int32),
+                                                              jnp.zeros((tile,), jnp.int32)))
+        counts, n_ok = jnp.sum(counts, axis=1), jnp.sum(n_ok)
         if r == 0:
             wanted = jnp.minimum(n_ok, topk)
             selected = wanted
@@ -100,8 +102,11 @@ def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_ti
     jax.lax.fori_loop(0, n_tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int = 1024,
-                    num_warps: int = 8) -> jax.Array:
+RADIX_TILE = 512  # H100 sweep at 32K rows of 32K keys: 512 keys x 8 warps beat 1024 and 2048 (19 vs 27-31 ms)
+
+
+def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int = RADIX_TILE,
+                    num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
     """Positions [B, R, topk] int32 (position order, -1 padded) of the top-``topk`` keys of each row of
     ``keys`` [B, R, n] int32 among its first ``limits`` [B, R] entries, ignoring ``INELIGIBLE_KEY``.
 
@@ -118,7 +123,7 @@ def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int 
         out_shape=jax.ShapeDtypeStruct((B, R, out_len), jnp.int32),
         grid=(B, R),
         compiler_params=triton_params(num_warps=num_warps, num_stages=1),
-        interpret=pallas_interpret(),
+        interpret=pallas_interpret() if interpret is None else interpret,
         name="radix_topk",
     )(limits.astype(jnp.int32), keys)
     return out[:, :, :topk]

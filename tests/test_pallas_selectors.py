@@ -16,6 +16,8 @@ import pytest
 
 from pallas_kernels.common import INELIGIBLE_KEY, top_k_by_key
 from pallas_kernels.dsa_topk import dsa_topk
+from pallas_kernels.hisa_topk import hisa_topk
+from pallas_kernels.misa_topk import misa_topk
 from pallas_kernels.radix_topk import radix_topk_rows
 from tests.cuda_lowering import lower_for_cuda
 
@@ -97,5 +99,55 @@ def test_dsa_kernels_lower_for_cuda_at_production_shape():
               ((1, 256), jnp.int32), ((1,), jnp.int32)]
     args = [jnp.zeros(s, dt) for s, dt in shapes]
     text = lower_for_cuda(lambda q, k, w, p, n: dsa_topk_pallas(q, k, w, None, p, n, topk=2048, query_chunk=0,
-                                                                 key_chunk=0), *args)
-    assert "dsa_score_keys" in text and "radix_topk" in text
+                                                                 key_chunk=0, interpret=False), *args)
+    assert text.count("xla.gpu.triton") >= 2  # both kernels compiled for the GPU, not interpreted
+
+
+def _hierarchical_case(seed, B, T, S, H, d, *, block_size):
+    """Activations, causal positions (some rows with nothing eligible) and ragged lengths."""
+    rng = np.random.default_rng(seed)
+    q, k, w, k_scale = _activations(rng, B, T, S, H, d, fp8_scale=(H % 2 == 1))
+    lengths = jnp.asarray(rng.integers(S // 2, S + 1, (B,)), jnp.int32)
+    positions = jnp.asarray(np.sort(rng.integers(-1, S, (B, T)), axis=1), jnp.int32)
+    return dict(q=q, k=k, w=w, k_scale=k_scale, q_positions=positions, kv_lengths=lengths)
+
+
+@pytest.mark.parametrize("B,T,S,H,d,topk,block_size,num_blocks", [
+    (2, 7, 100, 4, 16, 12, 8, 3),     # ragged last block, few kept blocks
+    (1, 33, 260, 5, 24, 20, 16, 4),   # odd heads/dim, fp8-style key scales
+    (1, 5, 40, 8, 16, 64, 8, 16),     # every block kept, k > S
+])
+def test_hisa_pallas_matches_reference(B, T, S, H, d, topk, block_size, num_blocks):
+    args = _hierarchical_case(T + S, B, T, S, H, d, block_size=block_size)
+    kw = dict(topk=topk, block_size=block_size, num_blocks=num_blocks, **args)
+    _assert_same(hisa_topk(implementation="pallas", **kw), hisa_topk(implementation="xla", **kw))
+
+
+@pytest.mark.parametrize("B,T,S,H,d,topk,block_size,active,candidates", [
+    (2, 9, 100, 8, 16, 12, 16, 3, None),     # MISA
+    (1, 21, 150, 6, 24, 10, 32, 2, 40),      # MISA-H, odd heads, key scales
+    (1, 6, 30, 4, 16, 8, 8, 4, 64),          # every head routed, candidates > S: DSA's result
+])
+def test_misa_pallas_matches_reference(B, T, S, H, d, topk, block_size, active, candidates):
+    args = _hierarchical_case(T * S, B, T, S, H, d, block_size=block_size)
+    kw = dict(topk=topk, block_size=block_size, active_heads=active, candidates=candidates, **args)
+    _assert_same(misa_topk(implementation="pallas", **kw), misa_topk(implementation="xla", **kw))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
+def test_hierarchical_kernels_lower_for_cuda_at_production_shape():
+    """HISA (block 128, 64 blocks) and MISA-H (8 of 64 heads, 8192 candidates) at k = 2048 over 16K keys."""
+    from pallas_kernels.blocks import pool_block_sums
+    from pallas_kernels.hisa_topk.pallas_gpu import hisa_topk_pallas
+    from pallas_kernels.misa_topk.pallas_gpu import misa_topk_pallas
+
+    B, T, S, H, d = 1, 64, 16384, 64, 128
+    q, k = jnp.zeros((B, T, H, d), jnp.bfloat16), jnp.zeros((B, S, d), jnp.bfloat16)
+    w, pos, n = jnp.zeros((B, T, H), jnp.float32), jnp.zeros((B, T), jnp.int32), jnp.full((B,), S, jnp.int32)
+    sums = pool_block_sums(k, None, n, 128)
+    hisa = lower_for_cuda(lambda *a: hisa_topk_pallas(*a, topk=2048, block_size=128, num_blocks=64, query_chunk=0,
+                                                      interpret=False), q, k, w, None, pos, n, sums)
+    misa = lower_for_cuda(lambda *a: misa_topk_pallas(*a, topk=2048, block_size=128, active_heads=8,
+                                                      candidates=8192, query_chunk=64, key_chunk=0,
+                                                      interpret=False), q, k, w, None, pos, n, sums)
+    assert hisa.count("xla.gpu.triton") >= 3 and misa.count("xla.gpu.triton") >= 4

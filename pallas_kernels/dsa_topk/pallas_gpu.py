@@ -2,10 +2,10 @@
 
 Two kernels per chunk of queries:
 
-1. ``score_keys``: one program per block of ``bq`` queries. Their ``bq * H`` head queries are the
-   matmul's M dimension (128 rows for H = 64, bq = 2), so one tensor-core dot per key block of ``bk``
-   keys gives every head's logits; ReLU, the head weights and the sum over heads follow in float32
-   registers and the ranking key (``common.ranking_keys``'s int32 order) is written out. Key blocks
+1. ``score_keys``: one program per block of ``bq`` queries. One tensor-core dot per block of ``bk``
+   keys (M) against the ``bq * H`` head queries (N = 128 for H = 64, bq = 2) gives every head's
+   logits; ReLU, the head weights and the sum over heads follow in float32 registers and the ranking
+   key (``common.ranking_keys``'s int32 order) is written out. Key blocks
    past the causal limit of the block's last query are never visited: the causal half of the work is
    skipped, and [T, S, H] never exists.
 2. ``radix_topk_rows`` (``pallas_kernels/radix_topk.py``): exact top-k of each row's eligible prefix.
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, next_pow2, pallas_interpret,
                                    top_k_by_key, triton_params)
-from pallas_kernels.radix_topk import radix_topk_rows
+from pallas_kernels.radix_topk import RADIX_TILE, radix_topk_rows
 
 _SIGN = np.int32(0x7FFFFFFF)
 
@@ -48,31 +48,36 @@ def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int
     rows = pl.ds(i * bq, bq)
     q = q_ref[b, rows, :, :]                                   # [bq, H, d]
     q = q.reshape(bq * heads, q.shape[-1])
-    w = w_ref[b, rows, :]                                      # [bq, H] float32
+    w = w_ref[b, rows, :].reshape(1, bq, heads)                # float32
     n_blocks = (jnp.max(limit_ref[b, rows]) + bk - 1) // bk    # causal skip: only blocks someone sees
 
-    def block(j, _):
+    def block(j, carry):
         keys = pl.ds(j * bk, bk)
-        logits = jax.lax.dot_general(q, k_ref[b, keys, :], (((1,), (1,)), ((), ())),  # tensor cores
-                                     preferred_element_type=jnp.float32)  # [bq*H, bk]
-        logits = jnp.maximum(logits, 0.0).reshape(bq, heads, bk)
-        scores = jnp.sum(logits * w[:, :, None], axis=1) * scale_ref[b, keys][None, :]
-        out_ref[b, rows, keys] = ranking_key_in_kernel(scores)
-        return _
+        # Keys are the matmul's M and head queries its N: the sum over heads then runs along each
+        # accumulator row (a few lanes apart), not across the register layout.
+        k_blk = k_ref[b, keys, :]
+        logits = jax.lax.dot_general(k_blk, q.astype(k_blk.dtype), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
+        logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
+        scores = jnp.sum(logits * w, axis=2) * scale_ref[b, keys][:, None]  # [bk, bq]
+        out_ref[b, rows, keys] = ranking_key_in_kernel(scores).T
+        return carry
 
-    jax.lax.fori_loop(0, n_blocks, block, None)
+    jax.lax.fori_loop(0, n_blocks, block, 0)
 
 
 def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, limits: jax.Array, *,
-               width: int, bk: int, num_warps: int = 8, num_stages: int = 2) -> jax.Array:
+               width: int, bk: int = 64, bq: int | None = None, num_warps: int = 4, num_stages: int = 3,
+               interpret: bool | None = None) -> jax.Array:
     """int32 ranking keys [B, T, width] of every query against keys ``0 .. limits[b, t]`` (later columns
     are not written). q [B,T,H,d], w [B,T,H] f32, k [B,width,d], k_scale [B,width] f32, limits [B,T].
+    q is cast to k's dtype in the kernel; float32 products use TF32 on GPU (HISA's block means).
 
     Shapes must already be kernel-friendly: H, d, bk powers of two, T a multiple of ``128 // H`` (or 1),
     ``width`` a multiple of ``bk``.
     """
     B, T, H, d = q.shape
-    bq = max(1, 128 // H) if H <= 128 else 1
+    bq = bq or query_block(H)
     if T % bq:
         raise ValueError(f"score_keys: T={T} must be a multiple of the query block {bq}")
     kernel = functools.partial(_score_kernel, bq=bq, heads=H, bk=bk)
@@ -81,30 +86,37 @@ def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, lim
         out_shape=jax.ShapeDtypeStruct((B, T, width), jnp.int32),
         grid=(B, T // bq),
         compiler_params=triton_params(num_warps=num_warps, num_stages=num_stages),
-        interpret=pallas_interpret(),
+        interpret=pallas_interpret() if interpret is None else interpret,
         name="dsa_score_keys",
     )(limits, q, w, k, k_scale)
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int, fill=0) -> jax.Array:
+def query_block(heads: int) -> int:
+    """Queries per scoring program: enough for 256 head queries (the matmul's N; H100 sweep at 32K:
+    bk 64, N 256, 4 warps, 3 stages was the fastest of 16 configurations)."""
+    return max(1, 256 // heads)
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, fill=0) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=fill) if size != x.shape[axis] else x
 
 
-def kernel_layout(q, w, k, k_scale, *, tile: int):
-    """Pads heads and head dim to powers of two (zero weights / zeros: scores unchanged), keys to a
-    multiple of ``tile``, and casts the matmul operands to one dtype (fp8 -> bf16 is exact)."""
+def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
+    """Pads heads and head dim to powers of two (zero weights / zeros: scores unchanged; at least
+    ``min_heads`` heads), keys to a multiple of ``tile``, and casts the matmul operands to one dtype
+    (fp8 -> bf16 is exact)."""
     B, T, H, d = q.shape
     S = k.shape[1]
     dt = matmul_dtype(q, k)
-    Hp, dp = next_pow2(H), max(16, next_pow2(d))
+    Hp, dp = max(min_heads, next_pow2(H)), max(16, next_pow2(d))
     width = -(-S // tile) * tile
-    q = _pad_axis(_pad_axis(q.astype(dt), 2, Hp), 3, dp)
-    w = _pad_axis(w.astype(jnp.float32), 2, Hp)
-    k = _pad_axis(_pad_axis(k.astype(dt), 1, width), 2, dp)
+    q = pad_axis(pad_axis(q.astype(dt), 2, Hp), 3, dp)
+    w = pad_axis(w.astype(jnp.float32), 2, Hp)
+    k = pad_axis(pad_axis(k.astype(dt), 1, width), 2, dp)
     scale = jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
-    return q, w, k, _pad_axis(scale, 1, width, 1.0), width
+    return q, w, k, pad_axis(scale, 1, width, 1.0), width
 
 
 def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: bool):
@@ -116,25 +128,31 @@ def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: 
     return (idx, valid, sel_keys) if return_keys else (idx, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "query_chunk", "key_chunk", "return_keys", "chunk_bytes"))
 def dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int, key_chunk: int,
-                    return_keys: bool = False, chunk_bytes: int = 1 << 30):
+                    return_keys: bool = False, chunk_bytes: int = 1 << 30, interpret: bool | None = None):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
-    reference's memory; here queries go in chunks whose [chunk, S] int32 keys fit ``chunk_bytes``."""
+    reference's memory; here queries go in chunks whose [chunk, S] int32 keys fit ``chunk_bytes``.
+    ``interpret``: None = as the platform says (``common.pallas_interpret``)."""
     del query_chunk, key_chunk
+    return _dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
+                            chunk_bytes=chunk_bytes, interpret=pallas_interpret() if interpret is None else interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "return_keys", "chunk_bytes", "interpret"))
+def _dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_keys, chunk_bytes, interpret):
     B, T, H, d = q.shape
     S = k.shape[1]
-    tile = min(1024, next_pow2(S))
+    tile = min(RADIX_TILE, next_pow2(S))
     q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile)
-    bq = max(1, 128 // q.shape[2])
+    bq = query_block(q.shape[2])
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = -(-T // bq) * bq  # padded query rows have limit 0: nothing eligible, pure padding
-    q, w, limits = _pad_axis(q, 1, Tp), _pad_axis(w, 1, Tp), _pad_axis(limits, 1, Tp)
+    q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
     chunk = max(bq, min(Tp, chunk_bytes // (4 * B * width)) // bq * bq)
 
     def one_chunk(q_c, w_c, lim_c):
-        keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(64, tile))
-        positions = radix_topk_rows(keys, lim_c, topk, tile=tile)
+        keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(64, tile), interpret=interpret)
+        positions = radix_topk_rows(keys, lim_c, topk, tile=tile, interpret=interpret)
         return order_by_key(keys, positions, topk, return_keys)
 
     out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0))

@@ -1,6 +1,8 @@
 """HISA: block-level coarse filter, then token-level top-k over the kept blocks. One entry point.
 
-Implementations: ``xla`` (``reference.py``, plain JAX, every platform).
+Implementations: ``pallas`` (``pallas_gpu.py``: DSA scoring kernel on block means, then gathered
+refinement and radix top-k kernels; compiled on GPU, interpreted on CPU) and ``xla`` (``reference.py``,
+plain JAX, every platform).
 """
 
 from __future__ import annotations
@@ -8,18 +10,20 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.blocks import check_block_sums, pool_block_sums
-from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
+from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
+                                   implementations_here)
+from pallas_kernels.hisa_topk.pallas_gpu import hisa_topk_pallas
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
 
 __all__ = ["hisa_topk", "hisa_options", "backend_for", "hisa_topk_reference"]
 
 _OP = "hisa_topk"
-_IMPLEMENTATIONS = {"xla": hisa_topk_reference}
+_IMPLEMENTATIONS = {"xla": hisa_topk_reference, "pallas": hisa_topk_pallas}
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+    return choose_backend(_OP, implementation, implementations_here(True))
 
 
 def hisa_options(topk: int, block_size: int = 128, num_blocks: int = 64, query_chunk: int = 32) -> dict:

@@ -1,6 +1,8 @@
 """MISA / MISA-H: a router picks a few indexer heads per query; MISA-H re-ranks with all heads.
 
-Implementations: ``xla`` (``reference.py``, plain JAX, every platform).
+Implementations: ``pallas`` (``pallas_gpu.py``: routing in XLA, the DSA kernels on the routed heads, the
+gathered re-rank kernel for MISA-H; compiled on GPU, interpreted on CPU) and ``xla`` (``reference.py``,
+plain JAX, every platform).
 """
 
 from __future__ import annotations
@@ -8,18 +10,20 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.blocks import check_block_sums, pool_block_sums
-from pallas_kernels.common import Backend, check_indexer_inputs, check_positive_int, choose_backend
+from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
+                                   implementations_here)
+from pallas_kernels.misa_topk.pallas_gpu import misa_topk_pallas
 from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
 
 __all__ = ["misa_topk", "misa_options", "default_candidates", "backend_for", "misa_topk_reference", "route_heads"]
 
 _OP = "misa_topk"
-_IMPLEMENTATIONS = {"xla": misa_topk_reference}
+_IMPLEMENTATIONS = {"xla": misa_topk_reference, "pallas": misa_topk_pallas}
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, tuple(_IMPLEMENTATIONS))
+    return choose_backend(_OP, implementation, implementations_here(True))
 
 
 def default_candidates(topk: int) -> int:
