@@ -5,7 +5,10 @@ so that every path runs several loop steps and head blocks); on a GPU the same t
 kernels. Shapes are ragged on purpose: T and k not multiples of any block, heads not a multiple of the
 head block, row widths whose value and rope pieces are not powers of two (padded) or absent, padding
 slots (-1, and valid=False on a real row), duplicate indices, a query with no valid slot.
-The last test lowers the production shape for CUDA through the Triton front end, without a GPU.
+The reference runs with float32 products at HIGHEST precision: XLA on a GPU takes float32 dots at
+DEFAULT precision in TF32 (about 1e-3 relative), while the kernel uses IEEE products for float32.
+The last tests lower the production shape for CUDA through the Triton front end, without a GPU, for
+the default and the candidate block sizes (shared memory is only checked on a GPU; the estimates are).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def _inputs(rng, B, T, S, H, D, K, q_dtype, kv_dtype=None):
 
 def _both(q, kv, idx, valid, v_dim, **kw):
     got = sparse_mla_pallas(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, block_sizes=SMALL, **kw)
-    want = sparse_mla_reference(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, **kw)
+    with jax.default_matmul_precision("highest"):  # IEEE float32 on GPU too (module docstring)
+        want = sparse_mla_reference(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, **kw)
     return got, want
 
 
@@ -75,7 +79,8 @@ def test_gradients_match_reference(dtype, tol):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(q, kv)
 
     got = grads(sparse_mla_pallas, block_sizes=SMALL)
-    want = grads(sparse_mla_reference)
+    with jax.default_matmul_precision("highest"):
+        want = grads(sparse_mla_reference)
     for name, a, b in zip(("dq", "dkv"), got, want):
         assert a.dtype == dtype, name
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -108,7 +113,8 @@ def test_entry_point_dispatch():
     rng = np.random.default_rng(4)
     q, kv, idx, valid = _inputs(rng, B=1, T=2, S=9, H=3, D=24, K=5, q_dtype=jnp.float32)
     got = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="pallas")
-    want = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="xla")
+    with jax.default_matmul_precision("highest"):
+        want = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert sparse_mla_mod.backend_for("pallas").name == "pallas"
     expected = "pallas" if jax.default_backend() == "gpu" else "xla"
@@ -118,20 +124,37 @@ def test_entry_point_dispatch():
         BlockSizes(block_k=24)
 
 
+def test_candidate_block_sizes_fit_shared_memory():
+    """The default first, at most 6, distinct, each estimated under the H100 limit (backward: worst case)."""
+    cands = pallas_gpu.candidate_block_sizes()
+    assert cands[0] == BlockSizes() and 1 <= len(cands) <= 6 and len(set(cands)) == len(cands)
+    for bs in cands:
+        fwd, bwd = pallas_gpu.smem_estimate(bs)
+        assert fwd <= 0.9 * pallas_gpu.SMEM_LIMIT and bwd <= 0.95 * pallas_gpu.SMEM_LIMIT, (bs, fwd, bwd)
+    # The backward that asked for 385,280 bytes on an H100 is over by the estimate too.
+    old = BlockSizes(bwd_block_h=64, bwd_block_k=32, bwd_num_stages=2)
+    assert pallas_gpu.smem_estimate(old)[1] > pallas_gpu.SMEM_LIMIT
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
-def test_production_shape_lowers_for_cuda(monkeypatch):
-    """Hq=128, Dk=576 = 512 + 64, k=2048, bf16: forward, probabilities and backward pass Triton's front end."""
+@pytest.mark.parametrize("candidate", range(len(pallas_gpu.candidate_block_sizes())))
+def test_production_shape_lowers_for_cuda(monkeypatch, candidate):
+    """Hq=128, Dk=576 = 512 + 64, k=2048, bf16: forward, probabilities and backward pass Triton's front end.
+
+    Candidate 0 is ``BlockSizes()``, the defaults, passed implicitly (what callers get)."""
     monkeypatch.setattr(pallas_gpu, "pallas_interpret", lambda: False)  # compile, as on a GPU
     B, T, H, D, v_dim, K, S = 1, 4, 128, 576, 512, 2048, 4096
     args = (jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, S, D), jnp.bfloat16),
             jax.ShapeDtypeStruct((B, T, K), jnp.int32), jax.ShapeDtypeStruct((B, T, K), jnp.bool_))
 
+    kw = {} if candidate == 0 else {"block_sizes": pallas_gpu.candidate_block_sizes()[candidate]}
+
     def forward(q, kv, idx, valid):
-        return sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, return_probs=True)
+        return sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, return_probs=True, **kw)
 
     def backward(q, kv, idx, valid):
         def loss(q, kv):
-            return jnp.sum(sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim).astype(jnp.float32))
+            return jnp.sum(sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, **kw).astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1))(q, kv)
 
     text = lower_for_cuda(forward, *args)

@@ -5,6 +5,8 @@ over gathered rows, custom-VJP backward kernel; compiled on GPU, interpreted on 
 bfloat16, float16 or float32) and ``xla`` (``reference.py``, gather-based, every platform). ``auto``
 takes the best one available on the current platform (GPU: ``pallas``; CPU and TPU: ``xla``), and
 falls back to ``xla`` for query dtypes the kernel does not take; ``backend_for`` says which and why.
+Tile sizes: ``sparse_mla_pallas(..., block_sizes=BlockSizes(...))``; ``candidate_block_sizes()`` lists
+the variants worth timing on an H100.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import Backend, check_positive_int, choose_backend, implementations_here
-from pallas_kernels.sparse_mla.pallas_gpu import sparse_mla_pallas
+from pallas_kernels.sparse_mla.pallas_gpu import BlockSizes, candidate_block_sizes, sparse_mla_pallas
 from pallas_kernels.sparse_mla.reference import attend, gather_rows, sparse_mla_reference
 
-__all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "sparse_mla_pallas", "gather_rows", "attend"]
+__all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "sparse_mla_pallas", "gather_rows", "attend",
+           "BlockSizes", "candidate_block_sizes"]
 
 _OP = "sparse_mla"
 _IMPLEMENTATIONS = {"xla": sparse_mla_reference, "pallas": sparse_mla_pallas}

@@ -11,11 +11,23 @@ backward recomputes the logits and does four more products (dp, dq, the key and 
 Forward design (FlashMLA's shape, in Triton): one program per (head block, query, batch) -- the head
 block varies fastest in launch order, so the programs sharing one query's rows run together and the
 second gather hits L2. Heads are the matmul M dimension (``block_h`` = 64: acc [64, 512] float32 is
-128 KB of registers over 8 warps). The program loops over the k selected slots in blocks of
-``block_k``: it gathers the rows with an int index vector (padding slots read row 0 and are masked
-to -inf), takes logits = q @ rows^T in float32 on tensor cores, and runs an online softmax (running
-max m and sum l per head) with acc += p @ rows[:, :v_dim]. It writes out = acc / l and the
-logsumexp m + log(l) per (query, head) for the backward.
+128 KB of registers over 8 warps, and M = 64 is one wgmma tile per warpgroup). The program loops over
+the k selected slots in blocks of ``block_k``: it gathers the rows with an int index vector (padding
+slots read row 0 and are masked to -inf), takes logits = q @ rows^T in float32 on tensor cores (two
+bf16 dots, the 512-wide and the 64-wide piece, both with every dimension >= 16), and runs an online
+softmax (running max m and sum l per head) with acc += p @ rows[:, :v_dim], p cast to the compute
+dtype (bf16) first so the value product is a tensor-core dot too. It writes out = acc / l and the
+logsumexp m + log(l) per (query, head) for the backward. float32 inputs use precision HIGHEST on
+every dot, which the Triton lowering turns into IEEE products (DEFAULT/HIGH would be TF32).
+
+Shared memory (Triton: num_stages copies of each tile loaded in the pipelined loop, plus dot operands
+staged from registers and layout-conversion scratch; H100 limit 232,448 bytes per block), for a
+padded row width W = 576 in bf16 (``smem_estimate``; heads/rows/stages below). Forward ~ q [block_h, W]
++ num_stages * rows [block_k, W] + p and logits scratch [block_h, block_k] (2 + 4 bytes): 64/32/3 (default)
+196,608; 64/32/2 (the first H100 run, 26% of peak) 159,744; 64/64/2 would be 245,760 -- too much,
+so the 64-row tile only runs unpipelined (64/64/1: 172,032). Speed: a program's gathers (2.4 MB per
+query and head block) take about as long as its products, so overlapping them matters most: the
+default keeps two 36 KB gathers in flight (3 stages) while the tensor cores work on the third.
 
 Triton wants power-of-2 shapes, so a row is handled as two column pieces loaded and multiplied
 separately: the value part [0, v_dim) (512 for DeepSeek) and the rest [v_dim, Dk) (the 64-wide rope
@@ -32,7 +44,17 @@ atomic adds into dkv from the kernel: a row is picked by many queries, so float 
 the gradient depend on scheduling (run-to-run different), and Pallas' interpret mode cannot check
 masked atomics; the slot buffer is deterministic (up to XLA's own scatter, which on GPU is
 deterministic with ``--xla_gpu_deterministic_ops``) and costs ``query_chunk`` * head blocks * k * Dk
-* 4 bytes per batch row (64 queries, 128 heads: 0.6 GB), so the backward runs in query chunks.
+* 4 bytes per batch row (64 queries, 128 heads in 4 head blocks: 1.2 GB), so the backward runs in
+query chunks.
+
+Backward shared memory: q and dout are loop-invariant operands used on both sides of products (A of
+q @ rows^T and dout @ rows^T, B of ds^T @ q and p^T @ dout), so Triton may stage each twice, and the
+rows twice (B transposed for the logits, B plain for dq). Worst case ~ 2 * (q + dout) [block_h, W and
+v] + num_stages * 2 * rows [block_k, W] + slot-gradient store scratch [block_k, W] float32 + p^T, ds^T.
+The first H100 run, 64 heads / 32 rows / 2 stages: requested 385,280 bytes (worst-case formula
+507,904, so it overestimates by 1.3x). Every term scales with block_h, block_k or both, so the default
+32 heads / 16 rows / 1 stage needs at most half of 385,280 less one 18 KB row stage: ~ 174 KB
+(worst-case formula 215,040; calibrated ~163 KB), 25% under the limit.
 
 ``return_probs``: the head-mean probabilities [B,T,k] come from a light second kernel that recomputes
 the logits with the saved logsumexp (the logits product again, no value product). They are a
@@ -50,9 +72,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import chunk_axis, pallas_interpret, triton_params
 
-__all__ = ["BlockSizes", "sparse_mla_pallas"]
+__all__ = ["BlockSizes", "candidate_block_sizes", "smem_estimate", "sparse_mla_pallas"]
 
 _MIN_DOT = 16  # tensor-core products need every dimension >= 16
+SMEM_LIMIT = 232_448  # H100 (sm_90) shared memory per block, bytes
 _NEG = -1e30  # start of the running max: finite, so an all-padding block gives exp(-inf) = 0, not NaN
 
 
@@ -62,23 +85,58 @@ class BlockSizes:
 
     ``block_h`` heads per program (the M of the products; fewer heads use the next power of 2),
     ``block_k`` selected rows per loop step. ``bwd_*`` are the same for the backward kernel, which
-    holds dq [block_h, Dk] in float32 besides q and dout, so it may want fewer heads or more warps.
+    holds dq [block_h, Dk] in float32 besides q and dout and uses q, dout and the rows on both sides of
+    products, so it takes fewer heads, fewer rows and no pipelining (shared memory: module docstring;
+    64/32/2 asked for 385,280 bytes on an H100, over the 232,448 limit).
     """
 
     block_h: int = 64
     block_k: int = 32
     num_warps: int = 8
-    num_stages: int = 2
-    bwd_block_h: int = 64
-    bwd_block_k: int = 32
+    num_stages: int = 3
+    bwd_block_h: int = 32
+    bwd_block_k: int = 16
     bwd_num_warps: int = 8
-    bwd_num_stages: int = 2
+    bwd_num_stages: int = 1
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name.startswith(("block", "bwd_block")) and (v < _MIN_DOT or v & (v - 1)):
                 raise ValueError(f"sparse_mla pallas: {f.name} must be a power of 2 >= {_MIN_DOT}, got {v}")
+
+
+def smem_estimate(bs: BlockSizes, *, width: int = 576, v_dim: int = 512, itemsize: int = 2) -> tuple[int, int]:
+    """(forward, backward) shared-memory estimates in bytes for the padded row ``width`` (module docstring).
+
+    Forward: q tile + num_stages gathered row tiles + p and logits scratch. Backward, worst case: q and
+    dout staged twice (both sides of products), rows twice per stage, the float32 slot-gradient tile's
+    store scratch, p^T and ds^T. The backward formula overestimated the one H100 measurement by 1.3x.
+    """
+    fwd = (bs.block_h * width * itemsize + bs.num_stages * bs.block_k * width * itemsize
+           + bs.block_h * bs.block_k * (itemsize + 4))
+    hb, bk = bs.bwd_block_h, bs.bwd_block_k
+    bwd = (2 * (hb * width + hb * v_dim) * itemsize + bs.bwd_num_stages * 2 * bk * width * itemsize
+           + bk * width * 4 + 2 * hb * bk * itemsize)
+    return fwd, bwd
+
+
+def candidate_block_sizes() -> list[BlockSizes]:
+    """Block sizes worth timing on an H100 for DeepSeek's shape (Hq=128, 576/512, k=2048, bf16), default first.
+
+    Every one is estimated (``smem_estimate``) to fit the 232,448-byte shared-memory limit. Forward:
+    64 heads (one wgmma M tile per warpgroup) with 8 warps, trading row-tile size against pipeline
+    depth: 32 rows x 3 stages (default), 64 rows unpipelined (halves the online-softmax rescales of
+    acc and doubles the logits product's N), 16 rows x 4 stages, and the measured 32 x 2 baseline.
+    64 rows x 2 stages (~246 KB) does not fit. Backward: 32 heads / 16 rows / 1 stage with 8 or 4
+    warps, and 16 heads / 32 rows (smaller invariant tiles, more head blocks).
+    """
+    return [
+        BlockSizes(),
+        BlockSizes(block_k=64, num_stages=1, bwd_num_warps=4),
+        BlockSizes(block_k=16, num_stages=4, bwd_block_h=16, bwd_block_k=32, bwd_num_warps=4),
+        BlockSizes(block_k=32, num_stages=2),
+    ]
 
 
 def _pow2(n: int) -> int:
