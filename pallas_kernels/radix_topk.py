@@ -15,9 +15,10 @@ One program per row, streaming the row in tiles of ``tile`` keys:
 * 1 emitting pass: keys above the threshold, and the first ``need`` keys equal to it, are written in
   position order (a prefix sum inside each tile gives each one its output slot).
 
-Rows are read ``9`` times from memory (L2 holds a row of up to a few hundred thousand keys per SM
-only partially), compute is 16 comparisons per key per pass. Output slots are in POSITION order; the
-caller orders the k winners by key (a sort of k, not of the row).
+Once the keys still matching the prefix number at most ``bucket`` (8192), the next pass also copies
+them into a per-row scratch bucket and the remaining counting passes read only that. Compute is 16
+comparisons per key per pass. Output slots are in POSITION order; the caller orders the k winners by
+key (a sort of k, not of the row).
 
 Only the first ``limits[row]`` keys of a row take part (a causal prefix: what lies beyond may be
 uninitialised), and keys equal to ``INELIGIBLE_KEY`` never do.
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.common import INELIGIBLE_KEY, next_pow2, pallas_interpret, triton_params
 
@@ -40,7 +42,8 @@ _ROUNDS = 32 // _DIGIT_BITS
 _MIN = np.int32(INELIGIBLE_KEY)
 
 
-def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_tile: int, out_len: int):
+def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile: int, out_tile: int,
+                   out_len: int, cap: int, barrier: bool):
     b, t = pl.program_id(0), pl.program_id(1)
     n = limit_ref[b, t]
     n_tiles = (n + tile - 1) // tile
@@ -54,22 +57,45 @@ def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_ti
 
     # Radix select on the biased bits (key ^ INT32_MIN: unsigned order = key order). Shifts are
     # arithmetic; digits are masked, and prefixes are compared after the same shift on both sides.
+    # Once the keys still matching the prefix number at most ``cap``, the next full pass also copies
+    # them to ``bucket_ref`` and the remaining passes read only that bucket.
     prefix = jnp.int32(0)
     wanted = selected = jnp.int32(0)
+    in_bucket = jnp.int32(0)          # keys in the bucket; 0 = not compacted (yet)
+    matching = n                      # keys matching the prefix (an upper bound before round 0)
     for r in range(_ROUNDS):
         shift = 32 - _DIGIT_BITS * (r + 1)
+        compact = (r > 0) & (in_bucket == 0) & (matching <= cap) & (matching > 0)
+        if barrier and r > 1:
+            pl_triton.debug_barrier()  # bucket writes of the last pass are visible to every thread
 
-        def count(j, carry, shift=shift, prefix=prefix, r=r):
+        def count_keys(key, ok, carry, shift=shift, prefix=prefix, r=r):
             counts, n_ok = carry  # per lane: the cross-lane sums happen once per pass, not per tile
-            key, ok = load(j)
             u = key ^ _MIN
             match = ok if r == 0 else ok & ((u >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS)))
-            digit = (u >> shift) & (_BINS - 1)
-            hit = (digit[None, :] == bins[:, None]) & match[None, :]
-            return counts + hit.astype(jnp.int32), n_ok + ok.astype(jnp.int32)
+            digit = jnp.where(match, (u >> shift) & (_BINS - 1), _BINS)
+            hit = digit[None, :] == bins[:, None]
+            return (counts + hit.astype(jnp.int32), n_ok + ok.astype(jnp.int32)), match
 
-        counts, n_ok = jax.lax.fori_loop(0, n_tiles, count, (jnp.zeros((_BINS, tile), jnp.int32),
-                                                              jnp.zeros((tile,), jnp.int32)))
+        def full_pass(j, carry, compact=compact, count_keys=count_keys):
+            counts, n_ok, written = carry
+            key, ok = load(j)
+            (counts, n_ok), match = count_keys(key, ok, (counts, n_ok))
+            keep = match & compact
+            slot = written + jnp.cumsum(keep.astype(jnp.int32)) - 1
+            bucket_ref[b, t, jnp.where(keep, slot, cap)] = key
+            return counts, n_ok, written + jnp.sum(keep.astype(jnp.int32))
+
+        def bucket_pass(j, carry, count_keys=count_keys, in_bucket=in_bucket):
+            counts, n_ok, written = carry
+            key = bucket_ref[b, t, pl.ds(j * tile, tile)]
+            (counts, n_ok), _ = count_keys(key, j * tile + lane < in_bucket, (counts, n_ok))
+            return counts, n_ok, written
+
+        zeros = (jnp.zeros((_BINS, tile), jnp.int32), jnp.zeros((tile,), jnp.int32), jnp.int32(0))
+        carry = jax.lax.fori_loop(0, jnp.where(in_bucket > 0, 0, n_tiles), full_pass, zeros)
+        counts, n_ok, written = jax.lax.fori_loop(0, (in_bucket + tile - 1) // tile, bucket_pass, carry)
+        in_bucket = jnp.where(compact, written, in_bucket)
         counts, n_ok = jnp.sum(counts, axis=1), jnp.sum(n_ok)
         if r == 0:
             wanted = jnp.minimum(n_ok, topk)
@@ -77,6 +103,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_ti
         at_or_above = jnp.sum(counts) - jnp.cumsum(counts) + counts  # keys with digit >= v
         digit = jnp.max(jnp.where(at_or_above >= wanted, bins, 0))
         above = jnp.sum(jnp.where(bins > digit, counts, 0))
+        matching = jnp.sum(jnp.where(bins == digit, counts, 0))
         wanted = wanted - above
         prefix = prefix | (digit << shift)
 
@@ -102,11 +129,13 @@ def _select_kernel(limit_ref, keys_ref, out_ref, *, topk: int, tile: int, out_ti
     jax.lax.fori_loop(0, n_tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-RADIX_TILE = 512  # H100 sweep at 32K rows of 32K keys: 512 keys x 8 warps beat 1024 and 2048 (19 vs 27-31 ms)
+# H100 sweeps (jax 0.11.2) on the 32K x 32K causal keys of real DSA scores: tiles of 256 keys with 4
+# warps and an 8192-key bucket took 15.6 ms; 512/8 warps 18.6 ms; 1024/8 22.7 ms; no bucket 20.8 ms.
+RADIX_TILE = 256
 
 
 def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int = RADIX_TILE,
-                    num_warps: int = 8, interpret: bool | None = None) -> jax.Array:
+                    bucket: int = 8192, num_warps: int = 4, interpret: bool | None = None) -> jax.Array:
     """Positions [B, R, topk] int32 (position order, -1 padded) of the top-``topk`` keys of each row of
     ``keys`` [B, R, n] int32 among its first ``limits`` [B, R] entries, ignoring ``INELIGIBLE_KEY``.
 
@@ -117,13 +146,17 @@ def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int 
         raise ValueError(f"radix_topk_rows: row length {n} must be a multiple of tile={tile} (a power of two)")
     out_tile = min(1024, next_pow2(topk + 1))
     out_len = -(-(topk + 1) // out_tile) * out_tile  # >= topk + 1: one spare column for idle lanes
-    kernel = functools.partial(_select_kernel, topk=topk, tile=tile, out_tile=out_tile, out_len=out_len)
-    out = pl.pallas_call(
+    interpret = pallas_interpret() if interpret is None else interpret
+    cap = -(-bucket // tile) * tile
+    kernel = functools.partial(_select_kernel, topk=topk, tile=tile, out_tile=out_tile, out_len=out_len, cap=cap,
+                               barrier=not interpret)
+    out, _ = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, R, out_len), jnp.int32),
+        out_shape=(jax.ShapeDtypeStruct((B, R, out_len), jnp.int32),
+                   jax.ShapeDtypeStruct((B, R, cap + tile), jnp.int32)),  # bucket (+ a spare column)
         grid=(B, R),
         compiler_params=triton_params(num_warps=num_warps, num_stages=1),
-        interpret=pallas_interpret() if interpret is None else interpret,
+        interpret=interpret,
         name="radix_topk",
     )(limits.astype(jnp.int32), keys)
     return out[:, :, :topk]

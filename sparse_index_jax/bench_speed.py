@@ -12,6 +12,8 @@ Entries (T = S = the length, batch 1, causal, unless said):
   the free device memory; a run-time out-of-memory is recorded as ``oom``.
 * ``dsa``, ``hisa``, ``misa``, ``misa_h``: our selectors (``pallas_kernels``), scoring + top-k of the whole
   prefill.
+* ``dsa_scoring``: the Pallas DSA scoring kernel alone (causal key blocks, ranking keys written to a
+  [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
 * ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt
   q and kv; indices random in [0, t] per query (duplicates for t < k), every slot valid.
 * ``dsa_decode``, ``sparse_mla_decode``: one new token for each of ``decode_batch`` sequences, each with
@@ -20,7 +22,7 @@ Entries (T = S = the length, batch 1, causal, unless said):
 
 FLOPs (2 per multiply-add, dot products only; the head-weighted sums, softmax and top-k are not counted):
 
-* DSA (and ``naive_xla``): the causal work ``2*H*d*T*(T+1)/2``; ``flops_square = 2*T*S*H*d`` (what
+* DSA, ``dsa_scoring`` (and ``naive_xla``): the causal work ``2*H*d*T*(T+1)/2``; ``flops_square = 2*T*S*H*d`` (what
   ``performance.md`` quotes as effective TFLOP/s) is reported too.
 * HISA: per query t: ``2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)``.
 * MISA: per query t: ``2*H*d*(blocks before t's + 1)`` for the router, ``2*A*d*(t+1)`` for the routed scan;
@@ -47,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INDEXER_ENTRIES = ("naive_xla", "dsa", "hisa", "misa", "misa_h")
+INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_scoring", "hisa", "misa", "misa_h")
 MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
 DECODE_ENTRIES = ("dsa_decode", "sparse_mla_decode")
 ENTRIES = INDEXER_ENTRIES + MLA_ENTRIES + DECODE_ENTRIES
@@ -290,6 +292,8 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
         if entry == "dsa":
             fn = lambda q, k, w: dsa_topk(q, k, w, topk=s.topk, implementation=impl)
             return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "dsa_scoring":
+            return _scoring_kernel(s, T), (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
         if entry == "hisa":
             sums = inputs.block_sums(s.hisa_block)
             fn = lambda q, k, w, sums: hisa_topk(q, k, w, topk=s.topk, block_size=s.hisa_block,
@@ -322,6 +326,17 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
         return fn, (q, k, w, lengths), {"shapes": {"q": list(q.shape), "k": list(k.shape), "w": list(w.shape)},
                                         "flops": 2 * H * d * total, "flops_square": 2 * H * d * q.shape[0] * T}
     raise ValueError(f"bench speed: unknown entry {entry!r}")
+
+
+def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
+    """The DSA scoring kernel alone over a causal prefill of T queries (no top-k); interpreted on CPU."""
+    from pallas_kernels.dsa_topk.pallas_gpu import kernel_layout, score_keys
+    from pallas_kernels.radix_topk import RADIX_TILE
+
+    def fn(q, k, w):
+        q, w, k, scale, width = kernel_layout(q, w, k, None, tile=RADIX_TILE)
+        return score_keys(q, w, k, scale, jnp.arange(1, T + 1, dtype=jnp.int32)[None], width=width)
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -406,7 +421,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
         "backends": _backends(setup.implementation),
         "flop_convention": {
             "all": "2 FLOPs per multiply-add of the dot products; head-weighted sums, softmax, top-k not counted",
-            "naive_xla, dsa": "causal work 2*H*d*T*(T+1)/2; flops_square = 2*T*S*H*d (performance.md's effective)",
+            "naive_xla, dsa, dsa_scoring": "causal work 2*H*d*T*(T+1)/2; flops_square = 2*T*S*H*d (performance.md's effective)",
             "hisa": "per query t: 2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)",
             "misa": "per query t: 2*H*d*(t//block + 1) router + 2*active_heads*d*(t+1) routed scan",
             "misa_h": "misa + 2*H*d*min(candidates, t+1) re-ranking",

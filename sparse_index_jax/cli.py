@@ -408,6 +408,7 @@ q/k, fp32 head weights):
                       --memory-budget-gb), and when it runs out of memory.
   dsa, hisa, misa,    pallas_kernels selectors, scoring + top-k of the whole prefill. HISA/MISA
   misa_h              get their pooled block sums computed before the timed region.
+  dsa_scoring         the Pallas DSA scoring kernel alone ([T,S] int32 ranking keys, no top-k).
   sparse_mla          sparse MLA forward over k random causal indices per query;
   sparse_mla_fwd_bwd  jax.grad of its sum wrt q and kv.
   dsa_decode,         one new token for each of --decode-batch sequences with lengths drawn in
@@ -419,8 +420,8 @@ entry at that length with a one-line reason; the rest go on. --max-seconds skips
 once the budget is spent.
 
 FLOPs (2 per multiply-add of the dot products; head sums, softmax, top-k not counted):
-  naive_xla, dsa  causal work 2*H*d*T*(T+1)/2; also flops_square = 2*T*S*H*d (performance.md's
-                  "effective TFLOP/s").
+  naive_xla, dsa, causal work 2*H*d*T*(T+1)/2; also flops_square = 2*T*S*H*d (performance.md's
+  dsa_scoring     "effective TFLOP/s").
   hisa            per query t: 2*H*d*(blocks before t's block + candidate tokens <= t kept).
   misa            per query t: 2*H*d*(t//block + 1) routing + 2*A*d*(t+1) routed scan;
   misa_h          + 2*H*d*min(candidates, t+1) re-ranking.

@@ -69,7 +69,8 @@ def test_dsa_pallas_small_query_chunks_and_keys():
     _assert_same(got, want)
 
 
-def test_radix_topk_ties_limits_and_ineligible():
+@pytest.mark.parametrize("bucket", [64, 4096])  # compacted after a few passes / never
+def test_radix_topk_ties_limits_and_ineligible(bucket):
     rng = np.random.default_rng(3)
     B, R, n, topk = 2, 6, 256, 20
     keys = rng.integers(-50, 50, (B, R, n)).astype(np.int32)
@@ -78,7 +79,8 @@ def test_radix_topk_ties_limits_and_ineligible():
     keys[1, 2] = rng.integers(-2**31 + 1, 2**31 - 1, n)     # the full key range
     keys[1, 3, :5] = [2**31 - 1, -2**31 + 1, 0, -1, 1]      # extremes
     limits = np.array([[256, 10, 0, 255, 100, 20], [256, 256, 256, 5, 21, 1]], np.int32)
-    got = np.asarray(radix_topk_rows(jnp.asarray(keys), jnp.asarray(limits), topk, tile=64))
+    keys[0, 4] = np.float32(rng.normal(size=n)).view(np.int32)  # float keys: buckets follow exponents
+    got = np.asarray(radix_topk_rows(jnp.asarray(keys), jnp.asarray(limits), topk, tile=64, bucket=bucket))
     masked = np.where(np.arange(n) < limits[..., None], keys, INELIGIBLE_KEY)
     want, _ = top_k_by_key(jnp.asarray(masked), topk)
     want = np.sort(np.where(np.asarray(want) < 0, n, np.asarray(want)), axis=-1)  # position order
