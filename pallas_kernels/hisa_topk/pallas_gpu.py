@@ -7,7 +7,8 @@
 2. Token refinement: the kept blocks' tokens, in increasing position, go through the gathered-scoring
    kernel and the radix top-k (``pallas_kernels/refine_gpu.py``).
 
-Work per query: ``H * d * (S / B + m * B)`` instead of DSA's ``H * d * S``. Queries run in chunks
+Work per query: ``H * d * (S / B + m * B)`` instead of DSA's ``H * d * S``. When ``m`` blocks cover
+every key (``m * B >= S``), HISA's result is DSA's and the DSA kernels run instead. Queries run in chunks
 whose per-query buffers (block keys and candidate keys: about ``4 * (S / B + 3 * m * B)`` bytes a
 query) fit ``chunk_bytes``.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from pallas_kernels.blocks import block_means, last_eligible
 from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, next_pow2, pallas_interpret, top_k_by_key
-from pallas_kernels.dsa_topk.pallas_gpu import kernel_layout, pad_axis, query_block, score_keys
+from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas, kernel_layout, pad_axis, query_block, score_keys
 from pallas_kernels.refine_gpu import refine_topk_pallas
 
 _INF_KEY = np.int32(0x7F800000)  # ranking key of +inf: a forced block, as in the reference
@@ -45,7 +46,10 @@ def _hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
     B, T, H, d = q.shape
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
-    m = min(num_blocks, M)
+    if num_blocks >= M:  # every block is kept: HISA is DSA (the reference's documented identity)
+        return dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, query_chunk=0, key_chunk=0,
+                               return_keys=return_keys, chunk_bytes=chunk_bytes, interpret=interpret)
+    m = num_blocks
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
     block_tile = min(64, next_pow2(M))
     block_width = -(-M // block_tile) * block_tile
