@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_index_jax.plots import save_figure
+
 INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_scoring", "hisa", "misa", "misa_h")
 MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
 DECODE_ENTRIES = ("dsa_decode", "sparse_mla_decode")
@@ -554,12 +556,7 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2 if ax is right else 1)
-    fig.tight_layout()
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def save(report: dict[str, Any], path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:

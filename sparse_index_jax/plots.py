@@ -25,6 +25,13 @@ def line_plot(path: str | pathlib.Path, series: Mapping[str, tuple[Sequence[floa
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | pathlib.Path) -> pathlib.Path:
+    """Lays out, writes (creating the folder) and closes a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
