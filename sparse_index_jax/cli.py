@@ -237,9 +237,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import json
     import pathlib
 
+    from sparse_index_jax.distributed import initialize, is_main_process
     from sparse_index_jax.plots import line_plot
     from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
 
+    if args.distributed:
+        initialize(args.coordinator, args.num_processes, args.process_id)
     model, data = _load_model_and_data(args)
     pattern = model.check_pattern(_pattern_arg(args, model.cfg.num_hidden_layers))
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
@@ -251,6 +254,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
     distill(model, data, cfg, out, progress=not args.quiet)
     after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
+    if not is_main_process():
+        return 0
     (out / "eval.json").write_text(json.dumps({"pattern": pattern, "before": before, "after": after}, indent=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     line_plot(out / "distill.png", {
@@ -375,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--keep-checkpoints", type=_positive, default=3, help="checkpoints kept (default 3)")
     dist.add_argument("--eval-batches", type=_positive, default=4, help="held-out batches evaluated (default 4)")
     dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
+    multi = dist.add_argument_group(
+        "several hosts", "Run the same command on every host (one process per host) with --distributed; all "
+        "devices of all hosts form the data axis. Cloud TPU pods, SLURM and Open MPI are detected; elsewhere "
+        "name the coordinator. --out must be on storage every host sees (checkpoints are written jointly).")
+    multi.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0 (not needed where the cluster is detected)")
+    multi.add_argument("--num-processes", type=_positive, help="number of processes (with --coordinator)")
+    multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
     dist.set_defaults(func=cmd_distill)
 
     bench = sub.add_parser("bench", help="benchmarks: selection fidelity, speed",

@@ -97,7 +97,7 @@ def check_data_parallel_distillation():
     import models
     from flax import nnx
     from sparse_index_jax.data import PackedDataset
-    from sparse_index_jax.train.distill import DistillConfig, distill, train_step, trainable
+    from sparse_index_jax.train.distill import DistillConfig, distill
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,14 +109,7 @@ def check_data_parallel_distillation():
                             sparse_lr=0.05, optimizer="sgd", save_every=100)
         parallel = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
         distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False)
-        single = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
-        opt, opt_stage = None, None
-        for step in range(cfg.total_steps):
-            stage = cfg.stage(step)
-            if stage != opt_stage:
-                opt, opt_stage = nnx.Optimizer(single, cfg.tx(stage), wrt=trainable(stage)), stage
-            inputs, targets = data.train_batch(step, cfg.batch_size)
-            train_step(single, opt, jnp.asarray(inputs), jnp.asarray(targets), "FSF", stage)
+        single = _train_on_one_device(folder, data, cfg)
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(parallel)), nnx.to_flat_state(nnx.state(single))):
             np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
                                        err_msg=str(path))
@@ -124,6 +117,50 @@ def check_data_parallel_distillation():
         assert len(leaf.sharding.device_set) == 8  # replicated over the data axis
 
 
+def _train_on_one_device(folder, data, cfg):
+    """The reference: the same steps, one device, one process."""
+    import models
+    from flax import nnx
+    from sparse_index_jax.train.distill import train_step, trainable
+
+    single = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+    opt, opt_stage = None, None
+    for step in range(cfg.total_steps):
+        stage = cfg.stage(step)
+        if stage != opt_stage:
+            opt, opt_stage = nnx.Optimizer(single, cfg.tx(stage), wrt=trainable(stage)), stage
+        inputs, targets = data.train_batch(step, cfg.batch_size)
+        train_step(single, opt, jnp.asarray(inputs), jnp.asarray(targets), cfg.pattern, stage)
+    return single
+
+
+def check_multi_process_distillation(process_id: str, port: str, folder: str, out: str):
+    """One of 2 processes (2 devices each): ``distill`` over all 4 devices equals one-device training."""
+    from sparse_index_jax.distributed import initialize, is_main_process
+
+    initialize(f"localhost:{port}", 2, int(process_id))
+    import models
+    from flax import nnx
+    from sparse_index_jax.data import PackedDataset
+    from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
+
+    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+    data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
+    cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
+                        sparse_lr=0.05, optimizer="sgd", save_every=2)
+    model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+    history = distill(model, data, cfg, pathlib.Path(out), progress=False)
+    evaluate(model, data, "FSF", cfg.batch_size, 1)  # held-out batches go to the same 4 devices
+    single = _train_on_one_device(folder, data, cfg)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(single))):
+        a = a.get_value()
+        assert len(a.sharding.device_set) == 4  # replicated over both hosts' devices
+        np.testing.assert_allclose(np.asarray(a.addressable_data(0)), np.asarray(b.get_value()), atol=2e-5,
+                                   err_msg=str(path))
+    logged = (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines() if is_main_process() else []
+    assert len(history) == cfg.total_steps and len(logged) == (cfg.total_steps if is_main_process() else 0)
+
+
 if __name__ == "__main__":
-    globals()[f"check_{sys.argv[1]}"]()
+    globals()[f"check_{sys.argv[1]}"](*sys.argv[2:])
     print("ok")

@@ -1,6 +1,6 @@
 """8-device checks (XLA's forced host devices), each in its own process: context-parallel selection equals
 single-device selection, a sharded model forward equals the unsharded one, data-parallel distillation
-equals single-device training."""
+equals single-device training; and two processes (multi-host, jax.distributed) distill like one device."""
 
 from __future__ import annotations
 
@@ -24,3 +24,25 @@ def test_on_eight_devices(check):
     done = subprocess.run([sys.executable, str(script), check], env=env, capture_output=True, text=True,
                           timeout=900, cwd=script.parent.parent)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def test_two_processes_distill_like_one_device(tmp_path):
+    """Two processes of 2 CPU devices each (jax.distributed over Gloo): data-parallel ``distill`` over the 4
+    devices equals one-device training; only process 0 writes metrics."""
+    pytest.importorskip("torch", reason="builds an HF checkpoint with torch")
+    import socket
+
+    from tests.tiny_models import save_tiny
+
+    folder = save_tiny(tmp_path / "m", num_hidden_layers=3, initializer_range=0.3)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = pathlib.Path(__file__).with_name("multidevice_checks.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), "multi_process_distillation", str(i), str(port),
+                               str(folder), str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=script.parent.parent) for i in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and out.strip().endswith("ok"), out[-3000:] + err[-6000:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -28,6 +29,7 @@ from flax import nnx
 from pallas_kernels.blocks import gathered_scores
 from pallas_kernels.common import map_query_chunks
 from sparse_index_jax.data import PackedDataset
+from sparse_index_jax.distributed import is_main_process, put_batch, replicate
 from sparse_index_jax.index_cache import IndexCacheConfig
 from sparse_index_jax.sharding import make_mesh
 from sparse_index_jax.train.losses import indexer_kl_rows, lm_loss
@@ -142,13 +144,28 @@ def _data_parallel(model, batch_size: int):
         raise ValueError(f"distill: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
     mesh = make_mesh(data=n)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    nnx.update(model, replicate(nnx.state(model), replicated))  # works across hosts too
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def _batch_sharding_like(model, batch_size: int):
+    """Batches for a model ``distill`` has spread over a data mesh go the same way (None: one device)."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
+        return None
+    data = sharding.mesh.shape.get("data", 1)
+    spec = jax.sharding.PartitionSpec("data" if batch_size % data == 0 else None)
+    return jax.sharding.NamedSharding(sharding.mesh, spec)
 
 
 def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathlib.Path, *,
             progress: bool = True, log: Callable[[str], None] = print, stop_after: int | None = None) -> list[dict]:
     """Runs (or resumes) the two stages; writes ``out_dir/checkpoints`` and ``out_dir/metrics.jsonl``.
+
+    Multi-process (after ``sparse_index_jax.distributed.initialize``): every process runs this with the
+    same data; each feeds its devices' rows of every batch, all take part in checkpointing, and only
+    process 0 writes metrics, ``run.json``, the log and the progress bar.
 
     ``stop_after`` ends the run after that many steps of this call (an interruption, for tests and
     time-boxed jobs); a later call resumes from the latest checkpoint. Returns this call's metrics.
@@ -156,6 +173,9 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     import orbax.checkpoint as ocp
 
     pattern = model.check_pattern(cfg.pattern)
+    main = is_main_process()
+    if not main:
+        progress, log = False, (lambda _: None)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(out / "checkpoints", cfg)
@@ -172,12 +192,13 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         nnx.update(saved_opt, restored["opt"])
         optimizer, opt_stage = saved_opt, saved_stage
         log(f"resumed from step {step} ({out / 'checkpoints'})")
-    log_path = out / "metrics.jsonl"
-    if log_path.is_file():  # steps logged after the checkpoint we resume from will run again: drop them
+    log_path = out / "metrics.jsonl" if main else pathlib.Path(os.devnull)
+    if main and log_path.is_file():  # steps logged after the checkpoint we resume from run again: drop them
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in kept))
-    (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "pattern": pattern,
-                                              "data": data.fingerprint()}, indent=2))
+    if main:
+        (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "pattern": pattern,
+                                                  "data": data.fingerprint()}, indent=2))
 
     bar = None
     if progress:
@@ -185,8 +206,8 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         bar = tqdm(total=cfg.total_steps, initial=step, desc="distill", unit="step", file=sys.stderr)
     history = []
     done_here = 0
-    # host batch -> its devices in one transfer (split over the data axis when there are several)
-    put = jnp.asarray if sharding is None else (lambda batch: jax.device_put(batch, sharding))
+    # host batch -> its devices in one transfer (each process gives its own devices' rows)
+    put = lambda batch: put_batch(batch, sharding)
     with open(log_path, "a") as metrics_file:
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
@@ -215,10 +236,12 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
 def evaluate(model, data: PackedDataset, pattern: str | None, batch_size: int, max_batches: int = 4) -> dict:
     """Held-out indexer KL (sparse slots) and LM loss, dense vs sparse attention."""
     pattern = model.check_pattern(pattern)
+    sharding = _batch_sharding_like(model, batch_size)
     rows = {"dense": [], "sparse": []}
     for inputs, targets in data.heldout_batches(batch_size, max_batches):
+        inputs, targets = put_batch(inputs, sharding), put_batch(targets, sharding)
         for stage in STAGES:
-            rows[stage].append(eval_step(model, jnp.asarray(inputs), jnp.asarray(targets), pattern, stage))
+            rows[stage].append(eval_step(model, inputs, targets, pattern, stage))
     mean = lambda xs, key: float(np.mean([float(x[key]) for x in xs]))
     return {"lm_loss_dense": mean(rows["dense"], "lm_loss"), "lm_loss_sparse": mean(rows["sparse"], "lm_loss"),
             "indexer_kl_dense": mean(rows["dense"], "indexer_kl"),
