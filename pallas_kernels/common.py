@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INELIGIBLE_KEY = np.iinfo(np.int32).min
+INELIGIBLE_KEY = np.int32(np.iinfo(np.int32).min)  # numpy scalar: kernels may not capture jax arrays
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
@@ -39,14 +39,18 @@ def to_shard(positions: jax.Array, key_offset, shard_len: int) -> tuple[jax.Arra
     return jnp.clip(local, 0, shard_len - 1), (local >= 0) & (local < shard_len)
 
 
+def ordered_keys(scores: jax.Array) -> jax.Array:
+    """int32 keys whose integer order is the float order of ``scores``; also used inside kernels."""
+    s = scores.astype(jnp.float32)
+    s = jnp.where(s != s, -jnp.inf, s)  # NaN ranks as -inf
+    s = jnp.where(s == 0, 0.0, s)  # -0.0 -> +0.0 so both zeros tie
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+    return jnp.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+
+
 def ranking_keys(scores: jax.Array, eligible: jax.Array) -> jax.Array:
     """int32 keys ordered like ``scores`` (float32); ineligible entries get ``INELIGIBLE_KEY``."""
-    s = scores.astype(jnp.float32)
-    s = jnp.where(jnp.isnan(s), -jnp.inf, s)
-    s = jnp.where(s == 0, jnp.float32(0), s)  # -0.0 -> +0.0 so both zeros tie
-    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
-    keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-    return jnp.where(eligible, keys, jnp.int32(INELIGIBLE_KEY))
+    return jnp.where(eligible, ordered_keys(scores), INELIGIBLE_KEY)
 
 
 def top_k_by_key(keys: jax.Array, topk: int, *, return_keys: bool = False):
@@ -105,10 +109,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def pallas_interpret() -> bool:
-    """Whether Pallas GPU kernels run interpreted here: on CPU they do (slow, exact: what the tests use),
-    on GPU they are compiled."""
-    return jax.default_backend() == "cpu"
+def pallas_interpret(override: bool | None = None) -> bool:
+    """Whether Pallas GPU kernels run interpreted: ``override`` when given, else as the platform says
+    (on CPU they are interpreted: slow, exact, what the tests use; on GPU compiled)."""
+    return jax.default_backend() == "cpu" if override is None else override
 
 
 def implementations_here(has_gpu_kernel: bool) -> tuple[str, ...]:

@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -39,7 +38,6 @@ from pallas_kernels.common import INELIGIBLE_KEY, next_pow2, pallas_interpret, t
 _DIGIT_BITS = 4
 _BINS = 1 << _DIGIT_BITS
 _ROUNDS = 32 // _DIGIT_BITS
-_MIN = np.int32(INELIGIBLE_KEY)
 
 
 def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile: int, out_tile: int,
@@ -52,7 +50,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
 
     def load(j):
         key = keys_ref[b, t, pl.ds(j * tile, tile)]
-        ok = (j * tile + lane < n) & (key != _MIN)
+        ok = (j * tile + lane < n) & (key != INELIGIBLE_KEY)
         return key, ok
 
     # Radix select on the biased bits (key ^ INT32_MIN: unsigned order = key order). Shifts are
@@ -71,7 +69,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
 
         def count_keys(key, ok, carry, shift=shift, prefix=prefix, r=r):
             counts, n_ok = carry  # per lane: the cross-lane sums happen once per pass, not per tile
-            u = key ^ _MIN
+            u = key ^ INELIGIBLE_KEY
             match = ok if r == 0 else ok & ((u >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS)))
             digit = jnp.where(match, (u >> shift) & (_BINS - 1), _BINS)
             hit = digit[None, :] == bins[:, None]
@@ -107,7 +105,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
         wanted = wanted - above
         prefix = prefix | (digit << shift)
 
-    threshold = prefix ^ _MIN  # the k-th largest key; ``wanted`` keys equal to it are still to take
+    threshold = prefix ^ INELIGIBLE_KEY  # the k-th largest key; ``wanted`` keys equal to it are still to take
 
     def emit(j, carry):
         written, equal_seen = carry
@@ -146,7 +144,7 @@ def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int 
         raise ValueError(f"radix_topk_rows: row length {n} must be a multiple of tile={tile} (a power of two)")
     out_tile = min(1024, next_pow2(topk + 1))
     out_len = -(-(topk + 1) // out_tile) * out_tile  # >= topk + 1: one spare column for idle lanes
-    interpret = pallas_interpret() if interpret is None else interpret
+    interpret = pallas_interpret(interpret)
     cap = -(-bucket // tile) * tile
     kernel = functools.partial(_select_kernel, topk=topk, tile=tile, out_tile=out_tile, out_len=out_len, cap=cap,
                                barrier=not interpret)

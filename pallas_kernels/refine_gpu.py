@@ -15,15 +15,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import INELIGIBLE_KEY, pallas_interpret, triton_params
-from pallas_kernels.dsa_topk.pallas_gpu import order_by_key, pad_axis, ranking_key_in_kernel
+from pallas_kernels.common import INELIGIBLE_KEY, ordered_keys, pallas_interpret, triton_params
+from pallas_kernels.dsa_topk.pallas_gpu import order_by_key, pad_axis
 from pallas_kernels.radix_topk import RADIX_TILE, radix_topk_rows
-
-_MIN = np.int32(INELIGIBLE_KEY)
-
 
 def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: int, n_tiles: int):
     b, t = pl.program_id(0), pl.program_id(1)
@@ -37,7 +33,7 @@ def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: in
         rows = k_ref[b, safe, :]                          # gathered [bc, d]
         logits = jax.lax.dot_general(rows, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         scores = jnp.sum(jnp.maximum(logits, 0.0) * w[None, :], axis=1) * scale_ref[b, safe]
-        out_ref[b, t, cols] = jnp.where(pos >= 0, ranking_key_in_kernel(scores), _MIN)
+        out_ref[b, t, cols] = jnp.where(pos >= 0, ordered_keys(scores), INELIGIBLE_KEY)
         return carry
 
     jax.lax.fori_loop(0, n_tiles, tile, 0)
@@ -54,7 +50,7 @@ def gathered_keys(q, w, k, scale, positions, *, bc: int = 64, num_warps: int = 4
         out_shape=jax.ShapeDtypeStruct((B, T, C), jnp.int32),
         grid=(B, T),
         compiler_params=triton_params(num_warps=num_warps, num_stages=num_stages),
-        interpret=pallas_interpret() if interpret is None else interpret,
+        interpret=pallas_interpret(interpret),
         name="gathered_keys",
     )(positions, q, w, k, scale)
 

@@ -5,7 +5,7 @@ Two kernels per chunk of queries:
 1. ``score_keys``: one program per block of ``bq`` queries. One tensor-core dot per block of ``bk``
    keys (M) against the ``bq * H`` head queries (N = 128 for H = 64, bq = 2) gives every head's
    logits; ReLU, the head weights and the sum over heads follow in float32 registers and the ranking
-   key (``common.ranking_keys``'s int32 order) is written out. Key blocks
+   key (``common.ordered_keys``: the int32 order of the scores) is written out. Key blocks
    past the causal limit of the block's last query are never visited: the causal half of the work is
    skipped, and [T, S, H] never exists.
 2. ``radix_topk_rows`` (``pallas_kernels/radix_topk.py``): exact top-k of each row's eligible prefix.
@@ -25,23 +25,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, next_pow2, pallas_interpret,
-                                   top_k_by_key, triton_params)
+from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, next_pow2, ordered_keys,
+                                   pallas_interpret, top_k_by_key, triton_params)
 from pallas_kernels.radix_topk import RADIX_TILE, radix_topk_rows
-
-_SIGN = np.int32(0x7FFFFFFF)
-
-
-def ranking_key_in_kernel(s: jax.Array) -> jax.Array:
-    """``common.ranking_keys`` without the eligibility mask, in kernel-friendly ops."""
-    s = jnp.where(s != s, -jnp.inf, s)
-    s = jnp.where(s == 0, 0.0, s)
-    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
-    return jnp.where(bits < 0, bits ^ _SIGN, bits)
-
 
 def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
     b, i = pl.program_id(0), pl.program_id(1)
@@ -60,7 +48,7 @@ def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int
                                      preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
         logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
         scores = jnp.sum(logits * w, axis=2) * scale_ref[b, keys][:, None]  # [bk, bq]
-        out_ref[b, rows, keys] = ranking_key_in_kernel(scores).T
+        out_ref[b, rows, keys] = ordered_keys(scores).T
         return carry
 
     jax.lax.fori_loop(0, n_blocks, block, 0)
@@ -86,7 +74,7 @@ def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, lim
         out_shape=jax.ShapeDtypeStruct((B, T, width), jnp.int32),
         grid=(B, T // bq),
         compiler_params=triton_params(num_warps=num_warps, num_stages=num_stages),
-        interpret=pallas_interpret() if interpret is None else interpret,
+        interpret=pallas_interpret(interpret),
         name="dsa_score_keys",
     )(limits, q, w, k, k_scale)
 
@@ -122,7 +110,7 @@ def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
 def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: bool):
     """Winners in position order (-1 padded) -> the contract's order: best key first, ties lower first."""
     sel = jnp.where(positions >= 0, jnp.take_along_axis(keys, jnp.maximum(positions, 0), axis=-1),
-                    jnp.int32(INELIGIBLE_KEY))
+                    INELIGIBLE_KEY)
     slot, valid, sel_keys = top_k_by_key(sel, topk, return_keys=True)
     idx = jnp.where(valid, jnp.take_along_axis(positions, jnp.maximum(slot, 0), axis=-1), -1)
     return (idx, valid, sel_keys) if return_keys else (idx, valid)
@@ -135,7 +123,7 @@ def dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, que
     ``interpret``: None = as the platform says (``common.pallas_interpret``)."""
     del query_chunk, key_chunk
     return _dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
-                            chunk_bytes=chunk_bytes, interpret=pallas_interpret() if interpret is None else interpret)
+                            chunk_bytes=chunk_bytes, interpret=pallas_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "return_keys", "chunk_bytes", "interpret"))

@@ -36,7 +36,7 @@ def hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, t
     del query_chunk
     return _hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
                              block_size=block_size, num_blocks=num_blocks, return_keys=return_keys,
-                             chunk_bytes=chunk_bytes, interpret=pallas_interpret() if interpret is None else interpret)
+                             chunk_bytes=chunk_bytes, interpret=pallas_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "return_keys", "chunk_bytes",
@@ -71,7 +71,7 @@ def _hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
         forced = (block_ids == 0) | (block_ids == own_c[..., None])
         keys = jnp.where(forced, _INF_KEY, keys)
         eligible = (block_ids <= own_c[..., None]) & (counts[:, None, :] > 0)
-        kept, kept_ok = top_k_by_key(jnp.where(eligible, keys, np.int32(INELIGIBLE_KEY)), m)
+        kept, kept_ok = top_k_by_key(jnp.where(eligible, keys, INELIGIBLE_KEY), m)
         kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)  # increasing block -> increasing position
         cand = (jnp.minimum(kept, M - 1)[..., None] * block_size + offsets).reshape(B, -1, m * block_size)
         ok = jnp.repeat(kept < M, block_size, axis=-1) & (cand <= last_c[..., None])

@@ -28,7 +28,7 @@ def misa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, t
     return _misa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
                              block_size=block_size, active_heads=active_heads, candidates=candidates,
                              query_chunk=query_chunk, return_keys=return_keys, chunk_bytes=chunk_bytes,
-                             interpret=pallas_interpret() if interpret is None else interpret)
+                             interpret=pallas_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",

@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import chunk_axis, pallas_interpret, triton_params
+from pallas_kernels.common import chunk_axis, next_pow2, pallas_interpret, triton_params
 
 __all__ = ["BlockSizes", "candidate_block_sizes", "smem_estimate", "sparse_mla_pallas"]
 
@@ -142,7 +142,7 @@ def candidate_block_sizes() -> list[BlockSizes]:
 
 
 def _pow2(n: int) -> int:
-    return max(_MIN_DOT, 1 << (n - 1).bit_length())
+    return max(_MIN_DOT, next_pow2(n))
 
 
 @dataclasses.dataclass(frozen=True)
