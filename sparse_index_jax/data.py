@@ -131,3 +131,19 @@ class PackedDataset:
         digest = hashlib.sha256(np.asarray(self.tokens[: 1 << 20]).tobytes())
         digest.update(f"{len(self.tokens)}/{self.seq_len}/{self.seed}/{self.heldout_fraction}".encode())
         return digest.hexdigest()[:16]
+
+
+def python_stdlib_files(split: str = "train", heldout_every: int = 10) -> list[pathlib.Path]:
+    """CPython's own standard-library sources (the top-level ``*.py`` files): an offline text corpus on every
+    machine with Python, sorted by name. A file is ``"heldout"`` when the CRC-32 of its name is divisible by
+    ``heldout_every``, else ``"train"``: held-out text is never trained on, and a module keeps its side across
+    Python versions (whose file lists differ). Compare runs by ``PackedDataset.fingerprint``."""
+    import sysconfig
+    import zlib
+
+    if split not in ("train", "heldout"):
+        raise ValueError(f"python_stdlib_files: split must be 'train' or 'heldout', got {split!r}")
+    files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    if not files:
+        raise FileNotFoundError("no standard-library sources found next to this Python (a stripped install?)")
+    return [f for f in files if (zlib.crc32(f.name.encode()) % heldout_every == 0) == (split == "heldout")]

@@ -52,6 +52,7 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     save_every: int = 50
     keep_checkpoints: int = 3
+    train_base: bool = True             # False: the sparse stage trains the indexers alone (a frozen retrofit)
 
     def __post_init__(self):
         for name in ("warmup_steps", "sparse_steps"):
@@ -80,9 +81,10 @@ class DistillConfig:
         return optax.chain(optax.clip_by_global_norm(self.grad_clip), opt) if self.grad_clip else opt
 
 
-def trainable(stage: str):
-    """What a stage trains: the indexers alone in the dense warm-up, every parameter in the sparse stage."""
-    return INDEXER_PARAMS if stage == "dense" else nnx.Param
+def trainable(stage: str, train_base: bool = True):
+    """What a stage trains: the indexers alone in the dense warm-up, every parameter in the sparse stage
+    (the indexers alone there too without ``train_base``: the LM loss is then only watched)."""
+    return nnx.Param if stage == "sparse" and train_base else INDEXER_PARAMS
 
 
 def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64) -> jax.Array:
@@ -112,12 +114,13 @@ def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, s
     return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}
 
 
-@nnx.jit(static_argnames=("pattern", "stage"))
-def train_step(model, optimizer, inputs, targets, pattern: str, stage: str):
+@nnx.jit(static_argnames=("pattern", "stage", "train_base"))
+def train_step(model, optimizer, inputs, targets, pattern: str, stage: str, train_base: bool = True):
     def loss_fn(model):
         return distill_losses(model, inputs, targets, pattern, stage)
 
-    grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, trainable(stage)), has_aux=True)(model)
+    wrt = trainable(stage, train_base)
+    grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
     optimizer.update(model, grads)
     return metrics
 
@@ -185,7 +188,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     optimizer, opt_stage = None, None
     if step:
         saved_stage = cfg.stage(step - 1)
-        saved_opt = nnx.Optimizer(model, cfg.tx(saved_stage), wrt=trainable(saved_stage))
+        saved_opt = nnx.Optimizer(model, cfg.tx(saved_stage), wrt=trainable(saved_stage, cfg.train_base))
         target = {"model": nnx.state(model), "opt": nnx.state(saved_opt)}
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         nnx.update(model, restored["model"])
@@ -212,10 +215,11 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
-                optimizer, opt_stage = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage)), stage
+                optimizer, opt_stage = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage, cfg.train_base)), stage
             inputs, targets = map(put, data.train_batch(step, cfg.batch_size))
             start = time.perf_counter()
-            metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, pattern, stage).items()}
+            metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, pattern, stage,
+                                                                   cfg.train_base).items()}
             step += 1
             done_here += 1
             record = {"step": step, "stage": stage, **metrics, "seconds": time.perf_counter() - start}

@@ -1,0 +1,225 @@
+"""Llama-family causal LM (GQA, RoPE, SwiGLU) in Flax NNX, with DSA retrofitted onto every attention layer.
+
+The retrofit: each attention layer gets a ``LightningIndexer`` whose query reads the layer's (normed)
+hidden state, since these models have no query latent. Its top-k Selection, shared by all heads,
+drives ``sparse_gqa_attention``. With ``dense=True`` (or no indexer at all) the layer is plain causal
+attention, numerically the HF ``LlamaForCausalLM`` (q/k in HF's half-split RoPE layout).
+
+Parameter names follow HF (``model.layers.N.self_attn.q_proj`` -> ``layers[N].self_attn.q_proj``); the
+indexers live at ``layers[N].self_attn.indexer``, so the distillation loop's ``"indexer"`` filter finds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.modeling import MLP, CausalLM
+from sparse_index_jax.attention import DSAOutput
+from sparse_index_jax.config import IndexerConfig, RopeConfig
+from sparse_index_jax.gqa import dense_gqa_attention, sparse_gqa_attention
+from sparse_index_jax.indexer import LightningIndexer
+from sparse_index_jax.layers import RMSNorm
+from sparse_index_jax.rope import apply_rope, rotary_cos_sin
+from sparse_index_jax.selection import Selection, causal_selection, select_topk
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    indexer: IndexerConfig | None = None   # the retrofit; None: a plain dense model
+    query_chunk: int = 256                 # attention query rows per chunk (memory O(chunk * S))
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "query_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name}: must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig.num_key_value_heads: {self.num_key_value_heads} does not divide "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+        ix = self.indexer
+        if ix is not None and (ix.hidden_size, ix.q_input_dim) != (self.hidden_size, self.hidden_size):
+            raise ValueError(f"LlamaConfig.indexer: hidden_size and q_input_dim must both be {self.hidden_size} "
+                             f"(the indexer reads the hidden state), got {ix.hidden_size} and {ix.q_input_dim}")
+
+    @property
+    def rope(self) -> RopeConfig:
+        return RopeConfig(theta=self.rope_theta)
+
+    @property
+    def index_pattern(self) -> str:
+        """Every layer has its own indexer (F) once retrofitted; IndexCache patterns pick which ones run."""
+        if self.indexer is None:
+            raise ValueError("this Llama model has no indexers: retrofit them first, e.g. "
+                             "cfg.with_indexer(n_heads=6, head_dim=32, topk=256), and load or distil their weights")
+        return "F" * self.num_hidden_layers
+
+    def with_indexer(self, **indexer: Any) -> "LlamaConfig":
+        """The retrofit: this config with a lightning indexer (``IndexerConfig`` fields) on every layer."""
+        ix = IndexerConfig(hidden_size=self.hidden_size, q_input_dim=self.hidden_size,
+                           **{"norm_eps": 1e-6, "rope_layout": "half", **indexer})
+        return dataclasses.replace(self, indexer=ix)
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> "LlamaConfig":
+        """From an HF ``LlamaConfig`` dictionary (plain RoPE only)."""
+        rope = RopeConfig.from_hf_config(cfg)
+        if rope.rope_type != "default":
+            raise ValueError(f"LlamaConfig: only plain RoPE is supported, config has {rope.rope_type!r}")
+        eos = cfg.get("eos_token_id")
+        heads = int(cfg["num_attention_heads"])
+        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+                   intermediate_size=int(cfg["intermediate_size"]), num_hidden_layers=int(cfg["num_hidden_layers"]),
+                   num_attention_heads=heads, num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads), rope_theta=rope.theta,
+                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+                   bos_token_id=cfg.get("bos_token_id"),
+                   eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+
+
+class LlamaAttention(nnx.Module):
+    """GQA attention with HF Llama names, plus the retrofitted indexer (``cfg.indexer``)."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "auto"):
+        self.cfg, self.implementation = cfg, implementation
+        lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nnx.Linear(cfg.hidden_size, hq * d, **lin)
+        self.k_proj = nnx.Linear(cfg.hidden_size, hkv * d, **lin)
+        self.v_proj = nnx.Linear(cfg.hidden_size, hkv * d, **lin)
+        self.o_proj = nnx.Linear(hq * d, cfg.hidden_size, **lin)
+        # float32 like the DSA models' indexers: the indexer is small and its scores decide ties
+        self.indexer = (LightningIndexer(cfg.indexer, cfg.rope, dtype=jnp.float32, param_dtype=jnp.float32,
+                                         rngs=rngs) if cfg.indexer is not None else None)
+
+    def __call__(self, x: jax.Array, *, cache=None, selection: Selection | None = None, capture: bool = False,
+                 dense: bool = False) -> DSAOutput:
+        """x [B, T, hidden] (prefill; positions 0..T-1) -> DSAOutput. ``dense``: plain causal attention over
+        every key; otherwise the handed ``selection`` or the indexer's top-k. ``capture`` adds the head-averaged
+        probabilities per slot and the indexer's activations from DETACHED inputs (see ``DSAAttention``)."""
+        cfg = self.cfg
+        if cache is not None:
+            raise ValueError("LlamaAttention runs whole sequences (prefill) only; it has no decode cache")
+        B, T, _ = x.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        q = self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        cos, sin = rotary_cos_sin(cfg.rope, positions, cfg.head_dim)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None], "half")
+        k = apply_rope(k, cos[:, :, None], sin[:, :, None], "half")
+
+        act = None
+        if self.indexer is not None and (capture or (selection is None and not dense)):
+            detach = jax.lax.stop_gradient if capture else (lambda a: a)
+            act = self.indexer(detach(x), detach(x), positions)
+        options = dict(scale=cfg.head_dim ** -0.5, query_chunk=cfg.query_chunk, return_probs=capture)
+        if dense:
+            selection = causal_selection(positions, T)
+            out, probs = dense_gqa_attention(q, k, v, positions, **options)
+        else:
+            if selection is None:
+                if act is None:
+                    raise ValueError("LlamaAttention: this model has no indexers; call it with dense=True or hand "
+                                     "it a selection")
+                ix = cfg.indexer
+                selection = select_topk(act.q, act.k, act.w, topk=ix.topk, method=ix.method, q_positions=positions,
+                                        k_scale=act.k_scale, implementation=self.implementation,
+                                        **ix.selector_options())
+            out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid, **options)
+        out = self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim))
+        return DSAOutput(out, selection, None, probs, act if capture else None)
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, cache=None, selection: Selection | None = None, capture: bool = False,
+                 dense: bool = False) -> tuple[jax.Array, DSAOutput]:
+        attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, capture=capture, dense=dense)
+        x = x + attn.out
+        return x + self.mlp(self.post_attention_layernorm(x)), attn
+
+
+class LlamaForCausalLM(CausalLM):
+    """``model(input_ids, dense=True)`` is the original model; ``model(input_ids)`` attends through the
+    indexers' top-k (``index_pattern`` as for the DSA models: S layers reuse the last F layer's selection)."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs))
+
+    def set_selector(self, **fields) -> None:
+        """Switches every layer's selector (``IndexerConfig`` fields such as ``method``, ``topk``,
+        ``block_size``); the fields that shape the indexer's weights must stay as they are."""
+        if self.cfg.indexer is None:
+            raise ValueError("set_selector: this model has no indexers")
+        self.cfg = dataclasses.replace(self.cfg, indexer=dataclasses.replace(self.cfg.indexer, **fields))
+        fixed = ("hidden_size", "q_input_dim", "n_heads", "head_dim", "rope_dim")
+        for layer in self.layers:
+            if any(getattr(layer.self_attn.cfg.indexer, f) != getattr(self.cfg.indexer, f) for f in fixed):
+                raise ValueError(f"set_selector: {sorted(set(fields) & set(fixed))} shape the indexer weights and "
+                                 f"cannot change")
+            layer.self_attn.cfg = self.cfg
+
+    def check_pattern(self, pattern: str | None) -> str:
+        if self.cfg.indexer is None and pattern is None:
+            return "F" * len(self.layers)  # only dense runs are possible; the layers say so if asked otherwise
+        return super().check_pattern(pattern)
+
+
+@nnx.jit(static_argnames=("dense",))
+def _next_token_logits(model: LlamaForCausalLM, tokens: jax.Array, at: jax.Array, dense: bool) -> jax.Array:
+    return model(tokens, dense=dense).logits[jnp.arange(tokens.shape[0]), at]
+
+
+def greedy_continuation(model: LlamaForCausalLM, input_ids, max_new_tokens: int, *, dense: bool = True) -> np.ndarray:
+    """Greedy decoding without a cache, for sanity checks: every step reruns a fixed [B, T + n] buffer (the
+    tokens after the current one cannot affect it, attention being causal), so it compiles once."""
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2 or ids.shape[1] == 0 or max_new_tokens <= 0:
+        raise ValueError(f"greedy_continuation: need a [B, T] prompt and max_new_tokens > 0, got {ids.shape}, "
+                         f"{max_new_tokens}")
+    B, T = ids.shape
+    buffer = np.zeros((B, T + max_new_tokens), np.int32)
+    buffer[:, :T] = ids
+    for t in range(T, T + max_new_tokens):
+        logits = _next_token_logits(model, jnp.asarray(buffer), jnp.full((B,), t - 1), dense)
+        buffer[:, t] = np.asarray(jnp.argmax(logits, axis=-1))
+    return buffer
