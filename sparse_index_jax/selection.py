@@ -120,6 +120,9 @@ def select_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, method: 
     if unknown:
         raise TypeError(f"select_topk: method {method!r} takes no option(s) {sorted(unknown)}; "
                         f"it takes {', '.join(accepted)}")
+    # Selection is discrete: no gradient flows through it, and none must be traced into its kernels
+    # (a Pallas call has no derivative rule) when a loss differentiates the indexer that fed it.
+    q, k, w, k_scale = jax.lax.stop_gradient((q, k, w, k_scale))
     indices, valid = run(q, k, w, topk=topk, k_scale=k_scale, q_positions=q_positions, kv_lengths=kv_lengths,
                          implementation=implementation, **method_options)
     return Selection(indices, valid)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from pallas_kernels.blocks import gathered_scores
 from pallas_kernels.common import map_query_chunks
+from pallas_kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.data import PackedDataset
 from sparse_index_jax.distributed import is_main_process, put_batch, replicate
 from sparse_index_jax.index_cache import IndexCacheConfig
@@ -87,13 +88,18 @@ def trainable(stage: str, train_base: bool = True):
     return nnx.Param if stage == "sparse" and train_base else INDEXER_PARAMS
 
 
-def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64) -> jax.Array:
-    """``indexer_kl`` of one F layer, ``chunk`` query rows at a time under ``jax.checkpoint``: the gathered
-    keys [B, chunk, k, d] and logits [B, chunk, H, k] exist for one chunk at a time, also in backward."""
+def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64, *, dense: bool = False) -> jax.Array:
+    """``indexer_kl`` of one F layer, ``chunk`` query rows at a time under ``jax.checkpoint``: the scores
+    [B, chunk, k] (and the gathered keys [B, chunk, k, d] they come from) exist for one chunk at a time, also
+    in backward. ``dense``: the selection is ``causal_selection`` (slot s = key s), so the scores come from
+    one matmul against all keys instead of a gather of every key per query."""
 
     @jax.checkpoint
     def one_chunk(q, w, indices, valid, p):
-        scores = gathered_scores(q, w, act.k, act.k_scale, indices)
+        if dense:
+            scores = index_scores(q, act.k, w, act.k_scale)
+        else:
+            scores = gathered_scores(q, w, act.k, act.k_scale, indices)
         return indexer_kl_rows(jnp.moveaxis(p, 2, 0), scores, valid)
 
     kl, has_keys = map_query_chunks(one_chunk, chunk, (act.q, 0), (act.w, 0), (selection.indices, -1),
@@ -108,7 +114,7 @@ def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, s
     for full, served in IndexCacheConfig(pattern).groups():
         attn = run.attention[full]
         attention = jnp.stack([run.attention[j].probs for j in served], axis=2)  # [B, T, m, k]
-        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention)
+        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention, dense=stage == "dense")
     lm = lm_loss(model.logits(run.hidden), targets)
     loss = kl if stage == "dense" else lm + kl
     return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}
