@@ -38,7 +38,7 @@ def save_indexers(model: LlamaForCausalLM, path: str | pathlib.Path, info: dict 
         raise ValueError("save_indexers: this model has no indexers")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: np.asarray(var.value, np.float16) for name, var in _indexer_params(model).items()}
+    tensors = {name: np.asarray(var.get_value(), np.float16) for name, var in _indexer_params(model).items()}
     meta = {"indexer": json.dumps(dataclasses.asdict(model.cfg.indexer)), "info": json.dumps(info or {}),
             "num_layers": str(model.cfg.num_hidden_layers)}
     save_file(tensors, str(path), metadata=meta)
@@ -78,9 +78,9 @@ def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
         raise ValueError(f"{path}: tensors do not match the model's indexers (missing {missing[:3]}, unexpected "
                          f"{extra[:3]}); was it written for a model with another number of layers?")
     for name, var in params.items():
-        if tensors[name].shape != var.value.shape:
-            raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, the model needs {var.value.shape}")
-        var.value = jnp.asarray(tensors[name], var.value.dtype)
+        if tensors[name].shape != var.get_value().shape:
+            raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, the model needs {var.get_value().shape}")
+        var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
     return info
 
 

