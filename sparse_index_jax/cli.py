@@ -545,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-layer indexer distillation: each F layer's indexer learns the head-averaged attention "
                     "of every layer it serves (itself and the S layers after it). Stage 1 (dense warm-up): only "
                     "the indexers train, on KL over all keys. Stage 2 (sparse): KL over the selected keys for the "
-                    "indexers (detached inputs), LM loss with sparse attention for the rest. Orbax checkpoints in "
-                    "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png.")
+                    "indexers (detached inputs), LM loss with sparse attention for the rest (smollm2: the indexers alone, "
+                    "unless --train-base). Orbax checkpoints in OUT/checkpoints (resumed automatically), "
+                    "OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png; smollm2 also OUT/indexers.safetensors.")
     _model_data_args(dist, "fresh")
     dist.add_argument("--train-base", action="store_true",
                       help="smollm2: also train the base model in the sparse stage (default: the indexers alone; "

@@ -4,7 +4,8 @@ Stage "dense" (warm-up): every layer attends densely; only the indexers train (e
 frozen and, through the optimizer's ``wrt`` filter, carries no optimizer state); loss = indexer KL.
 Stage "sparse": F layers select their top-k, S layers reuse it; the indexer KL is restricted to the
 selected slots and the indexers see detached inputs, so they learn only from the KL while the rest of
-the model learns only from the LM loss (loss = LM + KL, the two gradient paths never mix).
+the model learns only from the LM loss (loss = LM + KL, the two gradient paths never mix). With
+``train_base=False`` (a retrofit onto a frozen pretrained model) the sparse stage trains the indexers alone.
 
 Checkpoints (Orbax ``CheckpointManager``) hold the model, the optimizer and the step; the batch of a
 step is a pure function of (seed, step), so a resumed run continues bit for bit.
