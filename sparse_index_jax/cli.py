@@ -208,9 +208,16 @@ def cmd_bench_model_fidelity(args: argparse.Namespace) -> int:
         raise ValueError(f"the held-out files hold {len(held):,} tokens: {n} sequences of {setup.seq_len}, fewer "
                          f"than --sequences {setup.sequences}")
     rows = np.stack([held[i * setup.seq_len: (i + 1) * setup.seq_len + 1] for i in range(setup.sequences)])
-    train = PackedDataset(read_tokens(python_stdlib_files("train"), tokenizer=tokenizer, eos_id=eos),
-                          setup.search_seq_len, seed=setup.seed, heldout_fraction=0)
-    calibration = [train.train_batch(i, setup.search_batch_size) for i in range(setup.search_batches)]
+    searched, calibration = None, []
+    if args.search_from:  # reuse an earlier report's searched patterns (the search dominates on a CPU)
+        import json
+        import pathlib
+
+        searched = {float(k): v for k, v in json.loads(pathlib.Path(args.search_from).read_text())["searched"].items()}
+    else:
+        train = PackedDataset(read_tokens(python_stdlib_files("train"), tokenizer=tokenizer, eos_id=eos),
+                              setup.search_seq_len, seed=setup.seed, heldout_fraction=0)
+        calibration = [train.train_batch(i, setup.search_batch_size) for i in range(setup.search_batches)]
     print(f"selection fidelity of SmolLM2-135M + DSA ({args.indexers} indexers): {setup.sequences} held-out "
           f"sequences of {setup.seq_len} tokens (CPython sources), top-{setup.topk}; HISA {setup.hisa_blocks} blocks "
           f"of {setup.hisa_block}, MISA {setup.misa_heads} of {model.cfg.indexer.n_heads} heads (block "
@@ -218,7 +225,8 @@ def cmd_bench_model_fidelity(args: argparse.Namespace) -> int:
     report = model_fidelity.run(model, rows, calibration, setup, progress=not args.quiet, model_info={
         "name": "SmolLM2-135M-Instruct (Q4_1 GGUF) + DSA retrofit", "indexer": dict(
             (k, v) for k, v in vars(model.cfg.indexer).items() if k in ("n_heads", "head_dim", "rope_dim")),
-        "indexers": str(weights), "indexers_info": info, "heldout_files": len(python_stdlib_files("heldout"))})
+        "indexers": str(weights), "indexers_info": info, "heldout_files": len(python_stdlib_files("heldout")),
+        "searched_from": args.search_from}, searched=searched)
     print()
     print(model_fidelity.format_table(report))
     json_path, png_path = model_fidelity.save(report, args.out or "bench/results/fidelity_smollm2.json")
@@ -595,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--sequences", type=_positive, default=2, help="with --model: held-out sequences (default 2)")
     fid.add_argument("--search-batches", type=_positive, default=4,
                      help="with --model: IndexCache search calibration batches of 2 x --search-seq-len (default 4)")
-    fid.add_argument("--search-seq-len", type=_positive, default=1024, help="with --model: (default 1024)")
+    fid.add_argument("--search-seq-len", type=_positive, default=1024,
+                     help="with --model: tokens per calibration sequence (default 1024)")
+    fid.add_argument("--search-from", help="with --model: reuse the searched IndexCache patterns of an earlier "
+                                           "report (JSON) instead of searching again")
     fid.add_argument("--queries", type=_positive, default=512, help="synthetic: query rows scored")
     fid.add_argument("--heads", type=_positive, default=16, help="synthetic: indexer heads (default 16)")
     fid.add_argument("--head-dim", type=_positive, default=64, help="synthetic: indexer head dim (default 64)")

@@ -146,8 +146,11 @@ def searched_patterns(model, calibration, keeps, *, progress: bool = True, log=p
 
 
 def run(model, heldout: np.ndarray, calibration, setup: ModelFidelitySetup, *, progress: bool = True,
-        log: Callable[[str], None] = print, model_info: dict | None = None) -> dict[str, Any]:
-    """The whole report. ``heldout`` [N, seq_len + 1] token rows; ``calibration`` [(inputs, targets)] batches."""
+        log: Callable[[str], None] = print, model_info: dict | None = None,
+        searched: dict[float, dict] | None = None) -> dict[str, Any]:
+    """The whole report. ``heldout`` [N, seq_len + 1] token rows; ``calibration`` [(inputs, targets)] batches
+    for the IndexCache search, or ``searched`` ({keep: {"pattern": ...}}, e.g. an earlier report's) to reuse
+    its patterns. Leaves the model's selector at DSA top-``setup.topk``."""
     if model.cfg.indexer is None:
         raise ValueError("model_fidelity.run: the model has no indexers")
     model.set_selector(topk=setup.topk, method="dsa")
@@ -162,9 +165,12 @@ def run(model, heldout: np.ndarray, calibration, setup: ModelFidelitySetup, *, p
     log(f"selection metrics: {time.perf_counter() - start:.0f} s")
 
     n = len(model.layers)
-    start = time.perf_counter()
-    searched = searched_patterns(model, calibration, setup.keeps, progress=progress, log=log)
-    log(f"IndexCache search: {time.perf_counter() - start:.0f} s")
+    if searched is None:
+        start = time.perf_counter()
+        searched = searched_patterns(model, calibration, setup.keeps, progress=progress, log=log)
+        log(f"IndexCache search: {time.perf_counter() - start:.0f} s")
+    elif set(searched) != set(setup.keeps):
+        raise ValueError(f"searched patterns cover keeps {sorted(searched)}, the setup asks for {sorted(setup.keeps)}")
     runs: dict[str, dict] = {"dense": {"dense": True}, "dsa": {}}
     runs.update({m: {"selector": setup.selector(m)} for m in SELECTORS})
     for keep in setup.keeps:

@@ -214,6 +214,11 @@ def test_model_fidelity_report_on_a_tiny_model(tmp_path):
     json_path, png = mf.save(report, tmp_path / "f.json")
     assert json_path.is_file() and (png is None or png.is_file())
     assert "of the ceiling" in mf.format_table(report)
+    searched = {float(k): v for k, v in report["searched"].items()}  # as --search-from reads them back
+    again = mf.run(model, heldout, [], setup, progress=False, log=lambda _: None, searched=searched)
+    assert again["lm_loss"] == report["lm_loss"]
+    with pytest.raises(ValueError, match="keeps"):
+        mf.run(model, heldout, [], setup, progress=False, log=lambda _: None, searched={0.5: searched[0.5]})
 
 
 # ---- GGUF: the loader against transformers, the tokenizer ----------------------------------------------------
