@@ -115,13 +115,16 @@ def pallas_interpret(override: bool | None = None) -> bool:
     return jax.default_backend() == "cpu" if override is None else override
 
 
-def implementations_here(has_gpu_kernel: bool) -> tuple[str, ...]:
+def implementations_here(has_gpu_kernel: bool, has_tpu_kernel: bool = False) -> tuple[str, ...]:
     """The implementations of an op on the current platform, best first.
 
-    GPU: the Pallas kernel first. CPU: the plain-JAX reference first; ``"pallas"`` still runs there, in
-    interpret mode, so kernels can be tested without a GPU. TPU: the reference (TPU kernels: issue 8).
+    GPU: the Pallas GPU kernel first. TPU: the Pallas TPU kernel first where the op has one. CPU: the
+    plain-JAX reference first; ``"pallas"`` still runs there (the GPU kernels, interpreted), so kernels
+    can be tested without an accelerator (the TPU kernels' tests call them in TPU interpret mode).
     """
     platform = jax.default_backend()
+    if platform == "tpu":
+        return ("pallas", "xla") if has_tpu_kernel else ("xla",)
     if not has_gpu_kernel or platform not in ("gpu", "cpu"):
         return ("xla",)
     return ("pallas", "xla") if platform == "gpu" else ("xla", "pallas")

@@ -1,0 +1,101 @@
+"""Pallas TPU kernels against the plain-JAX reference, in TPU interpret mode on CPU.
+
+Interpret mode (``pltpu.InterpretParams``) simulates VMEM, SMEM and DMA: out-of-bounds reads raise and
+uninitialised memory reads as NaN, so a kernel that reads outside its blocks or skips a write fails
+here. Inputs are small integers: every score is exact in float32, so the comparison is exact, and
+ties are everywhere (the tie rule is tested, not dodged).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+from pallas_kernels.dsa_topk import backend_for
+from pallas_kernels.dsa_topk.pallas_tpu import dsa_topk_pallas_tpu
+from pallas_kernels.dsa_topk.reference import dsa_topk_reference
+from pallas_kernels.tpu import DSA_BLOCK_SIZES, DsaTpuBlockSizes, dsa_block_sizes, tpu_generation
+
+SMALL = DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=8)
+
+
+def _inputs(B, T, S, H, d, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.integers(-2, 3, (B, T, H, d)), dtype)
+    k = jnp.asarray(rng.integers(-2, 3, (B, S, d)), dtype)
+    w = jnp.asarray(rng.integers(-2, 3, (B, T, H)), jnp.float32)
+    positions = jnp.asarray(np.sort(rng.integers(0, S, (B, T)), axis=1), jnp.int32)
+    return q, k, w, positions
+
+
+@pytest.mark.parametrize("B,T,S,H,d,topk,lengths,scaled,dtype", [
+    (2, 37, 300, 3, 16, 20, (300, 211), False, jnp.float32),    # ragged T and S, ragged rows
+    (1, 16, 128, 2, 8, 200, (128,), False, jnp.float32),        # topk > S: padding slots
+    (2, 24, 260, 4, 32, 7, (0, 133), True, jnp.bfloat16),       # an empty row, fp8-style key scales, bf16
+    (1, 40, 517, 5, 8, 64, (517,), False, jnp.float32),         # several key blocks, causal skipping
+])
+def test_dsa_tpu_kernel_equals_reference(B, T, S, H, d, topk, lengths, scaled, dtype):
+    q, k, w, positions = _inputs(B, T, S, H, d, dtype=dtype)
+    k_scale = jnp.asarray(np.random.default_rng(1).choice([0.5, 1.0, 2.0], (B, S)), jnp.float32) if scaled else None
+    lengths = jnp.asarray(lengths, jnp.int32)
+    got = dsa_topk_pallas_tpu(q, k, w, k_scale, positions, lengths, topk=topk, blocks=SMALL)
+    want = dsa_topk_reference(q, k, w, k_scale, positions, lengths, topk=topk, query_chunk=16, key_chunk=64)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_dsa_tpu_kernel_in_small_query_chunks():
+    """A chunk budget of one query block: several chunks, the last one padded with ineligible rows."""
+    q, k, w, positions = _inputs(1, 45, 256, 2, 8, seed=3)
+    lengths = jnp.asarray([256], jnp.int32)
+    got = dsa_topk_pallas_tpu(q, k, w, None, positions, lengths, topk=9, blocks=SMALL, chunk_bytes=16 * 256 * 4)
+    want = dsa_topk_reference(q, k, w, None, positions, lengths, topk=9, query_chunk=16, key_chunk=64)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_block_sizes_are_checked_before_tracing():
+    with pytest.raises(ValueError, match="block_k=100: must be a positive multiple of 128"):
+        DsaTpuBlockSizes(block_k=100).check()
+    with pytest.raises(ValueError, match="block_q=12: must be a positive multiple of 8"):
+        DsaTpuBlockSizes(block_q=12).check()
+    q, k, w, positions = _inputs(1, 8, 128, 1, 8)
+    with pytest.raises(ValueError, match="multiple of search_rows"):
+        dsa_topk_pallas_tpu(q, k, w, None, positions, jnp.asarray([128]), topk=4,
+                            blocks=DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=24))
+
+
+def test_generations_and_their_defaults():
+    assert tpu_generation("TPU v5 lite") == "v5e"
+    assert tpu_generation("TPU v5p") == "v5p"
+    assert tpu_generation("TPU v6 lite") == "v6e"
+    for gen, blocks in DSA_BLOCK_SIZES.items():
+        assert dsa_block_sizes(gen) is blocks.check()
+    with pytest.raises(ValueError, match="unknown TPU generation"):
+        dsa_block_sizes("v4")
+
+
+def test_auto_dispatch_off_tpu_keeps_its_choice():
+    assert backend_for("auto").name == "xla"  # CPU: the reference first; TPU would pick the TPU kernel
+    assert "platform 'cpu'" in backend_for("auto").reason
+
+
+def test_dsa_tpu_kernels_lower_for_tpu_at_production_shapes():
+    """DeepSeek-V3.2's indexer (64 heads x 128, top-2048) lowered for TPU (``jax.export``, no TPU needed): the
+    Pallas -> Mosaic step runs in Python, so a kernel Mosaic's front end rejects fails here. (What only
+    libtpu's compiler rejects, VMEM overflow or layouts, still needs a TPU.)"""
+    import jax
+
+    from pallas_kernels.dsa_topk.pallas_tpu import _dsa_topk_tpu
+
+    B, T, S, H, d = 1, 512, 4096, 64, 128
+    spec = jax.ShapeDtypeStruct
+
+    def run(q, k, w, positions, lengths):
+        return _dsa_topk_tpu(q, k, w, None, positions, lengths, topk=2048, blocks=dsa_block_sizes("v5p"),
+                             chunk_bytes=1 << 30, interpret=False)
+
+    exported = jax.export.export(jax.jit(run), platforms=["tpu"])(
+        spec((B, T, H, d), jnp.bfloat16), spec((B, S, d), jnp.bfloat16), spec((B, T, H), jnp.float32),
+        spec((B, T), jnp.int32), spec((B,), jnp.int32))
+    assert exported.mlir_module().count("tpu_custom_call") == 2  # the scoring and threshold kernels
