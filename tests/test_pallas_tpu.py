@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
+from pallas_kernels.blocks import pool_block_sums
 from pallas_kernels.dsa_topk import backend_for
 from pallas_kernels.dsa_topk.pallas_tpu import dsa_topk_pallas_tpu
 from pallas_kernels.dsa_topk.reference import dsa_topk_reference
+from pallas_kernels.hisa_topk.pallas_tpu import hisa_topk_pallas_tpu
+from pallas_kernels.hisa_topk.reference import hisa_topk_reference
+from pallas_kernels.misa_topk.pallas_tpu import misa_topk_pallas_tpu
+from pallas_kernels.misa_topk.reference import misa_topk_reference
 from pallas_kernels.tpu import DSA_BLOCK_SIZES, DsaTpuBlockSizes, dsa_block_sizes, tpu_generation
 
 SMALL = DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=8)
@@ -52,6 +57,35 @@ def test_dsa_tpu_kernel_in_small_query_chunks():
     got = dsa_topk_pallas_tpu(q, k, w, None, positions, lengths, topk=9, blocks=SMALL, chunk_bytes=16 * 256 * 4)
     want = dsa_topk_reference(q, k, w, None, positions, lengths, topk=9, query_chunk=16, key_chunk=64)
     np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("B,T,S,H,d,topk,block,kept,lengths", [
+    (2, 37, 300, 3, 16, 20, 16, 4, (300, 211)),   # ragged T, S and rows; blocks pruned
+    (1, 20, 130, 2, 8, 40, 8, 8, (130,)),         # a partial last block
+    (2, 11, 64, 2, 8, 100, 16, 3, (0, 50)),       # an empty row; topk > the kept candidates: padding
+])
+def test_hisa_tpu_kernels_equal_reference(B, T, S, H, d, topk, block, kept, lengths):
+    """Block sizes are powers of two, so block means of integer keys are exact and the comparison is too."""
+    q, k, w, positions = _inputs(B, T, S, H, d, seed=4)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    sums = pool_block_sums(k, None, lengths, block)
+    options = dict(topk=topk, block_size=block, num_blocks=kept, query_chunk=16)
+    got = hisa_topk_pallas_tpu(q, k, w, None, positions, lengths, sums, blocks=SMALL, **options)
+    want = hisa_topk_reference(q, k, w, None, positions, lengths, sums, **options)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("candidates", [None, 24])  # MISA, MISA-H
+def test_misa_tpu_kernels_equal_reference(candidates):
+    q, k, w, positions = _inputs(2, 29, 200, 4, 8, seed=5)
+    lengths = jnp.asarray([200, 150], jnp.int32)
+    sums = pool_block_sums(k, None, lengths, 16)
+    options = dict(topk=12, block_size=16, active_heads=2, candidates=candidates, query_chunk=8, key_chunk=64)
+    got = misa_topk_pallas_tpu(q, k, w, None, positions, lengths, sums, blocks=SMALL, **options)
+    want = misa_topk_reference(q, k, w, None, positions, lengths, sums, **options)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_block_sizes_are_checked_before_tracing():
@@ -99,3 +133,31 @@ def test_dsa_tpu_kernels_lower_for_tpu_at_production_shapes():
         spec((B, T, H, d), jnp.bfloat16), spec((B, S, d), jnp.bfloat16), spec((B, T, H), jnp.float32),
         spec((B, T), jnp.int32), spec((B,), jnp.int32))
     assert exported.mlir_module().count("tpu_custom_call") == 2  # the scoring and threshold kernels
+
+
+def test_hisa_and_misa_tpu_kernels_lower_for_tpu():
+    """HISA (blocks of 128, 64 kept: the refinement kernel's scalar-prefetched block ids drive its key DMA) and
+    MISA-H (8 of 64 heads routed) at V3.2's indexer shapes, lowered for TPU as above."""
+    import jax
+
+    from pallas_kernels.hisa_topk.pallas_tpu import _hisa_topk_tpu
+    from pallas_kernels.misa_topk.pallas_tpu import _misa_topk_tpu
+
+    B, T, S, H, d, block = 1, 256, 16384, 64, 128, 128
+    spec = jax.ShapeDtypeStruct
+    args = (spec((B, T, H, d), jnp.bfloat16), spec((B, S, d), jnp.bfloat16), spec((B, T, H), jnp.float32),
+            spec((B, T), jnp.int32), spec((B,), jnp.int32), spec((B, S // block, d), jnp.float32))
+    blocks = dsa_block_sizes("v5p")
+
+    def hisa(q, k, w, positions, lengths, sums):
+        return _hisa_topk_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, num_blocks=64,
+                              query_chunk=128, blocks=blocks, interpret=False, return_keys=False)
+
+    def misa(q, k, w, positions, lengths, sums):
+        return _misa_topk_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, active_heads=8,
+                              candidates=8192, query_chunk=64, return_keys=False, blocks=blocks,
+                              chunk_bytes=1 << 30, interpret=False)
+
+    for fn, kernels in ((hisa, 4), (misa, 2)):  # HISA: scoring + search on blocks, refine + search on tokens
+        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        assert text.count("tpu_custom_call") == kernels, (fn.__name__, text.count("tpu_custom_call"))

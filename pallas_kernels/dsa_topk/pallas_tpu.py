@@ -122,7 +122,8 @@ def kth_keys(keys: jax.Array, topk: int, *, rows: int, interpret) -> jax.Array:
 
 
 def compact(keys: jax.Array, threshold: jax.Array, topk: int):
-    """The top-``topk`` of each row given its topk-th key: (indices, valid) best first, ties by position."""
+    """The top-``topk`` of each row given its topk-th key: (indices, valid, their keys) best first, ties by
+    position."""
     above = keys > threshold[..., None]
     tie = (keys == threshold[..., None]) & (keys != INELIGIBLE_KEY)
     need = topk - jnp.sum(above, axis=-1, keepdims=True)
@@ -136,12 +137,13 @@ def compact(keys: jax.Array, threshold: jax.Array, topk: int):
         scatter = jax.vmap(scatter)
     winners = scatter(winners, slot, positions)
     winner_keys = jnp.where(winners >= 0, jnp.take_along_axis(keys, jnp.maximum(winners, 0), axis=-1), INELIGIBLE_KEY)
-    order, valid = top_k_by_key(winner_keys, topk)  # winners are in position order: ties stay by position
-    return jnp.where(valid, jnp.take_along_axis(winners, jnp.maximum(order, 0), axis=-1), -1), valid
+    order, valid, ranked = top_k_by_key(winner_keys, topk, return_keys=True)  # winners are in position order:
+    return jnp.where(valid, jnp.take_along_axis(winners, jnp.maximum(order, 0), axis=-1), -1), valid, ranked
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "blocks", "chunk_bytes", "interpret"))
-def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, chunk_bytes, interpret):
+@functools.partial(jax.jit, static_argnames=("topk", "blocks", "chunk_bytes", "interpret", "return_keys"))
+def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, chunk_bytes, interpret,
+                  return_keys=False):
     B, T = q.shape[:2]
     S = k.shape[1]
     kk = min(topk, S)
@@ -152,26 +154,27 @@ def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, ch
         c = q_c.shape[1]
         keys = score_keys(q_c, k, w_c, k_scale, pos_c, kv_lengths, blocks=blocks, interpret=interpret)
         threshold = kth_keys(keys, kk, rows=blocks.search_rows, interpret=interpret)
-        idx, valid = compact(keys[:, :c, :S], threshold[:, :c], kk)
-        return idx, valid
+        return compact(keys[:, :c, :S], threshold[:, :c], kk)
 
-    idx, valid = map_query_chunks(one_chunk, min(rows_per_chunk, _round_up(T, blocks.block_q)),
-                                  (q, 0), (w, 0), (q_positions, -1))
+    idx, valid, ranked = map_query_chunks(one_chunk, min(rows_per_chunk, _round_up(T, blocks.block_q)),
+                                          (q, 0), (w, 0), (q_positions, -1))
     if kk < topk:
         pad = ((0, 0), (0, 0), (0, topk - kk))
         idx, valid = jnp.pad(idx, pad, constant_values=-1), jnp.pad(valid, pad)
-    return idx, valid
+        ranked = jnp.pad(ranked, pad, constant_values=INELIGIBLE_KEY)
+    return (idx, valid, ranked) if return_keys else (idx, valid)
 
 
 def dsa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int = 256,
                         key_chunk: int = 1024, blocks: DsaTpuBlockSizes | None = None, chunk_bytes: int = 1 << 30,
-                        interpret=None):
-    """The TPU implementation behind ``dsa_topk``; ``query_chunk``/``key_chunk`` belong to the reference and
-    are accepted for a uniform signature. ``blocks`` default: the current TPU generation's (v5p elsewhere)."""
+                        interpret=None, return_keys: bool = False):
+    """The TPU implementation behind ``dsa_topk``: (indices, valid[, ranking keys]) as the reference.
+    ``query_chunk``/``key_chunk`` belong to the reference and are accepted for a uniform signature.
+    ``blocks`` default: the current TPU generation's (v5p's off TPU)."""
     del query_chunk, key_chunk
     blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
     if blocks.block_q % blocks.search_rows:
         raise ValueError(f"DsaTpuBlockSizes: block_q={blocks.block_q} must be a multiple of search_rows="
                          f"{blocks.search_rows}")
     return _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, blocks=blocks,
-                         chunk_bytes=chunk_bytes, interpret=tpu_interpret(interpret))
+                         chunk_bytes=chunk_bytes, interpret=tpu_interpret(interpret), return_keys=return_keys)

@@ -1,8 +1,9 @@
 """HISA: block-level coarse filter, then token-level top-k over the kept blocks. One entry point.
 
 Implementations: ``pallas`` (``pallas_gpu.py``: DSA scoring kernel on block means, then gathered
-refinement and radix top-k kernels; compiled on GPU, interpreted on CPU) and ``xla`` (``reference.py``,
-plain JAX, every platform).
+refinement and radix top-k kernels; compiled on GPU, interpreted on CPU; on TPU ``pallas_tpu.py``: the
+TPU scoring and threshold-search kernels on block means, then a refinement kernel whose scalar-prefetched
+block ids drive the key DMA) and ``xla`` (``reference.py``, plain JAX, every platform).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from pallas_kernels.blocks import check_block_sums, pool_block_sums
 from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
                                    implementations_here)
 from pallas_kernels.hisa_topk.pallas_gpu import hisa_topk_pallas
+from pallas_kernels.hisa_topk.pallas_tpu import hisa_topk_pallas_tpu
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
 
 __all__ = ["hisa_topk", "hisa_options", "backend_for", "hisa_topk_reference"]
 
 _OP = "hisa_topk"
-_IMPLEMENTATIONS = {"xla": hisa_topk_reference, "pallas": hisa_topk_pallas}
+def _implementation(name: str):
+    if name == "xla":
+        return hisa_topk_reference
+    return hisa_topk_pallas_tpu if jax.default_backend() == "tpu" else hisa_topk_pallas
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, implementations_here(True))
+    return choose_backend(_OP, implementation, implementations_here(True, has_tpu_kernel=True))
 
 
 def hisa_options(topk: int, block_size: int = 128, num_blocks: int = 64, query_chunk: int = 32) -> dict:
@@ -57,5 +62,5 @@ def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, block_size
     if block_sums is None:
         block_sums = pool_block_sums(k, k_scale, kv_lengths, options["block_size"])
     check_block_sums(_OP, block_sums, k, options["block_size"])
-    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    run = _implementation(backend_for(implementation).name)
     return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, **options)

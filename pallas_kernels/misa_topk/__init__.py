@@ -1,8 +1,9 @@
 """MISA / MISA-H: a router picks a few indexer heads per query; MISA-H re-ranks with all heads.
 
 Implementations: ``pallas`` (``pallas_gpu.py``: routing in XLA, the DSA kernels on the routed heads, the
-gathered re-rank kernel for MISA-H; compiled on GPU, interpreted on CPU) and ``xla`` (``reference.py``,
-plain JAX, every platform).
+gathered re-rank kernel for MISA-H; compiled on GPU, interpreted on CPU; on TPU ``pallas_tpu.py``: the
+DSA TPU kernels on the routed heads, the MISA-H re-rank in XLA) and ``xla`` (``reference.py``, plain JAX,
+every platform).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from pallas_kernels.blocks import check_block_sums, pool_block_sums
 from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
                                    implementations_here)
 from pallas_kernels.misa_topk.pallas_gpu import misa_topk_pallas
+from pallas_kernels.misa_topk.pallas_tpu import misa_topk_pallas_tpu
 from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
 
 __all__ = ["misa_topk", "misa_options", "default_candidates", "backend_for", "misa_topk_reference", "route_heads"]
 
 _OP = "misa_topk"
-_IMPLEMENTATIONS = {"xla": misa_topk_reference, "pallas": misa_topk_pallas}
+def _implementation(name: str):
+    if name == "xla":
+        return misa_topk_reference
+    return misa_topk_pallas_tpu if jax.default_backend() == "tpu" else misa_topk_pallas
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, implementations_here(True))
+    return choose_backend(_OP, implementation, implementations_here(True, has_tpu_kernel=True))
 
 
 def default_candidates(topk: int) -> int:
@@ -64,5 +69,5 @@ def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, active_hea
     if block_sums is None:
         block_sums = pool_block_sums(k, k_scale, kv_lengths, options["block_size"])
     check_block_sums(_OP, block_sums, k, options["block_size"])
-    run = _IMPLEMENTATIONS[backend_for(implementation).name]
+    run = _implementation(backend_for(implementation).name)
     return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, **options)

@@ -1,0 +1,59 @@
+"""MISA and MISA-H on TPU: the ``pallas`` implementation there (same contract and result as the reference).
+
+1. Routing (``reference.route_heads``, plain XLA: ``H * d * S / B`` per query, a small share of the work).
+2. The routed heads' flat scan: the DSA TPU kernels (``dsa_topk.pallas_tpu``: scoring + threshold
+   search + compaction) on the ``active_heads`` routed query heads.
+3. MISA-H: the ``candidates`` survivors, put in increasing position, are re-scored with ALL heads and the
+   best ``topk`` kept (``blocks.refine_topk``, XLA: ``candidates`` rows per query, not S).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.blocks import refine_topk
+from pallas_kernels.common import map_query_chunks
+from pallas_kernels.dsa_topk.pallas_tpu import _dsa_topk_tpu
+from pallas_kernels.misa_topk.reference import route_heads
+from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
+
+
+def misa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
+                         active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
+                         return_keys: bool = False, blocks: DsaTpuBlockSizes | None = None,
+                         chunk_bytes: int = 1 << 30, interpret=None):
+    """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's and the
+    re-rank's chunks."""
+    del key_chunk
+    blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
+    return _misa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
+                          active_heads=active_heads, candidates=candidates, query_chunk=query_chunk,
+                          return_keys=return_keys, blocks=blocks, chunk_bytes=chunk_bytes,
+                          interpret=tpu_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
+                                             "return_keys", "blocks", "chunk_bytes", "interpret"))
+def _misa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, active_heads,
+                   candidates, query_chunk, return_keys, blocks, chunk_bytes, interpret):
+    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
+                        active_heads=active_heads, query_chunk=query_chunk)
+    q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
+    w_routed = jnp.take_along_axis(w, heads, axis=2)
+    scan = functools.partial(_dsa_topk_tpu, q_routed, k, w_routed, k_scale, q_positions, kv_lengths,
+                             blocks=blocks, chunk_bytes=chunk_bytes, interpret=interpret)
+    if candidates is None:
+        return scan(topk=topk, return_keys=return_keys)
+    idx, valid = scan(topk=candidates)
+    big = jnp.iinfo(jnp.int32).max
+    cand = jnp.sort(jnp.where(valid, idx, big), axis=-1)   # increasing position: ties to the lower one
+    cand_ok = cand < big
+    cand = jnp.where(cand_ok, cand, -1)
+
+    def rerank(q_c, w_c, cand_c, ok_c):
+        return refine_topk(q_c, w_c, k, k_scale, cand_c, ok_c, topk, return_keys=return_keys)
+
+    return map_query_chunks(rerank, query_chunk, (q, 0), (w, 0), (cand, -1), (cand_ok, False))
