@@ -20,6 +20,8 @@ from pallas_kernels.hisa_topk.pallas_tpu import hisa_topk_pallas_tpu
 from pallas_kernels.hisa_topk.reference import hisa_topk_reference
 from pallas_kernels.misa_topk.pallas_tpu import misa_topk_pallas_tpu
 from pallas_kernels.misa_topk.reference import misa_topk_reference
+from pallas_kernels.sparse_mla.pallas_tpu import MlaTpuBlockSizes, sparse_mla_pallas_tpu
+from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 from pallas_kernels.tpu import DSA_BLOCK_SIZES, DsaTpuBlockSizes, dsa_block_sizes, tpu_generation
 
 SMALL = DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=8)
@@ -86,6 +88,44 @@ def test_misa_tpu_kernels_equal_reference(candidates):
     want = misa_topk_reference(q, k, w, None, positions, lengths, sums, **options)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def _mla_inputs(B, T, S, H, D, k, seed=0, kv_dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((B, S, D)), kv_dtype)
+    valid = rng.random((B, T, k)) < 0.8
+    valid[0, min(3, T - 1)] = False                       # a query with nothing selected: zeros
+    indices = np.where(valid, rng.integers(0, S, (B, T, k)), -1).astype(np.int32)
+    return q, kv, jnp.asarray(indices), jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("B,T,S,H,D,v_dim,k,kv_dtype", [
+    (2, 19, 70, 4, 24, 16, 21, jnp.float32),   # k not a multiple of block_k, T not of query_chunk
+    (1, 1, 300, 8, 40, 32, 64, jnp.bfloat16),  # decode: one query, a bf16 cache
+])
+def test_sparse_mla_tpu_kernel_matches_reference(B, T, S, H, D, v_dim, k, kv_dtype):
+    q, kv, indices, valid = _mla_inputs(B, T, S, H, D, k, kv_dtype=kv_dtype)
+    blocks = MlaTpuBlockSizes(block_k=8, query_chunk=8)
+    got = sparse_mla_pallas_tpu(q, kv, indices, valid, scale=0.2, v_dim=v_dim, blocks=blocks)
+    want = sparse_mla_reference(q, kv, indices, valid, scale=0.2, v_dim=v_dim, query_chunk=8)
+    np.testing.assert_allclose(got, want, atol=2e-6)  # online vs one-shot softmax: rounding only
+    assert not np.asarray(got[0, min(3, T - 1)]).any()
+
+
+def test_sparse_mla_tpu_is_differentiable_like_the_reference():
+    import jax
+
+    q, kv, indices, valid = _mla_inputs(1, 9, 40, 2, 16, 12, seed=1)
+    blocks = MlaTpuBlockSizes(block_k=8, query_chunk=4)
+    kernel = lambda q, kv: jnp.sum(jnp.sin(sparse_mla_pallas_tpu(q, kv, indices, valid, scale=0.3, v_dim=8,
+                                                                  blocks=blocks)))
+    reference = lambda q, kv: jnp.sum(jnp.sin(sparse_mla_reference(q, kv, indices, valid, scale=0.3, v_dim=8,
+                                                                    query_chunk=4)))
+    for got, want in zip(jax.grad(kernel, (0, 1))(q, kv), jax.grad(reference, (0, 1))(q, kv)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="block_k=12"):
+        MlaTpuBlockSizes(block_k=12).check()
 
 
 def test_block_sizes_are_checked_before_tracing():
@@ -161,3 +201,18 @@ def test_hisa_and_misa_tpu_kernels_lower_for_tpu():
     for fn, kernels in ((hisa, 4), (misa, 2)):  # HISA: scoring + search on blocks, refine + search on tokens
         text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
         assert text.count("tpu_custom_call") == kernels, (fn.__name__, text.count("tpu_custom_call"))
+
+
+def test_sparse_mla_tpu_kernel_lowers_for_tpu():
+    """DeepSeek-V3.2's sparse MLA (128 heads, 576-wide rows, 512-wide values, top-2048) lowered for TPU."""
+    import jax
+
+    from pallas_kernels.sparse_mla.pallas_tpu import _sparse_mla_tpu
+
+    B, T, S, H, D = 1, 64, 8192, 128, 576
+    spec = jax.ShapeDtypeStruct
+    run = lambda q, kv, idx, ok: _sparse_mla_tpu(q, kv, idx, ok, 0.1, 512, MlaTpuBlockSizes(), False)
+    text = jax.export.export(jax.jit(run), platforms=["tpu"])(
+        spec((B, T, H, D), jnp.bfloat16), spec((B, S, D), jnp.bfloat16), spec((B, T, 2048), jnp.int32),
+        spec((B, T, 2048), jnp.bool_)).mlir_module()
+    assert text.count("tpu_custom_call") == 1

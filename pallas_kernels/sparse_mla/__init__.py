@@ -1,10 +1,12 @@
 """Sparse MLA attention over selected cache rows: one entry point over its implementations.
 
-Implementations: ``pallas`` (``pallas_gpu.py``: Triton-lowered forward kernel with an online softmax
-over gathered rows, custom-VJP backward kernel; compiled on GPU, interpreted on CPU for tests; q in
+Implementations: ``pallas`` (on GPU ``pallas_gpu.py``: Triton-lowered forward kernel with an online
+softmax over gathered rows, custom-VJP backward kernel, also interpreted on CPU for tests; on TPU
+``pallas_tpu.py``: DMA gather of the selected rows + online softmax, backward by the reference; q in
 bfloat16, float16 or float32) and ``xla`` (``reference.py``, gather-based, every platform). ``auto``
-takes the best one available on the current platform (GPU: ``pallas``; CPU and TPU: ``xla``), and
-falls back to ``xla`` for query dtypes the kernel does not take; ``backend_for`` says which and why.
+takes the best one available on the current platform (GPU and TPU: ``pallas``; CPU: ``xla``), and
+falls back to ``xla`` for query dtypes the kernel does not take (and, on TPU, for ``return_probs``);
+``backend_for`` says which and why.
 Tile sizes: ``sparse_mla_pallas(..., block_sizes=BlockSizes(...))``; ``candidate_block_sizes()`` lists
 the variants worth timing on an H100.
 """
@@ -16,19 +18,19 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import Backend, check_positive_int, choose_backend, implementations_here
 from pallas_kernels.sparse_mla.pallas_gpu import BlockSizes, candidate_block_sizes, sparse_mla_pallas
+from pallas_kernels.sparse_mla.pallas_tpu import MlaTpuBlockSizes, sparse_mla_pallas_tpu
 from pallas_kernels.sparse_mla.reference import attend, gather_rows, sparse_mla_reference
 
 __all__ = ["sparse_mla", "backend_for", "sparse_mla_reference", "sparse_mla_pallas", "gather_rows", "attend",
-           "BlockSizes", "candidate_block_sizes"]
+           "BlockSizes", "candidate_block_sizes", "MlaTpuBlockSizes", "sparse_mla_pallas_tpu"]
 
 _OP = "sparse_mla"
-_IMPLEMENTATIONS = {"xla": sparse_mla_reference, "pallas": sparse_mla_pallas}
 _PALLAS_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # of q; kv may be any float (rows cast after the gather)
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, implementations_here(True))
+    return choose_backend(_OP, implementation, implementations_here(True, has_tpu_kernel=True))
 
 
 def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array, *, scale: float, v_dim: int,
@@ -61,6 +63,12 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, valid: jax.Array
             raise TypeError(f"{_OP}: the pallas implementation takes q in bfloat16, float16 or float32, got "
                             f"{q.dtype}; use implementation='xla' or 'auto'")
         name = "xla"
-    run = _IMPLEMENTATIONS[name]
+    tpu = jax.default_backend() == "tpu"
+    if name == "pallas" and tpu and return_probs:
+        if implementation == "pallas":
+            raise ValueError(f"{_OP}: the TPU kernel does not return probabilities; use implementation='xla' or "
+                             f"'auto' for return_probs=True")
+        name = "xla"
+    run = {"xla": sparse_mla_reference, "pallas": sparse_mla_pallas_tpu if tpu else sparse_mla_pallas}[name]
     return run(q, kv, indices.astype(jnp.int32), valid, scale=float(scale), v_dim=v_dim, query_chunk=query_chunk,
                return_probs=return_probs)
