@@ -277,6 +277,17 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_roofline(args: argparse.Namespace) -> int:
+    from sparse_index_jax import roofline
+
+    report = roofline.estimate(args.lengths or [8192, 32768, 131072], args.chips)
+    print("roofline of the Pallas TPU kernels (an estimate: max(FLOPs / peak, bytes / HBM), batch 1, causal "
+          "prefill, DeepSeek-V3.2 shapes; peaks from Google Cloud's TPU pages)\n")
+    print(roofline.format_table(report))
+    print(f"\nwrote {roofline.save(report, args.out)}")
+    return 0
+
+
 def _lengths(text: str) -> list[int]:
     """``"4K,8K,16384"`` -> [4096, 8192, 16384]."""
     values = []
@@ -686,6 +697,20 @@ CPU smoke run: sparse-index bench speed --lengths 256,512 --topk 64""")
                        help="JSON report path (default bench/results/speed_<device-kind>.json); PNG alongside")
     speed.add_argument("--quiet", action="store_true", help="no progress bar")
     speed.set_defaults(func=cmd_bench_speed)
+
+    roof = bench_sub.add_parser(
+        "roofline", help="roofline estimate of the TPU kernels on v5e / v5p / v6e (no TPU needed)",
+        description="For DeepSeek-V3.2's shapes (64 indexer heads x 128, top-2048; HISA 64 blocks of 128; MISA 8 "
+                    "heads; sparse MLA 128 heads, 576/512), batch 1, causal prefill T = S: FLOPs and HBM bytes of "
+                    "each Pallas TPU kernel path from its tiling, and the floor max(FLOPs / bf16 peak, bytes / HBM "
+                    "bandwidth) per chip, with whether compute or memory bounds it. Peaks: Google Cloud's per-chip "
+                    "figures (v5e 197 TFLOP/s, 819 GB/s; v5p 459, 2765; v6e 918, 1640). The threshold search's VPU "
+                    "work is listed as operations: its rate is not published.")
+    roof.add_argument("--lengths", type=_lengths, default=None, help="T = S values, K = 1024 (default 8K,32K,128K)")
+    roof.add_argument("--chips", type=lambda t: [c.strip() for c in t.split(",")], default=["v5p", "v6e"],
+                      help="comma-separated of v5e, v5p, v6e (default v5p,v6e)")
+    roof.add_argument("--out", default="bench/results/roofline_tpu.json", help="JSON report path")
+    roof.set_defaults(func=cmd_bench_roofline)
     return parser
 
 

@@ -216,3 +216,20 @@ def test_sparse_mla_tpu_kernel_lowers_for_tpu():
         spec((B, T, H, D), jnp.bfloat16), spec((B, S, D), jnp.bfloat16), spec((B, T, 2048), jnp.int32),
         spec((B, T, 2048), jnp.bool_)).mlir_module()
     assert text.count("tpu_custom_call") == 1
+
+
+def test_roofline_counts_follow_the_kernels(tmp_path):
+    from sparse_index_jax import roofline
+    from sparse_index_jax.cli import main
+
+    small, big = roofline.op_costs(4096, "v5p"), roofline.op_costs(8192, "v5p")
+    pairs = 4096 * 4097 / 2
+    assert small["dsa"]["flops"] == 2 * 64 * 128 * pairs               # causal pairs, all heads
+    assert small["dsa"]["bytes"] >= 4 * 4096 * 4096                     # the [T, S] int32 keys are written
+    for op in small:
+        assert big[op]["flops"] > small[op]["flops"] and big[op]["bytes"] > small[op]["bytes"]
+    report = roofline.estimate([4096], ["v5e", "v6e"])
+    row = next(r for r in report["rows"] if r["chip"] == "v6e" and r["op"] == "sparse_mla")
+    assert row["floor_ms"] == max(row["compute_ms"], row["memory_ms"]) > 0
+    assert main(["bench", "roofline", "--lengths", "4K", "--chips", "v5p", "--out", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "r.json").is_file()
