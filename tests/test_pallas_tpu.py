@@ -134,6 +134,9 @@ def test_block_sizes_are_checked_before_tracing():
     with pytest.raises(ValueError, match="block_q=12: must be a positive multiple of 8"):
         DsaTpuBlockSizes(block_q=12).check()
     q, k, w, positions = _inputs(1, 8, 128, 1, 8)
+    with pytest.raises(ValueError, match="block_size to be a multiple of 128"):  # compiled (interpret=False)
+        hisa_topk_pallas_tpu(q, k, w, None, positions, jnp.asarray([128]), pool_block_sums(k, None, jnp.asarray([128]), 16),
+                             topk=4, block_size=16, num_blocks=4, query_chunk=8, interpret=False)
     with pytest.raises(ValueError, match="multiple of search_rows"):
         dsa_topk_pallas_tpu(q, k, w, None, positions, jnp.asarray([128]), topk=4,
                             blocks=DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=24))

@@ -22,7 +22,7 @@ import numpy as np
 from pallas_kernels.blocks import block_means, last_eligible, num_blocks_for
 from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys
 from pallas_kernels.dsa_topk.pallas_tpu import _round_up, compact, kth_keys, score_keys
-from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
+from pallas_kernels.tpu import LANES, DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
 
 _FORCED = np.int32(0x7F800000)  # ordered_keys(+inf): the forced blocks rank first
 
@@ -119,9 +119,13 @@ def hisa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
     """(indices, valid[, keys]) as ``hisa_topk_reference``. ``block_size`` is HISA's (lane-aligned: a
     multiple of 128 on a real TPU; any size in interpret mode)."""
     blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
+    interpret = tpu_interpret(interpret)
+    if interpret is False and block_size % LANES:  # compiled: a key block's scales fill whole lanes
+        raise ValueError(f"hisa_topk: the TPU kernels need block_size to be a multiple of {LANES} (lanes), got "
+                         f"{block_size}; HISA's usual 128 works")
     if num_blocks_for(k.shape[1], block_size) != block_sums.shape[1]:
         raise ValueError(f"hisa_topk: block_sums has {block_sums.shape[1]} blocks, keys need "
                          f"{num_blocks_for(k.shape[1], block_size)}")
     return _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
-                          num_blocks=num_blocks, query_chunk=query_chunk, blocks=blocks,
-                          interpret=tpu_interpret(interpret), return_keys=return_keys)
+                          num_blocks=num_blocks, query_chunk=query_chunk, blocks=blocks, interpret=interpret,
+                          return_keys=return_keys)
