@@ -137,7 +137,8 @@ def compact(keys: jax.Array, threshold: jax.Array, topk: int):
         scatter = jax.vmap(scatter)
     winners = scatter(winners, slot, positions)
     winner_keys = jnp.where(winners >= 0, jnp.take_along_axis(keys, jnp.maximum(winners, 0), axis=-1), INELIGIBLE_KEY)
-    order, valid, ranked = top_k_by_key(winner_keys, topk, return_keys=True)  # winners are in position order:
+    # winners sit in position order, so top_k_by_key keeps equal keys by position (the tie rule)
+    order, valid, ranked = top_k_by_key(winner_keys, topk, return_keys=True)
     return jnp.where(valid, jnp.take_along_axis(winners, jnp.maximum(order, 0), axis=-1), -1), valid, ranked
 
 
