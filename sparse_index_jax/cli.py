@@ -370,15 +370,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     import json
     import pathlib
 
+    from sparse_index_jax.distributed import data_parallel, initialize, is_main_process
     from sparse_index_jax.index_cache import greedy_search
     from sparse_index_jax.plots import line_plot
 
+    if args.distributed:
+        initialize(args.coordinator, args.num_processes, args.process_id)
     model, data = _load_model_and_data(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = data.heldout_batches(args.batch_size, args.calib_batches)
     state = greedy_search(model, batches, args.keep, state_path=out / "search_state.json",
-                          fingerprint=data.fingerprint(), progress=not args.quiet)
+                          fingerprint=data.fingerprint(), progress=not args.quiet,
+                          sharding=data_parallel(model, args.batch_size, "search"))
+    if not is_main_process():
+        return 0
     kept = [len(state.pattern)] + [h["pattern"].count("F") for h in state.history]
     losses = [state.base_loss] + [h["loss"] for h in state.history]
     report = {"pattern": state.pattern, "keep": args.keep, "kept_layers": kept[-1], "base_loss": state.base_loss,
@@ -471,6 +477,18 @@ def _model_data_args(parser: argparse.ArgumentParser, indexers_default: str) -> 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _distributed_args(parser: argparse.ArgumentParser) -> None:
+    multi = parser.add_argument_group(
+        "several hosts", "Run the same command on every host (one process per host) with --distributed; all "
+        "devices of all hosts form the data axis (the batch is split over them, the model replicated). Cloud TPU "
+        "pods, SLURM and Open MPI are detected; elsewhere name the coordinator. --out must be on storage every "
+        "host sees; only process 0 writes it.")
+    multi.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0 (not needed where the cluster is detected)")
+    multi.add_argument("--num-processes", type=_positive, help="number of processes (with --coordinator)")
+    multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+
+
 def _parse_mesh(text: str | None):
     """``"tensor=4,expert=2"`` -> a mesh over all devices (unnamed axes have size 1); None -> no mesh."""
     if not text:
@@ -557,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
     search.add_argument("--calib-batches", type=_positive, default=4, help="calibration batches (default 4)")
     search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
+    _distributed_args(search)
     search.set_defaults(func=cmd_search)
 
     dist = sub.add_parser(
@@ -584,14 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--keep-checkpoints", type=_positive, default=3, help="checkpoints kept (default 3)")
     dist.add_argument("--eval-batches", type=_positive, default=4, help="held-out batches evaluated (default 4)")
     dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
-    multi = dist.add_argument_group(
-        "several hosts", "Run the same command on every host (one process per host) with --distributed; all "
-        "devices of all hosts form the data axis. Cloud TPU pods, SLURM and Open MPI are detected; elsewhere "
-        "name the coordinator. --out must be on storage every host sees (checkpoints are written jointly).")
-    multi.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
-    multi.add_argument("--coordinator", help="HOST:PORT of process 0 (not needed where the cluster is detected)")
-    multi.add_argument("--num-processes", type=_positive, help="number of processes (with --coordinator)")
-    multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+    _distributed_args(dist)
     dist.set_defaults(func=cmd_distill)
 
     bench = sub.add_parser("bench", help="benchmarks: selection fidelity, speed",

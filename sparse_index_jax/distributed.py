@@ -52,3 +52,20 @@ def replicate(tree, sharding: jax.sharding.Sharding):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.tree.map(place, tree)
+
+
+def data_parallel(model, batch_size: int, what: str = "distill"):
+    """Replicates an NNX model over all devices (all hosts) and returns the sharding that splits a batch of
+    ``batch_size`` rows over them; None on one device (nothing to do)."""
+    from flax import nnx  # noqa: PLC0415
+
+    from sparse_index_jax.sharding import make_mesh  # noqa: PLC0415
+
+    n = jax.device_count()
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise ValueError(f"{what}: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
+    mesh = make_mesh(data=n)
+    nnx.update(model, replicate(nnx.state(model), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

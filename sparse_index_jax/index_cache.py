@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -119,14 +118,22 @@ class SearchState:
 
 def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep: float, *,
                   state_path: str | pathlib.Path | None = None, fingerprint: str = "", progress: bool = True,
-                  log: Callable[[str], None] = print) -> SearchState:
+                  log: Callable[[str], None] = print, sharding=None) -> SearchState:
     """Greedy F->S flips by calibration LM loss until ``ceil(keep * num_layers)`` F layers remain.
 
     Each round runs the current pattern once per batch, layer by layer, and at every F layer j branches
     off the candidate "j becomes S" from j's input, so layers before j are never recomputed for it:
     a round costs about N^2/2 layer passes per batch, and memory holds one activation per batch.
     With ``state_path`` every committed flip is saved and a rerun resumes from it.
+
+    Several devices or hosts: pass the batch ``sharding`` of ``distributed.data_parallel`` (which also
+    replicates the model). Every process runs the same search on the same batches (each feeding its own
+    devices' rows) and reaches the same pattern; only process 0 logs and writes the state file.
     """
+    from sparse_index_jax.distributed import is_main_process, put_batch
+
+    if not is_main_process():
+        progress, log = False, (lambda _: None)
     if not 0 < keep <= 1:
         raise ValueError(f"greedy_search: keep must be in (0, 1], got {keep}")
     n = len(model.layers)
@@ -140,7 +147,7 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
                              f"{len(saved.pattern)} layers); remove it or use another output folder")
         state = saved
         log(f"resuming from {path}: pattern {state.pattern}, {len(state.history)} flips done")
-    batches = [(jnp.asarray(i), jnp.asarray(t)) for i, t in batches]
+    batches = [(put_batch(i, sharding), put_batch(t, sharding)) for i, t in batches]
 
     bar = None
     if progress:
@@ -173,7 +180,7 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
         if bar is not None:
             bar.set_postfix(loss=f"{losses[best]:.4f}", kept=state.pattern.count("F"))
         log(f"flip layer {best:>3} -> S: loss {base:.4f} -> {losses[best]:.4f}, pattern {state.pattern}")
-        if path is not None:
+        if path is not None and is_main_process():
             state.save(path)
     if bar is not None:
         bar.close()

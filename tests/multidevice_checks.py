@@ -161,6 +161,30 @@ def check_multi_process_distillation(process_id: str, port: str, folder: str, ou
     assert len(history) == cfg.total_steps and len(logged) == (cfg.total_steps if is_main_process() else 0)
 
 
+def check_multi_process_search(process_id: str, port: str, folder: str, out: str):
+    """One of 2 processes (2 devices each): the greedy IndexCache search over all 4 devices makes the same
+    flips, with the same losses, as a one-device search; only process 0 writes the resumable state."""
+    from sparse_index_jax.distributed import data_parallel, initialize, is_main_process
+
+    initialize(f"localhost:{port}", 2, int(process_id))
+    import models
+    from sparse_index_jax.index_cache import greedy_search
+
+    rng = np.random.default_rng(3)
+    batches = [(rng.integers(0, 96, (4, 12)), rng.integers(0, 96, (4, 12))) for _ in range(2)]
+    model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+    state_path = pathlib.Path(out) / "search_state.json"
+    parallel = greedy_search(model, batches, 0.5, state_path=state_path, progress=False,
+                             sharding=data_parallel(model, 4, "search"))
+    single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
+                           progress=False)
+    assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
+    np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
+                               rtol=1e-5)
+    if is_main_process():
+        assert state_path.is_file()
+
+
 if __name__ == "__main__":
     globals()[f"check_{sys.argv[1]}"](*sys.argv[2:])
     print("ok")

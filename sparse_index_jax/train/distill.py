@@ -31,9 +31,8 @@ from pallas_kernels.blocks import gathered_scores
 from pallas_kernels.common import map_query_chunks
 from pallas_kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.data import PackedDataset
-from sparse_index_jax.distributed import is_main_process, put_batch, replicate
+from sparse_index_jax.distributed import data_parallel, is_main_process, put_batch
 from sparse_index_jax.index_cache import IndexCacheConfig
-from sparse_index_jax.sharding import make_mesh
 from sparse_index_jax.train.losses import indexer_kl_rows, lm_loss
 
 STAGES = ("dense", "sparse")
@@ -145,19 +144,6 @@ def _checkpoint_manager(folder: pathlib.Path, cfg: DistillConfig):
     return ocp.CheckpointManager(folder.absolute(), options=options)
 
 
-def _data_parallel(model, batch_size: int):
-    """Replicates the model over all devices and returns the batch sharding (None on one device)."""
-    n = jax.device_count()
-    if n == 1:
-        return None
-    if batch_size % n:
-        raise ValueError(f"distill: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
-    mesh = make_mesh(data=n)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    nnx.update(model, replicate(nnx.state(model), replicated))  # works across hosts too
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-
 def _batch_sharding_like(model, batch_size: int):
     """Batches for a model ``distill`` has spread over a data mesh go the same way (None: one device)."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
@@ -189,7 +175,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(out / "checkpoints", cfg)
-    sharding = _data_parallel(model, cfg.batch_size)
+    sharding = data_parallel(model, cfg.batch_size)
 
     step = manager.latest_step() or 0
     optimizer, opt_stage = None, None
