@@ -19,10 +19,12 @@ from pallas_kernels import sparse_mla as _sparse_mla
 from pallas_kernels.blocks import append_block_sums, num_blocks_for
 from pallas_kernels.common import concrete
 from sparse_index_jax.config import DSAConfig
+from sparse_index_jax.context_parallel import select_topk_context_parallel, sparse_mla_context_parallel
 from sparse_index_jax.indexer import IndexerActivations, LightningIndexer
 from sparse_index_jax.layers import RMSNorm
 from sparse_index_jax.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.selection import Selection, select_topk
+from sparse_index_jax.sharding import active_context_mesh
 
 
 @jax.tree_util.register_dataclass
@@ -149,6 +151,12 @@ class DSAAttention(nnx.Module):
         ``capture`` also returns the head-averaged attention probabilities of each selection slot and the
         indexer's activations, computed even under a handed selection and from DETACHED inputs (the
         indexer learns only from its distillation loss, never from the language-model loss).
+
+        Context parallelism: a prefill inside ``sharding.activation_sharding(mesh)`` whose mesh has a
+        ``context`` axis of n > 1 devices selects with ``select_topk_context_parallel`` (keys split along the
+        sequence, exact global merge) and attends with ``sparse_mla_context_parallel`` (rows attended where
+        they live, partial softmaxes combined exactly): the same selection, the same output up to float
+        summation order. T must divide over n (and, for hisa / misa, each shard hold whole blocks).
         """
         m = self.cfg.mla
         B, T, hidden = x.shape
@@ -192,21 +200,32 @@ class DSAAttention(nnx.Module):
                     if act is not None else None)
             if cache.block_sums is not None:
                 options["block_sums"] = cache.block_sums
+        context = active_context_mesh() if cache is None else None
         if selection is None:
             ix = self.cfg.indexer
-            selection = select_topk(keys.q, keys.k, keys.w, topk=ix.topk, method=ix.method, k_scale=keys.k_scale,
-                                    q_positions=slots, kv_lengths=kv_lengths,
-                                    implementation=self.implementation, **options)
+            if context is not None:
+                selection = select_topk_context_parallel(keys.q, keys.k, keys.w, topk=ix.topk, mesh=context,
+                                                         method=ix.method, q_positions=slots, k_scale=keys.k_scale,
+                                                         **options)
+            else:
+                selection = select_topk(keys.q, keys.k, keys.w, topk=ix.topk, method=ix.method,
+                                        k_scale=keys.k_scale, q_positions=slots, kv_lengths=kv_lengths,
+                                        implementation=self.implementation, **options)
 
         # Absorb W_UK into the query, attend over latent rows, expand with W_UV.
         w_kv_b = self.kv_b_proj.kernel[...].reshape(m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
         w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
         q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
-        attended = _sparse_mla.sparse_mla(q_full, all_rows, selection.indices,
-                                          selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
-                                          implementation=self.implementation, query_chunk=m.query_chunk,
-                                          return_probs=capture)
+        if context is not None:
+            attended = sparse_mla_context_parallel(q_full, all_rows, selection, scale=m.softmax_scale,
+                                                   v_dim=m.kv_lora_rank, mesh=context, query_chunk=m.query_chunk,
+                                                   return_probs=capture)
+        else:
+            attended = _sparse_mla.sparse_mla(q_full, all_rows, selection.indices,
+                                              selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
+                                              implementation=self.implementation, query_chunk=m.query_chunk,
+                                              return_probs=capture)
         out_latent, probs = attended if capture else (attended, None)
         out = jnp.einsum("bthc,chv->bthv", out_latent, w_uv.astype(out_latent.dtype))
         out = self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim))

@@ -426,7 +426,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
                         optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
-                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base or not retrofit)
+                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base or not retrofit,
+                        context=args.context)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
@@ -587,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "unless --train-base). Orbax checkpoints in OUT/checkpoints (resumed automatically), "
                     "OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png; smollm2 also OUT/indexers.safetensors.")
     _model_data_args(dist, "fresh")
+    dist.add_argument("--context", type=_positive, default=1,
+                      help="context parallelism: split each sequence over this many devices (the rest form the "
+                           "data axis); --seq-len must divide by it. DSA models only (default 1)")
     dist.add_argument("--train-base", action="store_true",
                       help="smollm2: also train the base model in the sparse stage (default: the indexers alone; "
                            "DSA models always train everything there)")

@@ -108,7 +108,7 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
 
 
 def sparse_mla_context_parallel(q: jax.Array, kv: jax.Array, selection: Selection, *, scale: float, v_dim: int,
-                                mesh: Mesh, axis: str = "context", query_chunk: int = 64) -> jax.Array:
+                                mesh: Mesh, axis: str = "context", query_chunk: int = 64, return_probs: bool = False):
     """``pallas_kernels.sparse_mla`` with the cache rows kv [B,S,Dk] sharded over ``axis``.
 
     Each device attends its queries' selected rows that it holds, and the shards' partial softmaxes are
@@ -116,6 +116,8 @@ def sparse_mla_context_parallel(q: jax.Array, kv: jax.Array, selection: Selectio
     ``psum`` (flash-decoding style). Equal to the single-device result up to float summation order.
     Queries and the selection are replicated over ``axis``; so is the output [B,T,Hq,v_dim].
     Communication per layer and device: two all-reduces of [B,T,Hq] floats and one of [B,T,Hq,v_dim].
+    ``return_probs`` also returns the head-averaged slot probabilities [B,T,k] (each shard's slots summed
+    by one more all-reduce), the indexer's distillation target.
     """
     op = "sparse_mla_context_parallel"
     n = mesh.shape[axis]
@@ -131,10 +133,14 @@ def sparse_mla_context_parallel(q: jax.Array, kv: jax.Array, selection: Selectio
         def one_chunk(q_c, idx_c, ok_c):
             local, in_shard = to_shard(idx_c, offset, local_len)
             rows = gather_rows(kv, local).astype(q.dtype)
-            return attend(q_c, rows, ok_c & in_shard, scale=scale, v_dim=v_dim, axis_name=axis)
+            out = attend(q_c, rows, ok_c & in_shard, scale=scale, v_dim=v_dim, axis_name=axis,
+                         return_probs=return_probs)
+            # a slot's probability is nonzero only on the shard holding its row: the sum is the whole
+            return (out[0], jax.lax.psum(out[1], axis)) if return_probs else out
 
-        return map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False)).astype(q.dtype)
+        out = map_query_chunks(one_chunk, query_chunk, (q, 0), (indices, -1), (valid, False))
+        return (out[0].astype(q.dtype), out[1]) if return_probs else out.astype(q.dtype)
 
-    run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P()), out_specs=P(),
-                        check_vma=False)
+    run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(None, axis, None), P(), P()),
+                        out_specs=(P(), P()) if return_probs else P(), check_vma=False)
     return run(q, kv, selection.indices, selection.valid)

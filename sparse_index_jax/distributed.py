@@ -54,18 +54,24 @@ def replicate(tree, sharding: jax.sharding.Sharding):
     return jax.tree.map(place, tree)
 
 
-def data_parallel(model, batch_size: int, what: str = "distill"):
+def data_parallel(model, batch_size: int, what: str = "distill", context: int = 1):
     """Replicates an NNX model over all devices (all hosts) and returns the sharding that splits a batch of
-    ``batch_size`` rows over them; None on one device (nothing to do)."""
+    ``batch_size`` rows over the ``data`` axis; None on one device (nothing to do). With ``context`` > 1 the
+    devices form a (data, context) mesh: each batch row's sequence is split over ``context`` devices (run
+    the model inside ``sharding.activation_sharding(sharding.mesh)`` so its layers go context-parallel)."""
     from flax import nnx  # noqa: PLC0415
 
     from sparse_index_jax.sharding import make_mesh  # noqa: PLC0415
 
     n = jax.device_count()
-    if n == 1:
+    if n == 1 and context == 1:
         return None
-    if batch_size % n:
-        raise ValueError(f"{what}: batch_size {batch_size} must be divisible by the {n} devices (data parallel)")
-    mesh = make_mesh(data=n)
+    if context < 1 or n % context:
+        raise ValueError(f"{what}: context={context} must divide the {n} devices")
+    data = n // context
+    if batch_size % data:
+        raise ValueError(f"{what}: batch_size {batch_size} must be divisible by the {data} data-parallel groups "
+                         f"({n} devices / context {context})")
+    mesh = make_mesh(data=data, context=context)
     nnx.update(model, replicate(nnx.state(model), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

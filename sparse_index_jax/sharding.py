@@ -102,3 +102,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     spec = [s if s is not None and dim % mesh.shape[s] == 0 and mesh.shape[s] > 1 else None
             for s, dim in zip(spec, x.shape)]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def active_context_mesh(axis: str = "context") -> Mesh | None:
+    """The mesh of the innermost ``activation_sharding`` when its ``axis`` has more than one device: DSA layers
+    then select and attend context-parallel (keys split along the sequence). None otherwise."""
+    if _ACTIVE and _ACTIVE[-1][0].shape.get(axis, 1) > 1:
+        return _ACTIVE[-1][0]
+    return None

@@ -93,6 +93,32 @@ def check_sharded_model_forward():
         np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
+def check_context_parallel_model():
+    """A DSA model's forward and its distillation losses with the sequence over 8 devices (the layers select
+    and attend context-parallel) equal the one-device ones: same selections, logits and losses to rounding."""
+    import models
+    from sparse_index_jax.sharding import activation_sharding
+    from sparse_index_jax.train.distill import distill_losses
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3, initializer_range=0.3)
+        model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        rng = np.random.default_rng(5)
+        ids, targets = (jnp.asarray(rng.integers(0, 96, (2, 32))) for _ in range(2))
+        plain = model(ids)
+        with activation_sharding(make_mesh(context=8)):
+            parallel = model(ids)
+            cp_losses = {stage: distill_losses(model, ids, targets, "FSF", stage)[1] for stage in ("dense", "sparse")}
+        for a, b in zip(parallel.selections, plain.selections):
+            np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
+        np.testing.assert_allclose(np.asarray(parallel.logits), np.asarray(plain.logits), atol=2e-5)
+        for stage, got in cp_losses.items():
+            want = distill_losses(model, ids, targets, "FSF", stage)[1]
+            for key in ("indexer_kl", "lm_loss"):
+                np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=f"{stage} {key}")
+
+
 def check_data_parallel_distillation():
     import models
     from flax import nnx
@@ -115,6 +141,33 @@ def check_data_parallel_distillation():
                                        err_msg=str(path))
         leaf = nnx.state(parallel, nnx.Param)["layers"][0]["self_attn"]["indexer"]["wk"]["kernel"][...]
         assert len(leaf.sharding.device_set) == 8  # replicated over the data axis
+
+
+def check_context_parallel_distillation():
+    """``distill`` on a (data 2 x context 4) mesh: each sequence split over 4 devices, the layers selecting
+    and attending context-parallel; equal to one-device training."""
+    import dataclasses
+
+    import models
+    from flax import nnx
+    from sparse_index_jax.data import PackedDataset
+    from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3, initializer_range=0.3)
+        data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
+        cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
+                            sparse_lr=0.05, optimizer="sgd", save_every=100, context=4)
+        parallel = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False)
+        evaluate(parallel, data, "FSF", 8, 1)
+        single = _train_on_one_device(folder, data, dataclasses.replace(cfg, context=1))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(parallel)), nnx.to_flat_state(nnx.state(single))):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
+                                       err_msg=str(path))
+        mesh = nnx.state(parallel, nnx.Param)["layers"][0]["self_attn"]["indexer"]["wk"]["kernel"][...].sharding.mesh
+        assert dict(mesh.shape)["context"] == 4 and dict(mesh.shape)["data"] == 2
 
 
 def _train_on_one_device(folder, data, cfg):

@@ -38,9 +38,11 @@ def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, *, scale: float, v_d
                               if axis_name is not None else (lambda x: x, lambda x: x))
     logits = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
-    row_max = reduce_max(jnp.max(logits, axis=-1, keepdims=True))
+    # The shift needs no gradient (softmax ignores it); stopping it before pmax keeps pmax, which has no
+    # derivative rule, out of differentiation in the context-parallel case.
+    row_max = reduce_max(jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # all-padding rows: no NaN
-    p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+    p = jnp.exp(logits - row_max)
     denom = reduce_sum(jnp.sum(p, axis=-1, keepdims=True))
     out = reduce_sum(jnp.einsum("bthk,btkv->bthv", p.astype(rows.dtype), rows[..., :v_dim],
                                 preferred_element_type=jnp.float32))

@@ -19,6 +19,7 @@ import os
 import pathlib
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import jax
@@ -32,6 +33,7 @@ from pallas_kernels.common import map_query_chunks
 from pallas_kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.data import PackedDataset
 from sparse_index_jax.distributed import data_parallel, is_main_process, put_batch
+from sparse_index_jax.sharding import activation_sharding
 from sparse_index_jax.index_cache import IndexCacheConfig
 from sparse_index_jax.train.losses import indexer_kl_rows, lm_loss
 
@@ -54,12 +56,13 @@ class DistillConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     train_base: bool = True             # False: the sparse stage trains the indexers alone (a frozen retrofit)
+    context: int = 1                    # devices each sequence is split over (context parallelism)
 
     def __post_init__(self):
         for name in ("warmup_steps", "sparse_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "save_every", "keep_checkpoints"):
+        for name in ("batch_size", "save_every", "keep_checkpoints", "context"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be positive, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -144,6 +147,13 @@ def _checkpoint_manager(folder: pathlib.Path, cfg: DistillConfig):
     return ocp.CheckpointManager(folder.absolute(), options=options)
 
 
+def _layers_context(sharding):
+    """Context parallelism: the layers go context-parallel inside ``activation_sharding`` of a mesh whose
+    context axis has several devices; otherwise nothing to enter."""
+    mesh = getattr(sharding, "mesh", None)
+    return activation_sharding(mesh) if mesh is not None and mesh.shape.get("context", 1) > 1 else nullcontext()
+
+
 def _batch_sharding_like(model, batch_size: int):
     """Batches for a model ``distill`` has spread over a data mesh go the same way (None: one device)."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
@@ -175,7 +185,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(out / "checkpoints", cfg)
-    sharding = data_parallel(model, cfg.batch_size)
+    sharding = data_parallel(model, cfg.batch_size, context=cfg.context)
 
     step = manager.latest_step() or 0
     optimizer, opt_stage = None, None
@@ -204,7 +214,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     done_here = 0
     # host batch -> its devices in one transfer (each process gives its own devices' rows)
     put = lambda batch: put_batch(batch, sharding)
-    with open(log_path, "a") as metrics_file:
+    with open(log_path, "a") as metrics_file, _layers_context(sharding):
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
@@ -235,10 +245,11 @@ def evaluate(model, data: PackedDataset, pattern: str | None, batch_size: int, m
     pattern = model.check_pattern(pattern)
     sharding = _batch_sharding_like(model, batch_size)
     rows = {"dense": [], "sparse": []}
-    for inputs, targets in data.heldout_batches(batch_size, max_batches):
-        inputs, targets = put_batch(inputs, sharding), put_batch(targets, sharding)
-        for stage in STAGES:
-            rows[stage].append(eval_step(model, inputs, targets, pattern, stage))
+    with _layers_context(sharding):
+        for inputs, targets in data.heldout_batches(batch_size, max_batches):
+            inputs, targets = put_batch(inputs, sharding), put_batch(targets, sharding)
+            for stage in STAGES:
+                rows[stage].append(eval_step(model, inputs, targets, pattern, stage))
     mean = lambda xs, key: float(np.mean([float(x[key]) for x in xs]))
     return {"lm_loss_dense": mean(rows["dense"], "lm_loss"), "lm_loss_sparse": mean(rows["sparse"], "lm_loss"),
             "indexer_kl_dense": mean(rows["dense"], "indexer_kl"),
