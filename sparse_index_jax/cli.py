@@ -423,6 +423,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     model, data = _load_model_and_data(args)
     pattern = model.check_pattern(_pattern_arg(args, model.cfg.num_hidden_layers))
     retrofit = args.model == "smollm2"
+    if retrofit and args.context > 1:
+        raise ValueError("--context (context parallelism) applies to the DSA models; the Llama retrofit's layers do "
+                         "not split the sequence yet: leave it at 1")
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
                         optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
