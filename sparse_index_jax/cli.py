@@ -376,13 +376,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.distributed:
         initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.model == "smollm2" and args.context > 1:
+        raise ValueError("--context applies to the DSA models; the Llama retrofit's layers do not split the sequence")
     model, data = _load_model_and_data(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = data.heldout_batches(args.batch_size, args.calib_batches)
     state = greedy_search(model, batches, args.keep, state_path=out / "search_state.json",
                           fingerprint=data.fingerprint(), progress=not args.quiet,
-                          sharding=data_parallel(model, args.batch_size, "search"))
+                          sharding=data_parallel(model, args.batch_size, "search", context=args.context))
     if not is_main_process():
         return 0
     kept = [len(state.pattern)] + [h["pattern"].count("F") for h in state.history]
@@ -579,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
     search.add_argument("--calib-batches", type=_positive, default=4, help="calibration batches (default 4)")
     search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
+    search.add_argument("--context", type=_positive, default=1,
+                        help="context parallelism: split each calibration sequence over this many devices "
+                             "(DSA models; --seq-len must divide by it; default 1)")
     _distributed_args(search)
     search.set_defaults(func=cmd_search)
 

@@ -75,3 +75,15 @@ def data_parallel(model, batch_size: int, what: str = "distill", context: int = 
     mesh = make_mesh(data=data, context=context)
     nnx.update(model, replicate(nnx.state(model), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def layers_context(sharding):
+    """What to run a model's layers inside for the batch ``sharding`` of ``data_parallel``: the mesh's
+    ``activation_sharding`` when its context axis has several devices (the DSA layers then go
+    context-parallel), else nothing."""
+    import contextlib  # noqa: PLC0415
+
+    from sparse_index_jax.sharding import activation_sharding  # noqa: PLC0415
+
+    mesh = getattr(sharding, "mesh", None)
+    return activation_sharding(mesh) if mesh is not None and mesh.shape.get("context", 1) > 1 else contextlib.nullcontext()

@@ -127,10 +127,10 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
     With ``state_path`` every committed flip is saved and a rerun resumes from it.
 
     Several devices or hosts: pass the batch ``sharding`` of ``distributed.data_parallel`` (which also
-    replicates the model). Every process runs the same search on the same batches (each feeding its own
+    replicates the model; with a context axis the layers run context-parallel). Every process runs the same search on the same batches (each feeding its own
     devices' rows) and reaches the same pattern; only process 0 logs and writes the state file.
     """
-    from sparse_index_jax.distributed import is_main_process, put_batch
+    from sparse_index_jax.distributed import is_main_process, layers_context, put_batch
 
     if not is_main_process():
         progress, log = False, (lambda _: None)
@@ -154,34 +154,35 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
         from tqdm.auto import tqdm
         total = sum(state.pattern[1:].count("F") - k for k in range(max(0, state.pattern.count("F") - target)))
         bar = tqdm(total=total * len(batches), desc="IndexCache search", unit="pass", file=sys.stderr)
-    while state.pattern.count("F") > target:
-        start = time.perf_counter()
-        pattern = state.pattern
-        candidates = [j for j in range(1, n) if pattern[j] == "F"]
-        losses = {j: 0.0 for j in candidates}
-        base = 0.0
-        for inputs, targets in batches:
-            x, selection = model.embed(inputs), None
-            for i in range(n):
-                if i in losses:
-                    flipped = pattern[:i] + "S" + pattern[i + 1:]
-                    losses[i] += _loss_from(model, i, flipped, x, selection, targets) / len(batches)
-                    if bar is not None:
-                        bar.update(1)
-                x, selection = _layer_step(model.layers[i], x, selection, reuse=pattern[i] == "S")
-            base += float(_lm_loss(model, x, targets)) / len(batches)
-        if state.base_loss is None:
-            state.base_loss = base
-        best = min(candidates, key=lambda j: (losses[j], j))
-        state.pattern = pattern[:best] + "S" + pattern[best + 1:]
-        state.history.append({"flip": best, "pattern": state.pattern, "loss": losses[best], "before": base,
-                              "candidates": {str(j): v for j, v in losses.items()},
-                              "seconds": time.perf_counter() - start})
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[best]:.4f}", kept=state.pattern.count("F"))
-        log(f"flip layer {best:>3} -> S: loss {base:.4f} -> {losses[best]:.4f}, pattern {state.pattern}")
-        if path is not None and is_main_process():
-            state.save(path)
+    with layers_context(sharding):  # context axis: the layers run context-parallel
+        while state.pattern.count("F") > target:
+            start = time.perf_counter()
+            pattern = state.pattern
+            candidates = [j for j in range(1, n) if pattern[j] == "F"]
+            losses = {j: 0.0 for j in candidates}
+            base = 0.0
+            for inputs, targets in batches:
+                x, selection = model.embed(inputs), None
+                for i in range(n):
+                    if i in losses:
+                        flipped = pattern[:i] + "S" + pattern[i + 1:]
+                        losses[i] += _loss_from(model, i, flipped, x, selection, targets) / len(batches)
+                        if bar is not None:
+                            bar.update(1)
+                    x, selection = _layer_step(model.layers[i], x, selection, reuse=pattern[i] == "S")
+                base += float(_lm_loss(model, x, targets)) / len(batches)
+            if state.base_loss is None:
+                state.base_loss = base
+            best = min(candidates, key=lambda j: (losses[j], j))
+            state.pattern = pattern[:best] + "S" + pattern[best + 1:]
+            state.history.append({"flip": best, "pattern": state.pattern, "loss": losses[best], "before": base,
+                                  "candidates": {str(j): v for j, v in losses.items()},
+                                  "seconds": time.perf_counter() - start})
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[best]:.4f}", kept=state.pattern.count("F"))
+            log(f"flip layer {best:>3} -> S: loss {base:.4f} -> {losses[best]:.4f}, pattern {state.pattern}")
+            if path is not None and is_main_process():
+                state.save(path)
     if bar is not None:
         bar.close()
     return state

@@ -170,6 +170,28 @@ def check_context_parallel_distillation():
         assert dict(mesh.shape)["context"] == 4 and dict(mesh.shape)["data"] == 2
 
 
+def check_context_parallel_search():
+    """The greedy IndexCache search on a (data 2 x context 4) mesh makes the same flips, with the same
+    losses, as on one device."""
+    import models
+    from sparse_index_jax.distributed import data_parallel
+    from sparse_index_jax.index_cache import greedy_search
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=4, initializer_range=0.3)
+        rng = np.random.default_rng(6)
+        batches = [(rng.integers(0, 96, (2, 16)), rng.integers(0, 96, (2, 16))) for _ in range(2)]
+        model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
+        parallel = greedy_search(model, batches, 0.5, progress=False,
+                                 sharding=data_parallel(model, 2, "search", context=4))
+        single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
+                               progress=False)
+        assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
+        np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
+                                   rtol=1e-5)
+
+
 def _train_on_one_device(folder, data, cfg):
     """The reference: the same steps, one device, one process."""
     import models

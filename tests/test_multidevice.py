@@ -12,12 +12,13 @@ import sys
 import pytest
 
 CHECKS = ["context_parallel_selection", "context_parallel_sparse_attention", "context_parallel_model",
-          "sharded_model_forward", "data_parallel_distillation", "context_parallel_distillation"]
+          "sharded_model_forward", "data_parallel_distillation", "context_parallel_distillation",
+          "context_parallel_search"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_on_eight_devices(check):
-    if not check.startswith("context_parallel") or check == "context_parallel_model":
+    if not check.startswith("context_parallel") or check.endswith(("model", "distillation", "search")):
         pytest.importorskip("torch", reason="builds an HF checkpoint with torch")
     script = pathlib.Path(__file__).with_name("multidevice_checks.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

@@ -19,7 +19,6 @@ import os
 import pathlib
 import sys
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import jax
@@ -32,8 +31,7 @@ from pallas_kernels.blocks import gathered_scores
 from pallas_kernels.common import map_query_chunks
 from pallas_kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.data import PackedDataset
-from sparse_index_jax.distributed import data_parallel, is_main_process, put_batch
-from sparse_index_jax.sharding import activation_sharding
+from sparse_index_jax.distributed import data_parallel, is_main_process, layers_context, put_batch
 from sparse_index_jax.index_cache import IndexCacheConfig
 from sparse_index_jax.train.losses import indexer_kl_rows, lm_loss
 
@@ -147,13 +145,6 @@ def _checkpoint_manager(folder: pathlib.Path, cfg: DistillConfig):
     return ocp.CheckpointManager(folder.absolute(), options=options)
 
 
-def _layers_context(sharding):
-    """Context parallelism: the layers go context-parallel inside ``activation_sharding`` of a mesh whose
-    context axis has several devices; otherwise nothing to enter."""
-    mesh = getattr(sharding, "mesh", None)
-    return activation_sharding(mesh) if mesh is not None and mesh.shape.get("context", 1) > 1 else nullcontext()
-
-
 def _batch_sharding_like(model, batch_size: int):
     """Batches for a model ``distill`` has spread over a data mesh go the same way (None: one device)."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
@@ -214,7 +205,7 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     done_here = 0
     # host batch -> its devices in one transfer (each process gives its own devices' rows)
     put = lambda batch: put_batch(batch, sharding)
-    with open(log_path, "a") as metrics_file, _layers_context(sharding):
+    with open(log_path, "a") as metrics_file, layers_context(sharding):
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
@@ -245,7 +236,7 @@ def evaluate(model, data: PackedDataset, pattern: str | None, batch_size: int, m
     pattern = model.check_pattern(pattern)
     sharding = _batch_sharding_like(model, batch_size)
     rows = {"dense": [], "sparse": []}
-    with _layers_context(sharding):
+    with layers_context(sharding):
         for inputs, targets in data.heldout_batches(batch_size, max_batches):
             inputs, targets = put_batch(inputs, sharding), put_batch(targets, sharding)
             for stage in STAGES:
