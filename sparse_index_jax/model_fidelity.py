@@ -232,7 +232,8 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
     ax.set_xticks(range(grid.shape[1]))
     ax.set_xlabel("layer")
     for (r, c), v in np.ndenumerate(grid):
-        ax.text(c, r, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
+        label = "1" if round(v, 2) >= 1 else f"{v:.2f}".lstrip("0")  # ".97"; 0.996 shows as "1", not ".00"
+        ax.text(c, r, label, ha="center", va="center", fontsize=6,
                 color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.02)
     ax.set_title(f"{report['model'].get('name', 'model')}: selection fidelity per layer "
