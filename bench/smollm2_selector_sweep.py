@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from models.retrofit import smollm2
 from sparse_index_jax import metrics
 from sparse_index_jax.data import python_stdlib_files, read_tokens
-from sparse_index_jax.model_fidelity import _dense_layer
+from sparse_index_jax.model_fidelity import dense_layer_outputs, row_mean
 from sparse_index_jax.selection import select_topk
 
 SEQ_LEN, TOPK = 4096, 256
@@ -40,13 +40,11 @@ def options(method: str, config: tuple) -> dict:
 def main(out: str = "bench/results/smollm2_selector_sweep.json") -> None:
     model, tokenizer = smollm2(progress=False)
     tokens = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=model.cfg.eos_token_id[0])
-    x = model.embed(jnp.asarray(tokens[None, :SEQ_LEN]))
     positions = jnp.arange(SEQ_LEN, dtype=jnp.int32)[None]
     rows = positions >= SEQ_LEN // 2
-    mean = lambda v: float(jnp.sum(jnp.where(rows, v, 0.0)) / jnp.sum(rows))
+    mean = lambda v: row_mean(v, rows)
     layers, start = {}, time.perf_counter()
-    for i, layer in enumerate(model.layers):
-        x, attn = _dense_layer(layer, x)
+    for i, attn in enumerate(dense_layer_outputs(model, tokens[None, :SEQ_LEN])):
         if i % 3:
             continue
         act, probs = attn.indexer, attn.probs

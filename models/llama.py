@@ -190,12 +190,13 @@ class LlamaForCausalLM(CausalLM):
         ``block_size``); the fields that shape the indexer's weights must stay as they are."""
         if self.cfg.indexer is None:
             raise ValueError("set_selector: this model has no indexers")
-        self.cfg = dataclasses.replace(self.cfg, indexer=dataclasses.replace(self.cfg.indexer, **fields))
+        new = dataclasses.replace(self.cfg.indexer, **fields)
         fixed = ("hidden_size", "q_input_dim", "n_heads", "head_dim", "rope_dim")
+        if any(getattr(new, f) != getattr(self.cfg.indexer, f) for f in fixed):  # checked before anything changes
+            raise ValueError(f"set_selector: {sorted(set(fields) & set(fixed))} shape the indexer weights and "
+                             f"cannot change")
+        self.cfg = dataclasses.replace(self.cfg, indexer=new)
         for layer in self.layers:
-            if any(getattr(layer.self_attn.cfg.indexer, f) != getattr(self.cfg.indexer, f) for f in fixed):
-                raise ValueError(f"set_selector: {sorted(set(fields) & set(fixed))} shape the indexer weights and "
-                                 f"cannot change")
             layer.self_attn.cfg = self.cfg
 
     def check_pattern(self, pattern: str | None) -> str:

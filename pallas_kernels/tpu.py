@@ -32,6 +32,9 @@ class DsaTpuBlockSizes:
             if not isinstance(value, int) or value <= 0 or value % unit:
                 raise ValueError(f"DsaTpuBlockSizes.{name}={value!r}: must be a positive multiple of {unit} (TPU "
                                  f"{what}); e.g. {unit * max(1, round(value / unit)) if isinstance(value, int) else unit}")
+        if self.block_q % self.search_rows:
+            raise ValueError(f"DsaTpuBlockSizes: block_q={self.block_q} must be a multiple of search_rows="
+                             f"{self.search_rows}")
         return self
 
 
@@ -53,7 +56,13 @@ def tpu_generation(device_kind: str | None = None) -> str:
     return "v5p"
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` >= n: padded extents of block-tiled axes."""
+    return -(-n // multiple) * multiple
+
+
 def dsa_block_sizes(generation: str | None = None) -> DsaTpuBlockSizes:
+    """The defaults of ``generation`` (default: this machine's TPU; v5p's off TPU)."""
     gen = generation or tpu_generation()
     if gen not in DSA_BLOCK_SIZES:
         raise ValueError(f"unknown TPU generation {gen!r}; known: {sorted(DSA_BLOCK_SIZES)}")

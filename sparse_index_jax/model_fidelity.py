@@ -73,11 +73,36 @@ def _dense_layer(layer, x):
     return layer(x, dense=True, capture=True)
 
 
+def dense_layer_outputs(model, tokens):
+    """Runs the dense model on ``tokens`` [B, T] one layer at a time (one layer's attention probabilities in
+    memory at once) and yields each layer's ``DSAOutput``: ``probs`` [B, T, T] averaged over heads, and the
+    indexer's activations."""
+    x = model.embed(jnp.asarray(tokens))
+    for layer in model.layers:
+        x, attn = _dense_layer(layer, x)
+        yield attn
+
+
+def shared_topk_mass(probs: jax.Array, topk: int) -> jax.Array:
+    """[B, T] the ceiling: attention mass of the best ``topk`` keys all heads share (probs [B, T, S])."""
+    return jnp.sum(jax.lax.top_k(probs, min(topk, probs.shape[-1]))[0], axis=-1)
+
+
+def row_mean(values: jax.Array, rows: jax.Array) -> float:
+    """Mean of ``values`` [B, T] over the query rows where ``rows`` is True."""
+    return float(jnp.sum(jnp.where(rows, values, 0.0)) / jnp.sum(rows))
+
+
+@nnx.jit(static_argnames=("pattern", "dense"))
+def lm_loss_of(model, inputs, targets, pattern: str | None = None, dense: bool = False):
+    """Mean LM loss of one batch: dense attention, or the model's selection under an IndexCache ``pattern``."""
+    return lm_loss(model(inputs, index_pattern=pattern, dense=dense).logits, targets)
+
+
 def _layer_metrics(probs, act, positions, rows, setup: ModelFidelitySetup) -> dict[str, float]:
     """One layer, one sequence: the masses and agreements above, averaged over ``rows`` [1, T]."""
-    mean = lambda x: float(jnp.sum(jnp.where(rows, x, 0.0)) / jnp.sum(rows))
-    best = jax.lax.top_k(probs, min(setup.topk, probs.shape[-1]))[0]
-    out = {"ceiling": mean(jnp.sum(best, axis=-1)), "sink": mean(probs[..., 0])}
+    mean = lambda x: row_mean(x, rows)
+    out = {"ceiling": mean(shared_topk_mass(probs, setup.topk)), "sink": mean(probs[..., 0])}
     ref = None
     for method in ("dsa", *SELECTORS):
         options = {k: v for k, v in setup.selector(method).items() if k != "method"}
@@ -101,34 +126,25 @@ def selection_metrics(model, sequences: np.ndarray, setup: ModelFidelitySetup,
     rows = positions >= T // 2
     per_layer: list[list[dict]] = [[] for _ in model.layers]
     for n, seq in enumerate(sequences):
-        x = model.embed(jnp.asarray(seq[None]))
-        for i, layer in enumerate(model.layers):
+        for i, attn in enumerate(dense_layer_outputs(model, seq[None])):
             if progress:
                 progress(f"sequence {n + 1}/{len(sequences)}, layer {i}")
-            x, attn = _dense_layer(layer, x)
             per_layer[i].append(_layer_metrics(attn.probs, attn.indexer, positions, rows, setup))
     return [{key: float(np.mean([m[key] for m in layer])) for key in layer[0]} for layer in per_layer]
-
-
-@nnx.jit(static_argnames=("pattern", "dense"))
-def _loss(model, inputs, targets, pattern: str | None, dense: bool):
-    return lm_loss(model(inputs, index_pattern=pattern, dense=dense).logits, targets)
 
 
 def lm_losses(model, batches, runs: dict[str, dict]) -> dict[str, float]:
     """Mean held-out LM loss of each run: ``{"name": {"selector": {...} | None, "pattern": str | None,
     "dense": bool}}``; the model's selector is switched per run and restored after."""
-    original = model.cfg.indexer
+    original = dataclasses.asdict(model.cfg.indexer)
     out = {}
     try:
         for name, run in runs.items():
-            if run.get("selector"):
-                model.set_selector(**run["selector"])
-            out[name] = float(np.mean([float(_loss(model, jnp.asarray(i), jnp.asarray(t), run.get("pattern"),
-                                                   run.get("dense", False))) for i, t in batches]))
-            model.set_selector(**dataclasses.asdict(original))
+            model.set_selector(**{**original, **(run.get("selector") or {})})
+            out[name] = float(np.mean([float(lm_loss_of(model, jnp.asarray(i), jnp.asarray(t), run.get("pattern"),
+                                                        run.get("dense", False))) for i, t in batches]))
     finally:
-        model.set_selector(**dataclasses.asdict(original))
+        model.set_selector(**original)
     return out
 
 

@@ -23,7 +23,6 @@ from sparse_index_jax.data import python_stdlib_files, read_tokens
 from sparse_index_jax.gqa import dense_gqa_attention, sparse_gqa_attention
 from sparse_index_jax.selection import Selection, causal_selection, select_topk
 from sparse_index_jax.train.distill import DistillConfig, chunked_indexer_kl, distill
-from sparse_index_jax.train.losses import lm_loss
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
 
@@ -335,9 +334,10 @@ def smollm2():
 def test_smollm2_models_held_out_python_and_knows_facts(smollm2):
     model, tok = smollm2
     assert (model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.num_key_value_heads) == (30, 576, 3)
+    from sparse_index_jax.model_fidelity import lm_loss_of
+
     tokens = read_tokens(python_stdlib_files("heldout")[:2], tokenizer=tok)[:513]
-    logits = nnx.jit(lambda m, x: m(x, dense=True).logits)(model, jnp.asarray(tokens[None, :-1]))
-    loss = float(lm_loss(logits, jnp.asarray(tokens[None, 1:])))
+    loss = float(lm_loss_of(model, jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:]), dense=True))
     assert 0.8 < loss < 3.0, loss  # a broken load (wrong q/k permutation, dequantisation) gives > 5
     prompt = np.array([tok.encode("The capital of France is").ids])
     continuation = tok.decode(greedy_continuation(model, prompt, 4)[0, prompt.shape[1]:].tolist())
@@ -349,23 +349,21 @@ def test_shipped_indexers_select_where_the_model_attends(smollm2):
     """The distilled indexers at 1,024 tokens, top-128: DSA covers most of the attention mass the best shared
     key set could, and the LM loss stays close to dense. Random indexers fail both."""
     from sparse_index_jax import metrics
+    from sparse_index_jax.model_fidelity import dense_layer_outputs, lm_loss_of, shared_topk_mass
 
     model, tok = smollm2
     tokens = read_tokens(python_stdlib_files("heldout")[2:4], tokenizer=tok)[:1025]
     inputs, targets = jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:])
     model.set_selector(topk=128)
     try:
-        x = model.embed(inputs)
         ratios = []
-        for i, layer in enumerate(model.layers[:6]):
-            x, attn = nnx.jit(lambda l, x: l(x, dense=True, capture=True))(layer, x)
+        for _, attn in zip(range(6), dense_layer_outputs(model, inputs)):
             a = attn.indexer
             sel = select_topk(a.q, a.k, a.w, topk=128)
-            best = jnp.sum(jax.lax.top_k(attn.probs, 128)[0], axis=-1)
+            best = shared_topk_mass(attn.probs, 128)
             ratios.append(float(jnp.mean(metrics.attention_mass_recall(sel, attn.probs)[:, 512:] / best[:, 512:])))
         assert np.mean(ratios) > 0.9, ratios
-        loss = nnx.jit(lambda m, i, t, dense: lm_loss(m(i, dense=dense).logits, t), static_argnames="dense")
-        dense, sparse = float(loss(model, inputs, targets, True)), float(loss(model, inputs, targets, False))
+        dense, sparse = float(lm_loss_of(model, inputs, targets, dense=True)), float(lm_loss_of(model, inputs, targets))
         assert sparse < dense * 1.03, (dense, sparse)
     finally:
         model.set_selector(topk=256)

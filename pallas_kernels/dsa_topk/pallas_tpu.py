@@ -27,14 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys, top_k_by_key
-from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
+from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, round_up, tpu_interpret
 
 # bit b of a 32-bit word as an int32 (bit 31 is the sign bit)
 _BITS = [np.array(1 << b, np.uint32).view(np.int32) for b in range(32)]
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _score_kernel(pos_ref, lim_ref, w_ref, q_ref, k_ref, ks_ref, out_ref, *, heads: int, block_k: int):
@@ -81,7 +77,7 @@ def score_keys(q, k, w, k_scale, q_positions, kv_lengths, *, blocks: DsaTpuBlock
     B, T, H, d = q.shape
     S = k.shape[1]
     bq, bk = blocks.block_q, blocks.block_k
-    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+    Tp, Sp = round_up(T, bq), round_up(S, bk)
     dt = matmul_dtype(q, k)
     qt = jnp.pad(jnp.swapaxes(q.astype(dt), 1, 2), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))      # [B,H,Tp,d]
     wt = jnp.pad(jnp.swapaxes(w.astype(jnp.float32), 1, 2), ((0, 0), (0, 0), (0, Tp - T)))[..., None]
@@ -106,10 +102,13 @@ def score_keys(q, k, w, k_scale, q_positions, kv_lengths, *, blocks: DsaTpuBlock
 
 
 def kth_keys(keys: jax.Array, topk: int, *, rows: int, interpret) -> jax.Array:
-    """[B, Tp, Sp] int32 keys (Tp a multiple of ``rows``) -> [B, Tp] the topk-th largest key of each row."""
+    """[B, T, S] int32 keys -> [B, T] the topk-th largest key of each row (``rows`` rows per kernel step; T is
+    padded to a multiple of it with ineligible rows)."""
     from jax.experimental import pallas as pl  # noqa: PLC0415
 
-    B, Tp, Sp = keys.shape
+    B, T, Sp = keys.shape
+    Tp = round_up(T, rows)
+    keys = jnp.pad(keys, ((0, 0), (0, Tp - T), (0, 0)), constant_values=INELIGIBLE_KEY)
     out = pl.pallas_call(
         functools.partial(_threshold_kernel, topk=topk),
         grid=(B, Tp // rows),
@@ -118,7 +117,7 @@ def kth_keys(keys: jax.Array, topk: int, *, rows: int, interpret) -> jax.Array:
         out_shape=jax.ShapeDtypeStruct((B, Tp, 1), jnp.int32),
         interpret=interpret,
     )(keys)
-    return out[..., 0]
+    return out[:, :T, 0]
 
 
 def compact(keys: jax.Array, threshold: jax.Array, topk: int):
@@ -148,7 +147,7 @@ def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, ch
     B, T = q.shape[:2]
     S = k.shape[1]
     kk = min(topk, S)
-    Sp = _round_up(S, blocks.block_k)
+    Sp = round_up(S, blocks.block_k)
     rows_per_chunk = max(blocks.block_q, (chunk_bytes // (4 * B * Sp)) // blocks.block_q * blocks.block_q)
 
     def one_chunk(q_c, w_c, pos_c):
@@ -157,7 +156,7 @@ def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, ch
         threshold = kth_keys(keys, kk, rows=blocks.search_rows, interpret=interpret)
         return compact(keys[:, :c, :S], threshold[:, :c], kk)
 
-    idx, valid, ranked = map_query_chunks(one_chunk, min(rows_per_chunk, _round_up(T, blocks.block_q)),
+    idx, valid, ranked = map_query_chunks(one_chunk, min(rows_per_chunk, round_up(T, blocks.block_q)),
                                           (q, 0), (w, 0), (q_positions, -1))
     if kk < topk:
         pad = ((0, 0), (0, 0), (0, topk - kk))
@@ -173,9 +172,6 @@ def dsa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int,
     ``query_chunk``/``key_chunk`` belong to the reference and are accepted for a uniform signature.
     ``blocks`` default: the current TPU generation's (v5p's off TPU)."""
     del query_chunk, key_chunk
-    blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
-    if blocks.block_q % blocks.search_rows:
-        raise ValueError(f"DsaTpuBlockSizes: block_q={blocks.block_q} must be a multiple of search_rows="
-                         f"{blocks.search_rows}")
+    blocks = (blocks or dsa_block_sizes()).check()
     return _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, blocks=blocks,
                          chunk_bytes=chunk_bytes, interpret=tpu_interpret(interpret), return_keys=return_keys)

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.blocks import block_means, last_eligible, num_blocks_for
+from pallas_kernels.blocks import block_means, last_eligible
 from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys
-from pallas_kernels.dsa_topk.pallas_tpu import _round_up, compact, kth_keys, score_keys
-from pallas_kernels.tpu import LANES, DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
+from pallas_kernels.dsa_topk.pallas_tpu import compact, kth_keys, score_keys
+from pallas_kernels.tpu import LANES, DsaTpuBlockSizes, dsa_block_sizes, round_up, tpu_interpret
 
 _FORCED = np.int32(0x7F800000)  # ordered_keys(+inf): the forced blocks rank first
 
@@ -50,7 +50,7 @@ def refine_keys(q, w, k, k_scale, kept, last, *, block_size: int, interpret) -> 
     B, c, H, d = q.shape
     m = kept.shape[-1]
     S = k.shape[1]
-    Sp = _round_up(S, block_size)
+    Sp = round_up(S, block_size)
     dt = matmul_dtype(q, k)
     kp = jnp.pad(k.astype(dt), ((0, 0), (0, Sp - S), (0, 0)))
     ks = jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
@@ -79,7 +79,7 @@ def _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, top
     m = min(num_blocks, M)
     nonempty = (kv_lengths + block_size - 1) // block_size
     block_ids = jnp.arange(M, dtype=jnp.int32)
-    chunk = _round_up(min(query_chunk, T), blocks.block_q)
+    chunk = round_up(min(query_chunk, T), blocks.block_q)
     kk = min(topk, m * block_size)
 
     def one_chunk(q_c, w_c, pos_c):
@@ -90,16 +90,12 @@ def _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, top
         keys = score_keys(q_c, means, w_c, None, own, nonempty, blocks=blocks, interpret=interpret)[:, :c, :M]
         forced = ((block_ids == 0) | (block_ids == own[..., None])) & (keys != INELIGIBLE_KEY)
         keys = jnp.where(forced, _FORCED, keys)
-        rows = _round_up(c, blocks.search_rows)
-        padded = jnp.pad(keys, ((0, 0), (0, rows - c), (0, 0)), constant_values=INELIGIBLE_KEY)
-        kept, kept_ok, _ = compact(keys, kth_keys(padded, m, rows=blocks.search_rows, interpret=interpret)[:, :c], m)
+        kept, kept_ok, _ = compact(keys, kth_keys(keys, m, rows=blocks.search_rows, interpret=interpret), m)
         kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)   # block order: candidates in increasing position
         kept = jnp.where(kept < M, kept, -1)
         # 2. refinement of the kept blocks' tokens, 3. top-k of the candidates
         cand = refine_keys(q_c, w_c, k, k_scale, kept, last, block_size=block_size, interpret=interpret)
-        padded = jnp.pad(cand, ((0, 0), (0, rows - c), (0, 0)), constant_values=INELIGIBLE_KEY)
-        slots, valid, ranked = compact(cand, kth_keys(padded, kk, rows=blocks.search_rows, interpret=interpret)[:, :c],
-                                       kk)
+        slots, valid, ranked = compact(cand, kth_keys(cand, kk, rows=blocks.search_rows, interpret=interpret), kk)
         safe = jnp.maximum(slots, 0)
         block = jnp.take_along_axis(kept, safe // block_size, axis=-1)
         positions = jnp.where(valid, block * block_size + safe % block_size, -1)
@@ -118,14 +114,11 @@ def hisa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
                          return_keys: bool = False):
     """(indices, valid[, keys]) as ``hisa_topk_reference``. ``block_size`` is HISA's (lane-aligned: a
     multiple of 128 on a real TPU; any size in interpret mode)."""
-    blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
+    blocks = (blocks or dsa_block_sizes()).check()
     interpret = tpu_interpret(interpret)
     if interpret is False and block_size % LANES:  # compiled: a key block's scales fill whole lanes
         raise ValueError(f"hisa_topk: the TPU kernels need block_size to be a multiple of {LANES} (lanes), got "
                          f"{block_size}; HISA's usual 128 works")
-    if num_blocks_for(k.shape[1], block_size) != block_sums.shape[1]:
-        raise ValueError(f"hisa_topk: block_sums has {block_sums.shape[1]} blocks, keys need "
-                         f"{num_blocks_for(k.shape[1], block_size)}")
     return _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
                           num_blocks=num_blocks, query_chunk=query_chunk, blocks=blocks, interpret=interpret,
                           return_keys=return_keys)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import map_query_chunks, pallas_interpret
 from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas, kernel_layout
-from pallas_kernels.misa_topk.reference import route_heads
+from pallas_kernels.misa_topk.reference import candidates_in_position_order, route_heads
 from pallas_kernels.refine_gpu import refine_topk_pallas
 
 
@@ -44,9 +44,7 @@ def _misa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
     if candidates is None:
         return scan(topk=topk, return_keys=return_keys)
     idx, valid = scan(topk=candidates)
-    big = jnp.iinfo(jnp.int32).max
-    cand = jnp.sort(jnp.where(valid, idx, big), axis=-1)   # increasing position: ties to the lower one
-    cand = jnp.where(cand < big, cand, -1)
+    cand, _ = candidates_in_position_order(idx, valid)
     B, T = q.shape[:2]
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
     chunk = max(1, min(T, chunk_bytes // (B * 12 * candidates)))

@@ -3,8 +3,8 @@
 1. Routing (``reference.route_heads``, plain XLA: ``H * d * S / B`` per query, a small share of the work).
 2. The routed heads' flat scan: the DSA TPU kernels (``dsa_topk.pallas_tpu``: scoring + threshold
    search + compaction) on the ``active_heads`` routed query heads.
-3. MISA-H: the ``candidates`` survivors, put in increasing position, are re-scored with ALL heads and the
-   best ``topk`` kept (``blocks.refine_topk``, XLA: ``candidates`` rows per query, not S).
+3. MISA-H: the ``candidates`` survivors are re-scored with ALL heads and the best ``topk`` kept
+   (``reference.rerank_with_all_heads``, XLA: ``candidates`` rows per query, not S).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.blocks import refine_topk
-from pallas_kernels.common import map_query_chunks
 from pallas_kernels.dsa_topk.pallas_tpu import _dsa_topk_tpu
-from pallas_kernels.misa_topk.reference import route_heads
+from pallas_kernels.misa_topk.reference import rerank_with_all_heads, route_heads
 from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
 
 
@@ -28,7 +26,7 @@ def misa_topk_pallas_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
     """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's and the
     re-rank's chunks."""
     del key_chunk
-    blocks = (blocks or dsa_block_sizes(None if jax.default_backend() == "tpu" else "v5p")).check()
+    blocks = (blocks or dsa_block_sizes()).check()
     return _misa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
                           active_heads=active_heads, candidates=candidates, query_chunk=query_chunk,
                           return_keys=return_keys, blocks=blocks, chunk_bytes=chunk_bytes,
@@ -48,12 +46,5 @@ def _misa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, top
     if candidates is None:
         return scan(topk=topk, return_keys=return_keys)
     idx, valid = scan(topk=candidates)
-    big = jnp.iinfo(jnp.int32).max
-    cand = jnp.sort(jnp.where(valid, idx, big), axis=-1)   # increasing position: ties to the lower one
-    cand_ok = cand < big
-    cand = jnp.where(cand_ok, cand, -1)
-
-    def rerank(q_c, w_c, cand_c, ok_c):
-        return refine_topk(q_c, w_c, k, k_scale, cand_c, ok_c, topk, return_keys=return_keys)
-
-    return map_query_chunks(rerank, query_chunk, (q, 0), (w, 0), (cand, -1), (cand_ok, False))
+    return rerank_with_all_heads(q, w, k, k_scale, idx, valid, topk=topk, query_chunk=query_chunk,
+                                 return_keys=return_keys)

@@ -92,11 +92,24 @@ def misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *
         idx = jax.lax.all_gather(idx, axis_name, axis=2, tiled=True)
         slot, valid = top_k_by_key(keys, candidates)
         idx = jnp.where(valid, jnp.take_along_axis(idx, jnp.maximum(slot, 0), axis=-1), -1)
-    # Increasing position order for the re-rank, so ties go to the lower position.
+    return rerank_with_all_heads(q, w, k, k_scale, idx, valid, topk=topk, query_chunk=query_chunk,
+                                 key_offset=key_offset, return_keys=return_keys)
+
+
+def candidates_in_position_order(idx: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MISA-H's first-pass survivors [B,T,C] sorted by position (-1 padding last), so that the re-rank's
+    ties go to the lower position; and which slots hold one."""
     big = jnp.iinfo(jnp.int32).max
     cand = jnp.sort(jnp.where(valid, idx, big), axis=-1)
-    cand_ok = cand < big
-    cand = jnp.where(cand_ok, cand, -1)
+    ok = cand < big
+    return jnp.where(ok, cand, -1), ok
+
+
+def rerank_with_all_heads(q, w, k, k_scale, idx, valid, *, topk: int, query_chunk: int, key_offset=0,
+                          return_keys: bool = False):
+    """MISA-H's second pass: the survivors re-scored with every head (the flat DSA score), the best ``topk``
+    kept, ``query_chunk`` queries at a time."""
+    cand, cand_ok = candidates_in_position_order(idx, valid)
 
     def rerank(q_c, w_c, cand_c, ok_c):
         return refine_topk(q_c, w_c, k, k_scale, cand_c, ok_c, topk, key_offset=key_offset, return_keys=return_keys)
