@@ -73,13 +73,22 @@ def top_k_by_key(keys: jax.Array, topk: int, *, return_keys: bool = False):
     return (idx, valid, values) if return_keys else (idx, valid)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` >= n: the padded extent of a block-tiled axis."""
+    return -(-n // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, fill=0) -> jax.Array:
+    """``x`` padded with ``fill`` at the end of ``axis`` to length ``size`` (>= its length)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=fill) if size != x.shape[axis] else x
+
+
 def chunk_axis(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
     """Pads ``axis`` to a multiple of ``size`` with ``fill`` and moves the chunk index to the front."""
-    n = x.shape[axis]
-    count = -(-n // size)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, count * size - n)
-    x = jnp.pad(x, pad, constant_values=fill)
+    count = -(-x.shape[axis] // size)
+    x = pad_axis(x, axis, count * size, fill)
     x = x.reshape(x.shape[:axis] + (count, size) + x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
 

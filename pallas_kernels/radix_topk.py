@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels.common import INELIGIBLE_KEY, next_pow2, pallas_interpret, triton_params
+from pallas_kernels.common import INELIGIBLE_KEY, next_pow2, pallas_interpret, round_up, triton_params
 
 _DIGIT_BITS = 4
 _BINS = 1 << _DIGIT_BITS
@@ -143,9 +143,9 @@ def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int 
     if n % tile or tile & (tile - 1):
         raise ValueError(f"radix_topk_rows: row length {n} must be a multiple of tile={tile} (a power of two)")
     out_tile = min(1024, next_pow2(topk + 1))
-    out_len = -(-(topk + 1) // out_tile) * out_tile  # >= topk + 1: one spare column for idle lanes
+    out_len = round_up(topk + 1, out_tile)  # >= topk + 1: one spare column for idle lanes
     interpret = pallas_interpret(interpret)
-    cap = -(-bucket // tile) * tile
+    cap = round_up(bucket, tile)
     kernel = functools.partial(_select_kernel, topk=topk, tile=tile, out_tile=out_tile, out_len=out_len, cap=cap,
                                barrier=not interpret)
     out, _ = pl.pallas_call(

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import INELIGIBLE_KEY, ordered_keys, pallas_interpret, triton_params
-from pallas_kernels.dsa_topk.pallas_gpu import order_by_key, pad_axis
+from pallas_kernels.common import (INELIGIBLE_KEY, next_pow2, ordered_keys, pad_axis, pallas_interpret, round_up,
+                                   triton_params)
+from pallas_kernels.dsa_topk.pallas_gpu import order_by_key
 from pallas_kernels.radix_topk import RADIX_TILE, radix_topk_rows
 
 def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: int, n_tiles: int):
@@ -59,8 +60,8 @@ def refine_topk_pallas(q, w, k, scale, positions, topk: int, *, return_keys: boo
     """``blocks.refine_topk`` with kernels: candidates ``positions`` [B, T, C] in increasing order, -1
     for those not eligible. Returns (positions [B,T,topk], valid[, keys]) in the contract's order."""
     C = positions.shape[-1]
-    tile = min(RADIX_TILE, max(64, 1 << (C - 1).bit_length()))
-    width = -(-C // tile) * tile
+    tile = min(RADIX_TILE, max(64, next_pow2(C)))
+    width = round_up(C, tile)
     positions = pad_axis(positions, 2, width, -1)
     keys = gathered_keys(q, w, k, scale, positions, interpret=interpret)
     limits = jnp.full(positions.shape[:2], width, jnp.int32)

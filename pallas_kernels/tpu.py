@@ -56,11 +56,6 @@ def tpu_generation(device_kind: str | None = None) -> str:
     return "v5p"
 
 
-def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` >= n: padded extents of block-tiled axes."""
-    return -(-n // multiple) * multiple
-
-
 def dsa_block_sizes(generation: str | None = None) -> DsaTpuBlockSizes:
     """The defaults of ``generation`` (default: this machine's TPU; v5p's off TPU)."""
     gen = generation or tpu_generation()

@@ -212,17 +212,35 @@ class _Inputs:
             self._cache[name] = make(jax.random.fold_in(self._key, len(self._cache)))
         return self._cache[name]
 
-    def indexer(self):
-        """q [1,T,H,d] bf16, k [1,S,d] bf16, w [1,T,H] fp32 (scaled by (H*d)^-0.5 like a real indexer)."""
-        s, T = self.setup, self.length
+    def _indexer(self, name: str, batch: int, queries: int):
+        """q [batch,queries,H,d] bf16, k [batch,S,d] bf16, w [batch,queries,H] fp32 (scaled by (H*d)^-0.5 like a
+        real indexer)."""
+        s, S = self.setup, self.length
 
         def make(key):
             kq, kk, kw = jax.random.split(key, 3)
-            q = jax.random.normal(kq, (1, T, s.heads, s.head_dim), jnp.bfloat16)
-            k = jax.random.normal(kk, (1, T, s.head_dim), jnp.bfloat16)
-            w = jax.random.normal(kw, (1, T, s.heads), jnp.float32) * (s.heads * s.head_dim) ** -0.5
+            q = jax.random.normal(kq, (batch, queries, s.heads, s.head_dim), jnp.bfloat16)
+            k = jax.random.normal(kk, (batch, S, s.head_dim), jnp.bfloat16)
+            w = jax.random.normal(kw, (batch, queries, s.heads), jnp.float32) * (s.heads * s.head_dim) ** -0.5
             return q, k, w
-        return self._get("indexer", make)
+        return self._get(name, make)
+
+    def _mla(self, name: str, batch: int, queries: int, limit):
+        """q [batch,queries,Hq,Dk] bf16, kv [batch,S,Dk] bf16, indices [batch,queries,k] random in [0, limit),
+        valid all True."""
+        s, S = self.setup, self.length
+
+        def make(key):
+            kq, kkv, ki = jax.random.split(key, 3)
+            q = jax.random.normal(kq, (batch, queries, s.mla_heads, s.mla_dk), jnp.bfloat16)
+            kv = jax.random.normal(kkv, (batch, S, s.mla_dk), jnp.bfloat16)
+            idx = jax.random.randint(ki, (batch, queries, s.topk), 0, jnp.iinfo(jnp.int32).max) % limit
+            return q, kv, idx, jnp.ones(idx.shape, bool)
+        return self._get(name, make)
+
+    def indexer(self):
+        """Prefill: q [1,T,H,d], k [1,S,d], w [1,T,H] with T = S."""
+        return self._indexer("indexer", 1, self.length)
 
     def block_sums(self, block: int):
         from pallas_kernels.blocks import pool_block_sums
@@ -232,46 +250,22 @@ class _Inputs:
             pool_block_sums(k, None, jnp.full((1,), k.shape[1], jnp.int32), block)))
 
     def mla(self):
-        """q [1,T,Hq,Dk] bf16, kv [1,S,Dk] bf16, indices [1,T,k] random in [0, t], valid all True."""
-        s, T = self.setup, self.length
-
-        def make(key):
-            kq, kkv, ki = jax.random.split(key, 3)
-            q = jax.random.normal(kq, (1, T, s.mla_heads, s.mla_dk), jnp.bfloat16)
-            kv = jax.random.normal(kkv, (1, T, s.mla_dk), jnp.bfloat16)
-            limit = jnp.arange(1, T + 1, dtype=jnp.int32)[None, :, None]
-            idx = jax.random.randint(ki, (1, T, s.topk), 0, jnp.iinfo(jnp.int32).max) % limit
-            return q, kv, idx, jnp.ones(idx.shape, bool)
-        return self._get("mla", make)
+        """Prefill: indices of query t random in [0, t]."""
+        limit = jnp.arange(1, self.length + 1, dtype=jnp.int32)[None, :, None]
+        return self._mla("mla", 1, self.length, limit)
 
     def decode_lengths(self):
         s, S = self.setup, self.length
         return self._get("lengths", lambda key: jax.random.randint(key, (s.decode_batch,), max(S // 2, 1), S + 1))
 
     def decode_indexer(self):
-        s, S = self.setup, self.length
-        lengths = self.decode_lengths()
-
-        def make(key):
-            kq, kk, kw = jax.random.split(key, 3)
-            q = jax.random.normal(kq, (s.decode_batch, 1, s.heads, s.head_dim), jnp.bfloat16)
-            k = jax.random.normal(kk, (s.decode_batch, S, s.head_dim), jnp.bfloat16)
-            w = jax.random.normal(kw, (s.decode_batch, 1, s.heads), jnp.float32) * (s.heads * s.head_dim) ** -0.5
-            return q, k, w, lengths
-        return self._get("decode_indexer", make)
+        """One query per sequence of ``decode_batch``, with their valid lengths."""
+        lengths = self.decode_lengths()  # first: the keys' fold-in order stays as it was
+        return (*self._indexer("decode_indexer", self.setup.decode_batch, 1), lengths)
 
     def decode_mla(self):
-        s, S = self.setup, self.length
         lengths = self.decode_lengths()
-
-        def make(key):
-            kq, kkv, ki = jax.random.split(key, 3)
-            q = jax.random.normal(kq, (s.decode_batch, 1, s.mla_heads, s.mla_dk), jnp.bfloat16)
-            kv = jax.random.normal(kkv, (s.decode_batch, S, s.mla_dk), jnp.bfloat16)
-            idx = jax.random.randint(ki, (s.decode_batch, 1, s.topk), 0, jnp.iinfo(jnp.int32).max)
-            idx = idx % lengths[:, None, None]
-            return q, kv, idx, jnp.ones(idx.shape, bool)
-        return self._get("decode_mla", make)
+        return self._mla("decode_mla", self.setup.decode_batch, 1, lengths[:, None, None])
 
 
 def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, tuple, dict[str, Any]]:
@@ -398,8 +392,8 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
             if setup.max_seconds is not None and elapsed > setup.max_seconds:
                 cell = {"status": "skipped", "reason": f"time budget --max-seconds {setup.max_seconds:g} "
                                                        f"exceeded ({elapsed:.0f} s)"}
-            elif entry == "naive_xla" and _naive_too_big(setup, T):
-                cell = {"status": "oom", "reason": _naive_too_big(setup, T)}
+            elif entry == "naive_xla" and (too_big := _naive_too_big(setup, T)):
+                cell = {"status": "oom", "reason": too_big}
             else:
                 cell = _run_entry(entry, setup, inputs, peak)
             results[entry][str(T)] = cell

@@ -86,4 +86,6 @@ def layers_context(sharding):
     from sparse_index_jax.sharding import activation_sharding  # noqa: PLC0415
 
     mesh = getattr(sharding, "mesh", None)
-    return activation_sharding(mesh) if mesh is not None and mesh.shape.get("context", 1) > 1 else contextlib.nullcontext()
+    if mesh is not None and mesh.shape.get("context", 1) > 1:
+        return activation_sharding(mesh)
+    return contextlib.nullcontext()

@@ -33,7 +33,7 @@ def _two_processes(check: str, tmp_path: pathlib.Path, layers: int) -> pathlib.P
     pytest.importorskip("torch", reason="builds an HF checkpoint with torch")
     import socket
 
-    from tests.tiny_models import save_tiny
+    from tiny_models import save_tiny
 
     folder = save_tiny(tmp_path / "m", num_hidden_layers=layers, initializer_range=0.3)
     with socket.socket() as s:

@@ -19,7 +19,7 @@ from pallas_kernels.dsa_topk import dsa_topk
 from pallas_kernels.hisa_topk import hisa_topk
 from pallas_kernels.misa_topk import misa_topk
 from pallas_kernels.radix_topk import radix_topk_rows
-from tests.cuda_lowering import lower_for_cuda
+from cuda_lowering import lower_for_cuda
 
 
 def _activations(rng, B, T, S, H, d, *, fp8_scale=False):

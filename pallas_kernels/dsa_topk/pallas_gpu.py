@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, next_pow2, ordered_keys,
-                                   pallas_interpret, top_k_by_key, triton_params)
+from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, next_pow2, ordered_keys, pad_axis,
+                                   pallas_interpret, round_up, top_k_by_key, triton_params)
 from pallas_kernels.radix_topk import RADIX_TILE, radix_topk_rows
 
 def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
@@ -85,12 +85,6 @@ def query_block(heads: int) -> int:
     return max(1, 256 // heads)
 
 
-def pad_axis(x: jax.Array, axis: int, size: int, fill=0) -> jax.Array:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=fill) if size != x.shape[axis] else x
-
-
 def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
     """Pads heads and head dim to powers of two (zero weights / zeros: scores unchanged; at least
     ``min_heads`` heads), keys to a multiple of ``tile``, and casts the matmul operands to one dtype
@@ -99,7 +93,7 @@ def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
     S = k.shape[1]
     dt = matmul_dtype(q, k)
     Hp, dp = max(min_heads, next_pow2(H)), max(16, next_pow2(d))
-    width = -(-S // tile) * tile
+    width = round_up(S, tile)
     q = pad_axis(pad_axis(q.astype(dt), 2, Hp), 3, dp)
     w = pad_axis(w.astype(jnp.float32), 2, Hp)
     k = pad_axis(pad_axis(k.astype(dt), 1, width), 2, dp)
@@ -134,7 +128,7 @@ def _dsa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
     q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile)
     bq = query_block(q.shape[2])
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
-    Tp = -(-T // bq) * bq  # padded query rows have limit 0: nothing eligible, pure padding
+    Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
     chunk = max(bq, min(Tp, chunk_bytes // (4 * B * width)) // bq * bq)
 

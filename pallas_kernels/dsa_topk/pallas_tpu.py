@@ -26,15 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys, top_k_by_key
-from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, round_up, tpu_interpret
+from pallas_kernels.common import (INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys, pad_axis, round_up,
+                                   top_k_by_key)
+from pallas_kernels.tpu import DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
 
 # bit b of a 32-bit word as an int32 (bit 31 is the sign bit)
 _BITS = [np.array(1 << b, np.uint32).view(np.int32) for b in range(32)]
 
 
 def _score_kernel(pos_ref, lim_ref, w_ref, q_ref, k_ref, ks_ref, out_ref, *, heads: int, block_k: int):
-    """pos [1,bq,1] (-1: padding row), lim [1,1,1], w [1,H,bq,1], q [1,H,bq,d], k [1,bk,d], ks [1,1,bk] -> keys [1,bq,bk]."""
+    """pos [1,bq,1] (-1: padding row), lim [1,1,1], w [1,H,bq,1], q [1,H,bq,d], k [1,bk,d], ks [1,1,bk]
+    -> ranking keys [1,bq,bk]."""
     from jax.experimental import pallas as pl  # noqa: PLC0415
 
     first_key = pl.program_id(2) * block_k
@@ -79,12 +81,12 @@ def score_keys(q, k, w, k_scale, q_positions, kv_lengths, *, blocks: DsaTpuBlock
     bq, bk = blocks.block_q, blocks.block_k
     Tp, Sp = round_up(T, bq), round_up(S, bk)
     dt = matmul_dtype(q, k)
-    qt = jnp.pad(jnp.swapaxes(q.astype(dt), 1, 2), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))      # [B,H,Tp,d]
-    wt = jnp.pad(jnp.swapaxes(w.astype(jnp.float32), 1, 2), ((0, 0), (0, 0), (0, Tp - T)))[..., None]
-    kp = jnp.pad(k.astype(dt), ((0, 0), (0, Sp - S), (0, 0)))
+    qt = pad_axis(jnp.swapaxes(q.astype(dt), 1, 2), 2, Tp)                                  # [B,H,Tp,d]
+    wt = pad_axis(jnp.swapaxes(w.astype(jnp.float32), 1, 2), 2, Tp)[..., None]              # [B,H,Tp,1]
+    kp = pad_axis(k.astype(dt), 1, Sp)
     ks = jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
-    ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=1.0)[:, None, :]
-    pos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)[..., None]
+    ks = pad_axis(ks, 1, Sp, 1.0)[:, None, :]
+    pos = pad_axis(q_positions.astype(jnp.int32), 1, Tp, -1)[..., None]
     lim = kv_lengths.astype(jnp.int32).reshape(B, 1, 1)
     return pl.pallas_call(
         functools.partial(_score_kernel, heads=H, block_k=bk),
@@ -108,7 +110,7 @@ def kth_keys(keys: jax.Array, topk: int, *, rows: int, interpret) -> jax.Array:
 
     B, T, Sp = keys.shape
     Tp = round_up(T, rows)
-    keys = jnp.pad(keys, ((0, 0), (0, Tp - T), (0, 0)), constant_values=INELIGIBLE_KEY)
+    keys = pad_axis(keys, 1, Tp, INELIGIBLE_KEY)
     out = pl.pallas_call(
         functools.partial(_threshold_kernel, topk=topk),
         grid=(B, Tp // rows),
@@ -158,10 +160,8 @@ def _dsa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blocks, ch
 
     idx, valid, ranked = map_query_chunks(one_chunk, min(rows_per_chunk, round_up(T, blocks.block_q)),
                                           (q, 0), (w, 0), (q_positions, -1))
-    if kk < topk:
-        pad = ((0, 0), (0, 0), (0, topk - kk))
-        idx, valid = jnp.pad(idx, pad, constant_values=-1), jnp.pad(valid, pad)
-        ranked = jnp.pad(ranked, pad, constant_values=INELIGIBLE_KEY)
+    # fewer candidates than topk: the extra slots are padding
+    idx, valid, ranked = pad_axis(idx, 2, topk, -1), pad_axis(valid, 2, topk), pad_axis(ranked, 2, topk, INELIGIBLE_KEY)
     return (idx, valid, ranked) if return_keys else (idx, valid)
 
 

@@ -19,14 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.blocks import block_means, last_eligible
-from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, next_pow2, pallas_interpret, top_k_by_key
-from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas, kernel_layout, pad_axis, query_block, score_keys
+from pallas_kernels.common import map_query_chunks, next_pow2, pad_axis, pallas_interpret, round_up
+from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas, kernel_layout, query_block, score_keys
+from pallas_kernels.hisa_topk.reference import block_candidates, block_ranking_keys, kept_blocks
 from pallas_kernels.refine_gpu import refine_topk_pallas
-
-_INF_KEY = np.int32(0x7F800000)  # ranking key of +inf: a forced block, as in the reference
 
 
 def hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
@@ -52,29 +50,22 @@ def _hisa_topk_pallas(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
     m = num_blocks
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
     block_tile = min(64, next_pow2(M))
-    block_width = -(-M // block_tile) * block_tile
+    block_width = round_up(M, block_tile)
     means = pad_axis(pad_axis(means, 1, block_width), 2, q.shape[-1])
     ones = jnp.ones((B, block_width), jnp.float32)
     last = last_eligible(q_positions, kv_lengths)
     own = jnp.where(last >= 0, last // block_size, -1)
     bq = query_block(q.shape[2])
-    Tp = -(-T // bq) * bq
+    Tp = round_up(T, bq)
     q, w, last, own = (pad_axis(x, 1, Tp, fill) for x, fill in ((q, 0), (w, 0), (last, -1), (own, -1)))
     per_query = 4 * (block_width + 3 * m * block_size)
     chunk = max(bq, min(Tp, chunk_bytes // (B * per_query)) // bq * bq)
-    block_ids = jnp.arange(M, dtype=jnp.int32)
-    offsets = jnp.arange(block_size, dtype=jnp.int32)
 
     def one_chunk(q_c, w_c, last_c, own_c):
         keys = score_keys(q_c, w_c, means, ones, own_c + 1, width=block_width, bk=block_tile,
                           interpret=interpret)[:, :, :M]
-        forced = (block_ids == 0) | (block_ids == own_c[..., None])
-        keys = jnp.where(forced, _INF_KEY, keys)
-        eligible = (block_ids <= own_c[..., None]) & (counts[:, None, :] > 0)
-        kept, kept_ok = top_k_by_key(jnp.where(eligible, keys, INELIGIBLE_KEY), m)
-        kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)  # increasing block -> increasing position
-        cand = (jnp.minimum(kept, M - 1)[..., None] * block_size + offsets).reshape(B, -1, m * block_size)
-        ok = jnp.repeat(kept < M, block_size, axis=-1) & (cand <= last_c[..., None])
+        kept = kept_blocks(block_ranking_keys(keys, own_c, counts), m)
+        cand, ok = block_candidates(kept, last_c, M, block_size)
         return refine_topk_pallas(q_c, w_c, k, scale, jnp.where(ok, cand, -1), topk, return_keys=return_keys,
                                   interpret=interpret)
 

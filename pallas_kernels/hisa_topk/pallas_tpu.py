@@ -17,15 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.blocks import block_means, last_eligible
-from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys
+from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, matmul_dtype, ordered_keys, pad_axis, round_up
 from pallas_kernels.dsa_topk.pallas_tpu import compact, kth_keys, score_keys
-from pallas_kernels.tpu import LANES, DsaTpuBlockSizes, dsa_block_sizes, round_up, tpu_interpret
-
-_FORCED = np.int32(0x7F800000)  # ordered_keys(+inf): the forced blocks rank first
-
+from pallas_kernels.hisa_topk.reference import block_ranking_keys
+from pallas_kernels.tpu import LANES, DsaTpuBlockSizes, dsa_block_sizes, tpu_interpret
 
 def _refine_kernel(kept_ref, last_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *, block_size: int):
     """kept [B,c,m] and last [B,c] in SMEM; q [1,1,H,d], w [1,1,1,H], k [1,bs,d], ks [1,1,bs] -> keys [1,1,1,1,bs]."""
@@ -52,9 +49,9 @@ def refine_keys(q, w, k, k_scale, kept, last, *, block_size: int, interpret) -> 
     S = k.shape[1]
     Sp = round_up(S, block_size)
     dt = matmul_dtype(q, k)
-    kp = jnp.pad(k.astype(dt), ((0, 0), (0, Sp - S), (0, 0)))
+    kp = pad_axis(k.astype(dt), 1, Sp)
     ks = jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
-    ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=1.0)[:, None, :]
+    ks = pad_axis(ks, 1, Sp, 1.0)[:, None, :]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(B, c, m),
         in_specs=[pl.BlockSpec((1, 1, H, d), lambda b, t, j, kept, last: (b, t, 0, 0)),
@@ -74,11 +71,10 @@ def refine_keys(q, w, k, k_scale, kept, last, *, block_size: int, interpret) -> 
 def _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, num_blocks,
                    query_chunk, blocks, interpret, return_keys):
     B, T = q.shape[:2]
-    means, _ = block_means(block_sums, kv_lengths, block_size)
+    means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
     m = min(num_blocks, M)
     nonempty = (kv_lengths + block_size - 1) // block_size
-    block_ids = jnp.arange(M, dtype=jnp.int32)
     chunk = round_up(min(query_chunk, T), blocks.block_q)
     kk = min(topk, m * block_size)
 
@@ -88,8 +84,7 @@ def _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, top
         own = jnp.where(last >= 0, last // block_size, -1)
         # 1. block filter: DSA scores of the means, eligible up to the own block; first and own forced
         keys = score_keys(q_c, means, w_c, None, own, nonempty, blocks=blocks, interpret=interpret)[:, :c, :M]
-        forced = ((block_ids == 0) | (block_ids == own[..., None])) & (keys != INELIGIBLE_KEY)
-        keys = jnp.where(forced, _FORCED, keys)
+        keys = block_ranking_keys(keys, own, counts)
         kept, kept_ok, _ = compact(keys, kth_keys(keys, m, rows=blocks.search_rows, interpret=interpret), m)
         kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)   # block order: candidates in increasing position
         kept = jnp.where(kept < M, kept, -1)
@@ -102,10 +97,8 @@ def _hisa_topk_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, top
         return positions, valid, ranked
 
     idx, valid, ranked = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (q_positions, -1))
-    if kk < topk:
-        pad = ((0, 0), (0, 0), (0, topk - kk))
-        idx, valid = jnp.pad(idx, pad, constant_values=-1), jnp.pad(valid, pad)
-        ranked = jnp.pad(ranked, pad, constant_values=INELIGIBLE_KEY)
+    # fewer candidates than topk: the extra slots are padding
+    idx, valid, ranked = pad_axis(idx, 2, topk, -1), pad_axis(valid, 2, topk), pad_axis(ranked, 2, topk, INELIGIBLE_KEY)
     return (idx, valid, ranked) if return_keys else (idx, valid)
 
 

@@ -22,9 +22,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.blocks import block_means, head_block_logits, last_eligible, refine_topk
-from pallas_kernels.common import map_query_chunks, ranking_keys, top_k_by_key
+from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, ordered_keys, top_k_by_key
+
+FORCED_KEY = np.int32(0x7F800000)  # ordered_keys(+inf): the first and the own block rank before any other
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "query_chunk", "return_keys"))
@@ -37,23 +40,41 @@ def hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
     m = min(num_blocks, M)
-    block_ids = jnp.arange(M, dtype=jnp.int32)
-    offsets = jnp.arange(block_size, dtype=jnp.int32)
 
     def one_query_chunk(q_c, w_c, pos_c):
         last = last_eligible(pos_c, kv_lengths)                     # [B, c]
-        own = jnp.where(last >= 0, last // block_size, -1)[..., None]
+        own = jnp.where(last >= 0, last // block_size, -1)
         scores = jnp.einsum("bchm,bch->bcm", head_block_logits(q_c, means), w_c.astype(jnp.float32))
-        forced = (block_ids == 0) | (block_ids == own)
-        scores = jnp.where(forced, jnp.inf, scores)
-        eligible = (block_ids <= own) & (counts[:, None, :] > 0)
-        kept, kept_ok = top_k_by_key(ranking_keys(scores, eligible), m)  # [B, c, m]
-        # Increasing block order -> candidates in increasing position -> ties go to the lower position.
-        kept = jnp.sort(jnp.where(kept_ok, kept, M), axis=-1)
-        kept_ok = kept < M
-        cand_pos = (jnp.minimum(kept, M - 1)[..., None] * block_size + offsets).reshape(B, -1, m * block_size)
-        cand_ok = (jnp.repeat(kept_ok, block_size, axis=-1) & (cand_pos <= last[..., None]))
+        kept = kept_blocks(block_ranking_keys(ordered_keys(scores), own, counts), m)
+        cand_pos, cand_ok = block_candidates(kept, last, M, block_size)
         return refine_topk(q_c, w_c, k, k_scale, cand_pos, cand_ok, topk, key_offset=key_offset,
                            return_keys=return_keys)
 
     return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))
+
+
+def block_ranking_keys(block_keys: jax.Array, own: jax.Array, counts: jax.Array) -> jax.Array:
+    """Step 2's ranking: block score keys [B,c,M] (``ordered_keys``) -> the first and own blocks forced to
+    FORCED_KEY, blocks after the own block or empty (``counts`` [B,M] == 0) INELIGIBLE_KEY; own [B,c]."""
+    block_ids = jnp.arange(block_keys.shape[-1], dtype=jnp.int32)
+    forced = (block_ids == 0) | (block_ids == own[..., None])
+    eligible = (block_ids <= own[..., None]) & (counts[:, None, :] > 0)
+    return jnp.where(eligible, jnp.where(forced, FORCED_KEY, block_keys), INELIGIBLE_KEY)
+
+
+def kept_blocks(keys: jax.Array, m: int) -> jax.Array:
+    """The ``m`` best blocks of ``block_ranking_keys`` in increasing block order, M where fewer are eligible."""
+    M = keys.shape[-1]
+    kept, ok = top_k_by_key(keys, m)
+    # Increasing block order -> candidates in increasing position -> ties go to the lower position.
+    return jnp.sort(jnp.where(ok, kept, M), axis=-1)
+
+
+def block_candidates(kept: jax.Array, last: jax.Array, num_blocks: int, block_size: int):
+    """Kept blocks [B,c,m] (``num_blocks`` = none) -> their tokens' positions [B,c,m*block_size], in increasing
+    order, and which are candidates (a real block, position <= the query's ``last`` eligible key)."""
+    B, c, m = kept.shape
+    offsets = jnp.arange(block_size, dtype=jnp.int32)
+    positions = (jnp.minimum(kept, num_blocks - 1)[..., None] * block_size + offsets).reshape(B, c, m * block_size)
+    ok = jnp.repeat(kept < num_blocks, block_size, axis=-1) & (positions <= last[..., None])
+    return positions, ok

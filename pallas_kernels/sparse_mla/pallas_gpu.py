@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import chunk_axis, next_pow2, pallas_interpret, triton_params
+from pallas_kernels.common import chunk_axis, next_pow2, pad_axis, pallas_interpret, round_up, triton_params
 
 __all__ = ["BlockSizes", "candidate_block_sizes", "smem_estimate", "sparse_mla_pallas"]
 
@@ -169,48 +169,50 @@ class _Geometry:
 
     def heads_pad(self, block_h: int) -> int:
         hb = self.head_block(block_h)
-        return -(-self.heads // hb) * hb
+        return round_up(self.heads, hb)
 
     @property
     def precision(self):  # float32 inputs: IEEE products, not TF32
         return jax.lax.Precision.HIGHEST if self.compute_dtype == "float32" else None
+
+    @property
+    def cdt(self):
+        """The dtype q, rows and probabilities are cast to for the dots (q's)."""
+        return jnp.dtype(self.compute_dtype)
 
 
 def _pad_cols(x: jax.Array, g: _Geometry) -> jax.Array:
     """[..., Dk] -> [..., v_pad + r_pad]: each piece zero-padded at its end (a no-op for 512 + 64)."""
     if g.v_pad == g.v_dim and g.r_pad == g.rest:
         return x
-    widths = [(0, 0)] * (x.ndim - 1)
-    value = jnp.pad(x[..., :g.v_dim], widths + [(0, g.v_pad - g.v_dim)])
-    rest = jnp.pad(x[..., g.v_dim:], widths + [(0, g.r_pad - g.rest)])
-    return jnp.concatenate([value, rest], axis=-1)
+    last = x.ndim - 1
+    return jnp.concatenate([pad_axis(x[..., :g.v_dim], last, g.v_pad), pad_axis(x[..., g.v_dim:], last, g.r_pad)],
+                           axis=-1)
 
 
 def _fit_heads(x: jax.Array, n: int) -> jax.Array:
     """Axis 2 (heads) cut or zero-padded to ``n``; only padding heads are ever cut."""
-    if x.shape[2] >= n:
-        return x[:, :, :n]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+    return pad_axis(x[:, :, :n], 2, n)
 
 
 # --------------------------------------------------------------------------------------------------
 # kernels (refs are whole arrays; program ids pick the (head block, query, batch) they work on)
 # --------------------------------------------------------------------------------------------------
 
-def _load_query(ref, b, t, heads, g: _Geometry, cdt):
+def _load_query(ref, b, t, heads, g: _Geometry):
     """Value piece and rest piece (None when Dk == v_dim) of a [B,T,H,width] ref, in compute dtype."""
-    qv = ref[b, t, heads, pl.ds(0, g.v_pad)].astype(cdt)
-    qr = ref[b, t, heads, pl.ds(g.v_pad, g.r_pad)].astype(cdt) if g.r_pad else None
+    qv = ref[b, t, heads, pl.ds(0, g.v_pad)].astype(g.cdt)
+    qr = ref[b, t, heads, pl.ds(g.v_pad, g.r_pad)].astype(g.cdt) if g.r_pad else None
     return qv, qr
 
 
-def _gather_rows(kv_ref, idx_ref, b, t, j, bk, g: _Geometry, cdt):
+def _gather_rows(kv_ref, idx_ref, b, t, j, bk, g: _Geometry):
     """Rows named by slots [j*bk, (j+1)*bk): (in-slot mask [bk], value piece [bk,v_pad], rest piece)."""
     idx = idx_ref[b, t, pl.ds(j * bk, bk)]
     ok = idx >= 0
     rows = jnp.maximum(idx, 0)  # padding reads row 0, masked below
-    rv = kv_ref[b, rows, pl.ds(0, g.v_pad)].astype(cdt)
-    rr = kv_ref[b, rows, pl.ds(g.v_pad, g.r_pad)].astype(cdt) if g.r_pad else None
+    rv = kv_ref[b, rows, pl.ds(0, g.v_pad)].astype(g.cdt)
+    rr = kv_ref[b, rows, pl.ds(g.v_pad, g.r_pad)].astype(g.cdt) if g.r_pad else None
     return ok, rv, rr
 
 
@@ -230,20 +232,19 @@ def _logits(qv, qr, rv, rr, g: _Geometry):
 
 def _fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref, *, g: _Geometry, n_blocks: int):
     hb, bk = g.head_block(g.blocks.block_h), g.blocks.block_k
-    cdt = jnp.dtype(g.compute_dtype)
     h, t, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     heads = pl.ds(h * hb, hb)
-    qv, qr = _load_query(q_ref, b, t, heads, g, cdt)
+    qv, qr = _load_query(q_ref, b, t, heads, g)
 
     def step(j, carry):
         m, l, acc = carry
-        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g, cdt)
+        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g)
         s = jnp.where(ok[None, :], _logits(qv, qr, rv, rr, g), -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(cdt), rv, g)
+        acc = acc * alpha[:, None] + _dot(p.astype(g.cdt), rv, g)
         return m_new, l, acc
 
     init = (jnp.full((hb,), _NEG, jnp.float32), jnp.zeros((hb,), jnp.float32),
@@ -257,15 +258,14 @@ def _fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref, *, g: _Geometry, n_block
 
 def _probs_kernel(q_ref, kv_ref, idx_ref, lse_ref, p_ref, *, g: _Geometry, n_blocks: int):
     hb, bk = g.head_block(g.blocks.block_h), g.blocks.block_k
-    cdt = jnp.dtype(g.compute_dtype)
     h, t, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     heads = pl.ds(h * hb, hb)
-    qv, qr = _load_query(q_ref, b, t, heads, g, cdt)
+    qv, qr = _load_query(q_ref, b, t, heads, g)
     lse = lse_ref[b, t, heads]
     real = (h * hb + jax.lax.broadcasted_iota(jnp.int32, (hb, 1), 0)) < g.heads  # padded heads: no mass
 
     def step(j, carry):
-        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g, cdt)
+        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g)
         s = _logits(qv, qr, rv, rr, g)
         p = jnp.where(ok[None, :] & real, jnp.exp(s - lse[:, None]), 0.0)
         p_ref[b, t, h, pl.ds(j * bk, bk)] = jnp.sum(p, axis=0)
@@ -277,25 +277,24 @@ def _probs_kernel(q_ref, kv_ref, idx_ref, lse_ref, p_ref, *, g: _Geometry, n_blo
 def _bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, dslot_ref, *, g: _Geometry,
                 n_blocks: int):
     hb, bk = g.head_block(g.blocks.bwd_block_h), g.blocks.bwd_block_k
-    cdt = jnp.dtype(g.compute_dtype)
     h, t, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     heads = pl.ds(h * hb, hb)
-    qv, qr = _load_query(q_ref, b, t, heads, g, cdt)
-    do = do_ref[b, t, heads, :].astype(cdt)
+    qv, qr = _load_query(q_ref, b, t, heads, g)
+    do = do_ref[b, t, heads, :].astype(g.cdt)
     lse = lse_ref[b, t, heads]
     delta = delta_ref[b, t, heads]
 
     def step(j, carry):
         dqv, dqr = carry
-        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g, cdt)
+        ok, rv, rr = _gather_rows(kv_ref, idx_ref, b, t, j, bk, g)
         s = _logits(qv, qr, rv, rr, g)
         p = jnp.where(ok[None, :], jnp.exp(s - lse[:, None]), 0.0)  # [hb, bk]
         dp = _dot(do, rv, g, trans_b=True)
-        ds = (p * (dp - delta[:, None])).astype(cdt)
+        ds = (p * (dp - delta[:, None])).astype(g.cdt)
         dqv = dqv + _dot(ds, rv, g)
         slots = pl.ds(j * bk, bk)
         dslot_ref[b, t, h, slots, pl.ds(0, g.v_pad)] = (
-            _dot(p.astype(cdt), do, g, trans_a=True)
+            _dot(p.astype(g.cdt), do, g, trans_a=True)
             + g.scale * _dot(ds, qv, g, trans_a=True))
         if qr is not None:
             dqr = dqr + _dot(ds, rr, g)
@@ -433,13 +432,13 @@ def _sparse_mla_pallas(q, kv, indices, valid, *, scale, v_dim, query_chunk, retu
     bs = block_sizes
     step = max(bs.block_k, bs.bwd_block_k)  # both powers of 2: a multiple of each
     g = _Geometry(heads=H, v_dim=v_dim, rest=D - v_dim, v_pad=_pow2(v_dim),
-                  r_pad=_pow2(D - v_dim) if D > v_dim else 0, k_pad=-(-k // step) * step,
+                  r_pad=_pow2(D - v_dim) if D > v_dim else 0, k_pad=round_up(k, step),
                   scale=scale, compute_dtype=jnp.dtype(q.dtype).name, blocks=bs,
                   interpret=interpret)
     # One int array carries both: -1 for padding (and invalid) slots, real indices clipped into the
     # cache like the reference's gather clamps them.
     idx = jnp.where(valid, jnp.clip(indices.astype(jnp.int32), 0, S - 1), -1)
-    idx = jnp.pad(idx, [(0, 0), (0, 0), (0, g.k_pad - k)], constant_values=-1)
+    idx = pad_axis(idx, 2, g.k_pad, -1)
     qp = _fit_heads(_pad_cols(q, g), g.heads_pad(bs.block_h))
     kvp = _pad_cols(kv, g)
     out, lse = _attend(qp, kvp, idx, g, query_chunk)

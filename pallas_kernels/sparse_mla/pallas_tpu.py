@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import map_query_chunks
+from pallas_kernels.common import map_query_chunks, pad_axis, round_up
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 from pallas_kernels.tpu import SUBLANES, tpu_interpret
 
@@ -83,9 +83,9 @@ def _forward_chunk(q, kv, indices, valid, *, scale, v_dim, block_k, interpret):
 
     B, c, H, D = q.shape
     k = indices.shape[-1]
-    kp = -(-k // block_k) * block_k
-    indices = jnp.pad(indices, ((0, 0), (0, 0), (0, kp - k)), constant_values=-1)
-    valid = jnp.pad(valid, ((0, 0), (0, 0), (0, kp - k))).astype(jnp.int32).reshape(B, c, kp // block_k, block_k)
+    kp = round_up(k, block_k)
+    indices = pad_axis(indices, 2, kp, -1)
+    valid = pad_axis(valid, 2, kp).astype(jnp.int32).reshape(B, c, kp // block_k, block_k)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(B, c),
         in_specs=[pl.BlockSpec((1, 1, H, D), lambda b, t, idx: (b, t, 0, 0)),
