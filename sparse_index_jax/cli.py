@@ -292,24 +292,25 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
+def _names(text: str, allowed, what: str) -> list[str]:
+    """Comma-separated names, each one of ``allowed``."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {','.join(allowed)}")
+    return names
+
+
 def _chips(text: str) -> list[str]:
     from sparse_index_jax.roofline import CHIPS
 
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in CHIPS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown TPU chips {unknown}; choose from {','.join(CHIPS)}")
-    return names
+    return _names(text, CHIPS, "TPU chips")
 
 
 def _entries(text: str) -> list[str]:
     from sparse_index_jax.bench_speed import ENTRIES
 
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in ENTRIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown entries {unknown}; choose from {','.join(ENTRIES)}")
-    return names
+    return _names(text, ENTRIES, "entries")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
