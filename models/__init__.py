@@ -1,23 +1,28 @@
-"""DeepSeek-V3.2 and GLM-5 in Flax NNX, loaded from HF checkpoints without torch."""
+"""Models: DeepSeek-V3.2 and GLM-5 in Flax NNX, loaded from HF checkpoints without torch; the Llama family
+with DSA retrofitted (``llama``, ``retrofit``); the shared layer loop (``causal_lm``)."""
 
 from __future__ import annotations
 
 import pathlib
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from models.config import ModelConfig
-from models.convert.loader import is_converted, load_converted, load_hf_checkpoint, save_converted
-from models.convert.safetensors_reader import CheckpointError
-from models.modeling import CausalLMOutput, DSAForCausalLM, generate
-from sparse_index_jax.sharding import param_sharding
+from sparse_index_jax.layers.sharding import param_sharding
+from sparse_index_jax.models.causal_lm import CausalLMOutput, generate
+from sparse_index_jax.models.config import ModelConfig
+from sparse_index_jax.models.convert.loader import is_converted, load_converted, load_hf_checkpoint, save_converted
+from sparse_index_jax.models.convert.safetensors_reader import CheckpointError
+from sparse_index_jax.models.deepseek import DSAForCausalLM
+from sparse_index_jax.selection.methods import Selector
 
 __all__ = ["CausalLMOutput", "CheckpointError", "DSAForCausalLM", "ModelConfig", "from_pretrained", "generate",
-           "convert"]
+           "convert", "parameter_count"]
 
 
 def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress: bool = True,
-                    index_pattern: str | None = None, selector: dict | None = None) -> DSAForCausalLM:
+                    index_pattern: str | None = None, selector: Selector | dict | None = None) -> DSAForCausalLM:
     """Loads a DeepSeek-V3.2 (``deepseek_v32``) or GLM-5 (``glm_moe_dsa``) model.
 
     ``path`` is an HF checkpoint folder (config.json + safetensors, single or sharded, bf16/fp32 or FP8 with
@@ -26,13 +31,14 @@ def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress
     indexer's LayerNorm and head-weight projection and the MoE router stay float32.
 
     ``index_pattern`` ("F"/"S" per layer) bakes an IndexCache pattern in: S layers reuse the last F
-    layer's selection and their indexer weights are not loaded. ``selector`` picks the F layers'
-    selector and its options, e.g. ``{"method": "hisa", "block_size": 128, "num_blocks": 64}``
-    (HF checkpoints only; a converted folder keeps what it was converted with).
+    layer's selection and their indexer weights are not loaded. ``selector`` (a ``Selector``, or its
+    fields such as ``{"method": "hisa", "block_size": 128, "num_blocks": 64}``) is the F layers' default
+    (HF checkpoints only: a converted folder keeps what it was converted with; any model also takes
+    ``selector=`` per call).
 
-    ``mesh`` (``sparse_index_jax.sharding.make_mesh``): every parameter is placed on its shards as it
-    is read, by the logical-axis rules of ``sparse_index_jax.sharding``; no device ever holds the whole
-    model unless the rules replicate it.
+    ``mesh`` (``sparse_index_jax.layers.sharding.make_mesh``): every parameter is placed on its shards as
+    it is read, by the logical-axis rules of ``sparse_index_jax.layers.sharding``; no device ever holds the
+    whole model unless the rules replicate it.
     """
     sharding = param_sharding(mesh) if mesh is not None else None
     if is_converted(path):
@@ -51,3 +57,9 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.b
     sharding = param_sharding(mesh) if mesh is not None else None
     model = load_hf_checkpoint(hf_dir, dtype=dtype, progress=progress, sharding=sharding)
     return save_converted(model, hf_dir, out_dir)
+
+
+def parameter_count(path: str | pathlib.Path) -> int:
+    """Parameters of the DeepSeek-V3.2 / GLM-5 model a checkpoint folder describes (counted without loading)."""
+    abstract = nnx.eval_shape(lambda: DSAForCausalLM(ModelConfig.from_pretrained(path), rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))

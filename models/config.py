@@ -12,7 +12,10 @@ import json
 import pathlib
 from typing import Any, Mapping
 
-from sparse_index_jax.config import INDEXER_ROPE_LAYOUT, DSAConfig, IndexerConfig, MLAConfig, RopeConfig
+from sparse_index_jax.kernels.options import OptionError
+from sparse_index_jax.layers.config import INDEXER_ROPE_LAYOUT, DSAConfig, IndexerConfig, MLAConfig, RopeConfig
+from sparse_index_jax.layers.index_cache import check_pattern, pattern_from_hf_config
+from sparse_index_jax.selection.methods import Selector
 
 # Keys this config reads; any other key of config.json is kept in ``extra`` untouched.
 _KNOWN = {
@@ -29,41 +32,6 @@ _KNOWN = {
 
 def _fail(field: str, message: str) -> None:
     raise ValueError(f"ModelConfig.{field}: {message}")
-
-
-def _indexer_types(cfg: Mapping[str, Any], n_layers: int) -> tuple[str, ...]:
-    """Per layer "full" (own indexer) or "shared" (reuses the previous full layer's top-k).
-
-    Sources, first found wins: ``indexer_types``; ``index_topk_pattern`` ("FSSF..." or a list);
-    ``index_topk_freq`` + ``index_skip_topk_offset`` (HF's rule); otherwise every layer is full.
-    """
-    if cfg.get("indexer_types") is not None:
-        types = list(cfg["indexer_types"])
-    elif cfg.get("index_topk_pattern") is not None:
-        pattern = cfg["index_topk_pattern"]
-        letters = {"F": "full", "S": "shared"}
-        if isinstance(pattern, str):
-            bad = sorted(set(pattern) - set(letters))
-            if bad:
-                _fail("indexer_types", f"index_topk_pattern may only contain 'F' and 'S', got {bad} in {pattern!r}")
-            types = [letters[c] for c in pattern]
-        else:
-            types = list(pattern)
-    elif cfg.get("index_topk_freq") is not None:
-        freq = max(int(cfg["index_topk_freq"]), 1)
-        offset = cfg.get("index_skip_topk_offset")
-        offset = 2 if offset is None else int(offset)  # HF's default
-        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
-    else:
-        types = ["full"] * n_layers
-    if len(types) != n_layers:
-        _fail("indexer_types", f"has {len(types)} entries for num_hidden_layers={n_layers}")
-    bad = sorted(set(types) - {"full", "shared"})
-    if bad:
-        _fail("indexer_types", f"entries must be 'full' or 'shared', got {bad}")
-    if types and types[0] != "full":
-        _fail("indexer_types", "layer 0 must be 'full': a shared layer reuses the top-k of an earlier full layer")
-    return tuple(types)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +67,7 @@ class ModelConfig:
     weight_block_size: tuple[int, int] | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
-    selector: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # IndexerConfig overrides, e.g. method
+    selector: Selector | None = None  # the F layers' selector; None: DSA top-``index_topk``
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -130,26 +98,38 @@ class ModelConfig:
                                                    or min(self.weight_block_size) <= 0):
             _fail("weight_block_size", f"must be two positive ints, got {self.weight_block_size}")
 
-    def with_index_cache(self, pattern: str | None = None, selector: Mapping[str, Any] | None = None) -> "ModelConfig":
-        """This config with another IndexCache pattern (S layers get no indexer) and/or selector options
-        (``{"method": "hisa", "num_blocks": 64, ...}``, any ``IndexerConfig`` selector field)."""
+    def with_index_cache(self, pattern: str | None = None,
+                         selector: Selector | Mapping[str, Any] | None = None) -> "ModelConfig":
+        """This config with another IndexCache pattern (S layers get no indexer) and/or selector: a
+        ``Selector`` or its fields (``{"method": "hisa", "num_blocks": 64}``; topk defaults to index_topk)."""
         cfg = self
         if pattern is not None:
-            from sparse_index_jax.index_cache import check_pattern
-
             try:
                 check_pattern(pattern, self.num_hidden_layers, available=self.index_pattern)
             except ValueError as err:
                 _fail("indexer_types", str(err))
             cfg = dataclasses.replace(cfg, indexer_types=tuple("full" if p == "F" else "shared" for p in pattern))
         if selector is not None:
-            allowed = {"method", "block_size", "num_blocks", "active_heads", "candidates", "query_chunk", "key_chunk"}
-            unknown = sorted(set(selector) - allowed)
-            if unknown:
-                _fail("selector", f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-            cfg = dataclasses.replace(cfg, selector=dict(selector))
-            cfg.layer_config(0)  # validates the options now, naming the bad field
+            cfg = cfg.with_selector(selector)
         return cfg
+
+    def with_selector(self, selector: Selector | Mapping[str, Any]) -> "ModelConfig":
+        """This config with the F layers' selector replaced (validated against the indexer's heads)."""
+        try:
+            if not isinstance(selector, Selector):
+                selector = Selector.from_dict(selector, topk=self.index_topk)
+            selector.check_heads(self.index_n_heads)
+        except OptionError as err:
+            _fail("selector", str(err))
+        return dataclasses.replace(self, selector=selector)
+
+    @property
+    def indexer(self) -> IndexerConfig:
+        """The lightning indexer of the F layers (weights and selector)."""
+        ix = IndexerConfig(hidden_size=self.hidden_size, q_input_dim=self.q_lora_rank or self.hidden_size,
+                           n_heads=self.index_n_heads, head_dim=self.index_head_dim, topk=self.index_topk,
+                           rope_dim=self.qk_rope_head_dim, rope_layout=self.indexer_rope_layout)
+        return ix.with_selector(self.selector) if self.selector is not None else ix
 
     @property
     def index_pattern(self) -> str:
@@ -166,13 +146,7 @@ class ModelConfig:
                         q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
                         qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
                         v_head_dim=self.v_head_dim, rope=self.rope)
-        indexer = None
-        if self.indexer_types[layer] == "full":
-            indexer = IndexerConfig(hidden_size=self.hidden_size, q_input_dim=self.q_lora_rank or self.hidden_size,
-                                    n_heads=self.index_n_heads, head_dim=self.index_head_dim, topk=self.index_topk,
-                                    rope_dim=self.qk_rope_head_dim, rope_layout=self.indexer_rope_layout,
-                                    **self.selector)
-        return DSAConfig(mla=mla, indexer=indexer)
+        return DSAConfig(mla=mla, indexer=self.indexer if self.indexer_types[layer] == "full" else None)
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -202,6 +176,10 @@ class ModelConfig:
             rope = RopeConfig.from_hf_config(cfg)
         except (KeyError, ValueError) as err:
             _fail("rope_parameters", str(err))
+        try:
+            pattern = pattern_from_hf_config(cfg, n_layers)
+        except ValueError as err:
+            _fail("indexer_types", str(err))
         return cls(
             model_type=str(need("model_type")),
             vocab_size=int(need("vocab_size")),
@@ -230,7 +208,7 @@ class ModelConfig:
             index_head_dim=int(cfg.get("index_head_dim", 128)),
             index_n_heads=int(cfg.get("index_n_heads", 64)),
             mlp_layer_types=mlp_types,
-            indexer_types=_indexer_types(cfg, n_layers),
+            indexer_types=tuple("full" if letter == "F" else "shared" for letter in pattern),
             weight_block_size=tuple(int(b) for b in block) if block else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.modeling import MLP, CausalLM
-from sparse_index_jax.attention import DSAOutput
-from sparse_index_jax.config import IndexerConfig, RopeConfig
-from sparse_index_jax.gqa import dense_gqa_attention, sparse_gqa_attention
-from sparse_index_jax.indexer import LightningIndexer
-from sparse_index_jax.layers import RMSNorm
-from sparse_index_jax.rope import apply_rope, rotary_cos_sin
-from sparse_index_jax.selection import Selection, causal_selection, select_topk
+from sparse_index_jax.layers.config import IndexerConfig, RopeConfig
+from sparse_index_jax.layers.dsa_attention import DSAOutput
+from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
+from sparse_index_jax.layers.indexer import LightningIndexer
+from sparse_index_jax.layers.norms import RMSNorm
+from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
+from sparse_index_jax.models.causal_lm import MLP, CausalLM
+from sparse_index_jax.selection.contract import Selection, causal_selection
+from sparse_index_jax.selection.methods import Selector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,10 @@ class LlamaConfig:
                            **{"norm_eps": 1e-6, "rope_layout": "half", **indexer})
         return dataclasses.replace(self, indexer=ix)
 
+    def with_selector(self, selector: Selector) -> "LlamaConfig":
+        """This config with the indexers' selector replaced."""
+        return dataclasses.replace(self, indexer=self.indexer.with_selector(selector))
+
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "LlamaConfig":
         """From an HF ``LlamaConfig`` dictionary (plain RoPE only)."""
@@ -116,11 +121,12 @@ class LlamaAttention(nnx.Module):
         self.indexer = (LightningIndexer(cfg.indexer, cfg.rope, dtype=jnp.float32, param_dtype=jnp.float32,
                                          rngs=rngs) if cfg.indexer is not None else None)
 
-    def __call__(self, x: jax.Array, *, cache=None, selection: Selection | None = None, capture: bool = False,
-                 dense: bool = False) -> DSAOutput:
+    def __call__(self, x: jax.Array, *, cache=None, selection: Selection | None = None,
+                 selector: Selector | None = None, capture: bool = False, dense: bool = False) -> DSAOutput:
         """x [B, T, hidden] (prefill; positions 0..T-1) -> DSAOutput. ``dense``: plain causal attention over
-        every key; otherwise the handed ``selection`` or the indexer's top-k. ``capture`` adds the head-averaged
-        probabilities per slot and the indexer's activations from DETACHED inputs (see ``DSAAttention``)."""
+        every key; otherwise the handed ``selection`` or the indexer's top-k by ``selector`` (default: the
+        config's). ``capture`` adds the head-averaged probabilities per slot and the indexer's activations
+        from DETACHED inputs (see ``DSAAttention``)."""
         cfg = self.cfg
         if cache is not None:
             raise ValueError("LlamaAttention runs whole sequences (prefill) only; it has no decode cache")
@@ -146,10 +152,9 @@ class LlamaAttention(nnx.Module):
                 if act is None:
                     raise ValueError("LlamaAttention: this model has no indexers; call it with dense=True or hand "
                                      "it a selection")
-                ix = cfg.indexer
-                selection = select_topk(act.q, act.k, act.w, topk=ix.topk, method=ix.method, q_positions=positions,
-                                        k_scale=act.k_scale, implementation=self.implementation,
-                                        **ix.selector_options())
+                selector = (selector or cfg.indexer.selector).check_heads(cfg.indexer.n_heads)
+                selection = selector.select(act.q, act.k, act.w, q_positions=positions, k_scale=act.k_scale,
+                                            implementation=self.implementation)
             out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid, **options)
         out = self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim))
         return DSAOutput(out, selection, None, probs, act if capture else None)
@@ -162,9 +167,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, *, cache=None, selection: Selection | None = None, capture: bool = False,
-                 dense: bool = False) -> tuple[jax.Array, DSAOutput]:
-        attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, capture=capture, dense=dense)
+    def __call__(self, x, *, cache=None, selection: Selection | None = None, selector: Selector | None = None,
+                 capture: bool = False, dense: bool = False) -> tuple[jax.Array, DSAOutput]:
+        attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, selector=selector,
+                              capture=capture, dense=dense)
         x = x + attn.out
         return x + self.mlp(self.post_attention_layernorm(x)), attn
 
@@ -184,20 +190,6 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = (None if cfg.tie_word_embeddings else
                         nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs))
-
-    def set_selector(self, **fields) -> None:
-        """Switches every layer's selector (``IndexerConfig`` fields such as ``method``, ``topk``,
-        ``block_size``); the fields that shape the indexer's weights must stay as they are."""
-        if self.cfg.indexer is None:
-            raise ValueError("set_selector: this model has no indexers")
-        new = dataclasses.replace(self.cfg.indexer, **fields)
-        fixed = ("hidden_size", "q_input_dim", "n_heads", "head_dim", "rope_dim")
-        if any(getattr(new, f) != getattr(self.cfg.indexer, f) for f in fixed):  # checked before anything changes
-            raise ValueError(f"set_selector: {sorted(set(fields) & set(fixed))} shape the indexer weights and "
-                             f"cannot change")
-        self.cfg = dataclasses.replace(self.cfg, indexer=new)
-        for layer in self.layers:
-            layer.self_attn.cfg = self.cfg
 
     def check_pattern(self, pattern: str | None) -> str:
         if self.cfg.indexer is None and pattern is None:

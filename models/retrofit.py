@@ -1,8 +1,9 @@
 """DSA retrofitted onto a pretrained Llama-family model: the indexers' weights file, and the SmolLM2 preset.
 
 Only the indexers are new; the base model's weights stay as shipped. The indexers' weights go in one small
-safetensors file (float16) whose metadata holds the indexer shape (``IndexerConfig`` fields) and how the
-weights were made; ``load_indexers`` checks the shape against the model before filling anything in.
+safetensors file (float16) whose metadata holds what the weights are (``IndexerWeights`` fields), the
+selector they were distilled with, and how they were made; ``load_indexers`` checks the weights' fields
+against the model before filling anything in.
 """
 
 from __future__ import annotations
@@ -10,19 +11,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert.gguf import load_smollm2
-from models.llama import LlamaForCausalLM
+from sparse_index_jax.layers.config import IndexerWeights
+from sparse_index_jax.models.convert.gguf import load_smollm2
+from sparse_index_jax.models.llama import LlamaForCausalLM
+from sparse_index_jax.selection.methods import Selector
 
 # The SmolLM2-135M retrofit: 6 heads x 32 dims (16 of them rotary), top-256; ~4M parameters over 30 layers.
-SMOLLM2_INDEXER = {"n_heads": 6, "head_dim": 32, "rope_dim": 16, "topk": 256}
+SMOLLM2_INDEXER = {"n_heads": 6, "head_dim": 32, "rope_dim": 16}
+SMOLLM2_SELECTOR = Selector("dsa", 256)
 SMOLLM2_INDEXERS = pathlib.Path(__file__).parent / "weights" / "smollm2_135m_indexers.safetensors"
-# The fields that fix the weights' shapes and meaning; the selector (method, topk, options) may change freely.
-_SHAPE_FIELDS = ("n_heads", "head_dim", "rope_dim", "rope_layout", "norm_eps", "use_hadamard", "fp8")
+
+
+class IndexersFile(NamedTuple):
+    """What an indexers file says besides its tensors."""
+
+    weights: dict        # IndexerWeights fields
+    info: dict           # how the weights were made (free-form)
+    selector: Selector   # the selector they were distilled with
 
 
 def _indexer_params(model: LlamaForCausalLM) -> dict[str, nnx.Variable]:
@@ -31,7 +42,7 @@ def _indexer_params(model: LlamaForCausalLM) -> dict[str, nnx.Variable]:
 
 
 def save_indexers(model: LlamaForCausalLM, path: str | pathlib.Path, info: dict | None = None) -> pathlib.Path:
-    """Writes every layer's indexer weights (float16) with the indexer config and ``info`` as metadata."""
+    """Writes every layer's indexer weights (float16) with their fields, the model's selector and ``info``."""
     from safetensors.numpy import save_file
 
     if model.cfg.indexer is None:
@@ -39,14 +50,15 @@ def save_indexers(model: LlamaForCausalLM, path: str | pathlib.Path, info: dict 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.asarray(var.get_value(), np.float16) for name, var in _indexer_params(model).items()}
-    meta = {"indexer": json.dumps(dataclasses.asdict(model.cfg.indexer)), "info": json.dumps(info or {}),
+    meta = {"indexer": json.dumps(dataclasses.asdict(model.cfg.indexer.weights())),
+            "selector": json.dumps(model.selector.as_dict()), "info": json.dumps(info or {}),
             "num_layers": str(model.cfg.num_hidden_layers)}
     save_file(tensors, str(path), metadata=meta)
     return path
 
 
-def read_indexer_file(path: str | pathlib.Path) -> tuple[dict, dict]:
-    """(indexer config fields, info) stored in an indexers file."""
+def read_indexer_file(path: str | pathlib.Path) -> IndexersFile:
+    """The weights' fields, info and selector stored in an indexers file."""
     from safetensors import safe_open
 
     path = pathlib.Path(path)
@@ -57,18 +69,25 @@ def read_indexer_file(path: str | pathlib.Path) -> tuple[dict, dict]:
         meta = f.metadata() or {}
     if "indexer" not in meta:
         raise ValueError(f"{path} is not an indexers file written by save_indexers (no 'indexer' metadata)")
-    return json.loads(meta["indexer"]), json.loads(meta.get("info", "{}"))
+    fields = json.loads(meta["indexer"])
+    weights = {name: fields[name] for name in IndexerWeights.field_names() if name in fields}
+    if "selector" in meta:
+        selector = Selector.from_dict(json.loads(meta["selector"]))
+    else:  # earlier files kept method and topk among the indexer fields (their option fields held defaults)
+        selector = Selector(fields.get("method", "dsa"), fields.get("topk", SMOLLM2_SELECTOR.topk))
+    return IndexersFile(weights, json.loads(meta.get("info", "{}")), selector)
 
 
 def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
     """Fills the model's indexers from ``path``; the shapes must match. Returns the file's info."""
     from safetensors.numpy import load_file
 
-    stored, info = read_indexer_file(path)
+    stored = read_indexer_file(path)
     ix = model.cfg.indexer
     if ix is None:
         raise ValueError("load_indexers: the model has no indexers; build it with the file's indexer config")
-    wrong = {f: (stored.get(f), getattr(ix, f)) for f in _SHAPE_FIELDS if stored.get(f) != getattr(ix, f)}
+    wrong = {f: (stored.weights.get(f), getattr(ix, f)) for f in IndexerWeights.field_names()
+             if stored.weights.get(f) != getattr(ix, f)}
     if wrong:
         raise ValueError(f"{path}: indexer {', '.join(f'{f}={a!r} (model: {b!r})' for f, (a, b) in wrong.items())}")
     tensors = load_file(str(path))
@@ -81,22 +100,33 @@ def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
         if tensors[name].shape != var.get_value().shape:
             raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, the model needs {var.get_value().shape}")
         var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
-    return info
+    return stored.info
 
 
-def smollm2(indexers: str | pathlib.Path | None = SMOLLM2_INDEXERS, *, dtype=jnp.float32, progress: bool = True,
-            **selector):
+def resolve_indexers(indexers: str | pathlib.Path | None) -> pathlib.Path | None:
+    """``"shipped"`` -> the distilled SmolLM2 indexers in ``models/weights``; ``"fresh"`` or None -> None
+    (new, untrained indexers); anything else is a path to an indexers file."""
+    if indexers is None or indexers == "fresh":
+        return None
+    return SMOLLM2_INDEXERS if indexers == "shipped" else pathlib.Path(indexers)
+
+
+def smollm2(indexers: str | pathlib.Path | None = "shipped", *, dtype=jnp.float32, progress: bool = True,
+            **selector) -> tuple[LlamaForCausalLM, object]:
     """(model, tokenizer): SmolLM2-135M-Instruct with DSA retrofitted.
 
-    ``indexers``: a weights file (default: the distilled ones shipped in ``models/weights``), or None for
-    freshly initialised indexers of shape ``SMOLLM2_INDEXER`` (to distil). ``selector`` overrides the selector
-    fields of the indexer config, e.g. ``method="hisa", block_size=64, num_blocks=16`` or ``topk=512``.
+    ``indexers``: ``"shipped"`` (the distilled weights in ``models/weights``), ``"fresh"`` (new indexers of
+    shape ``SMOLLM2_INDEXER``, to distil) or an indexers file. The selector is the file's (DSA top-256 for
+    fresh indexers); ``selector`` fields change it, e.g. ``method="hisa", block_size=64, num_blocks=16``.
     """
-    fields = dict(SMOLLM2_INDEXER)
-    if indexers is not None:
-        stored, _ = read_indexer_file(indexers)
-        fields = {k: v for k, v in stored.items() if k not in ("hidden_size", "q_input_dim")}
-    model, tokenizer = load_smollm2(dtype=dtype, indexer={**fields, **selector}, progress=progress)
-    if indexers is not None:
-        load_indexers(model, indexers)
+    path = resolve_indexers(indexers)
+    weights, base = SMOLLM2_INDEXER, SMOLLM2_SELECTOR
+    if path is not None:
+        stored = read_indexer_file(path)
+        weights = {k: v for k, v in stored.weights.items() if k not in ("hidden_size", "q_input_dim")}
+        base = stored.selector
+    chosen = base.replace(**selector) if selector else base
+    model, tokenizer = load_smollm2(dtype=dtype, indexer={**weights, **chosen.as_dict()}, progress=progress)
+    if path is not None:
+        load_indexers(model, path)
     return model, tokenizer

@@ -14,8 +14,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from sparse_index_jax import Selection, select_topk  # noqa: E402
-from sparse_index_jax.context_parallel import select_topk_context_parallel  # noqa: E402
-from sparse_index_jax.sharding import make_mesh  # noqa: E402
+from sparse_index_jax.selection.context_parallel import select_topk_context_parallel  # noqa: E402
+from sparse_index_jax.layers.sharding import make_mesh  # noqa: E402
 
 
 def check_context_parallel_selection():
@@ -53,8 +53,8 @@ def check_context_parallel_selection():
 
 def check_context_parallel_sparse_attention():
     """Cache rows sharded over 8 devices: the combined partial softmaxes equal one-device sparse MLA."""
-    from pallas_kernels.sparse_mla import sparse_mla
-    from sparse_index_jax.context_parallel import sparse_mla_context_parallel
+    from sparse_index_jax.kernels.sparse_mla import sparse_mla
+    from sparse_index_jax.layers.context_parallel_attention import sparse_mla_context_parallel
 
     rng = np.random.default_rng(4)
     B, T, S, H, D, v_dim, topk = 2, 24, 64, 4, 20, 16, 10
@@ -71,7 +71,7 @@ def check_context_parallel_sparse_attention():
 
 
 def check_sharded_model_forward():
-    import models
+    from sparse_index_jax import models
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +96,9 @@ def check_sharded_model_forward():
 def check_context_parallel_model():
     """A DSA model's forward and its distillation losses with the sequence over 8 devices (the layers select
     and attend context-parallel) equal the one-device ones: same selections, logits and losses to rounding."""
-    import models
-    from sparse_index_jax.sharding import activation_sharding
-    from sparse_index_jax.train.distill import distill_losses
+    from sparse_index_jax import models
+    from sparse_index_jax.layers.sharding import activation_sharding
+    from sparse_index_jax.training.distill import distill_losses
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +120,10 @@ def check_context_parallel_model():
 
 
 def check_data_parallel_distillation():
-    import models
+    from sparse_index_jax import models
     from flax import nnx
-    from sparse_index_jax.data import PackedDataset
-    from sparse_index_jax.train.distill import DistillConfig, distill
+    from sparse_index_jax.training.data import PackedDataset
+    from sparse_index_jax.training.distill import DistillConfig, distill
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,10 +148,10 @@ def check_context_parallel_distillation():
     and attending context-parallel; equal to one-device training."""
     import dataclasses
 
-    import models
+    from sparse_index_jax import models
     from flax import nnx
-    from sparse_index_jax.data import PackedDataset
-    from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
+    from sparse_index_jax.training.data import PackedDataset
+    from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,9 +173,9 @@ def check_context_parallel_distillation():
 def check_context_parallel_search():
     """The greedy IndexCache search on a (data 2 x context 4) mesh makes the same flips, with the same
     losses, as on one device."""
-    import models
-    from sparse_index_jax.distributed import data_parallel
-    from sparse_index_jax.index_cache import greedy_search
+    from sparse_index_jax import models
+    from sparse_index_jax.training.distributed import data_parallel
+    from sparse_index_jax.layers.index_cache import greedy_search
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,9 +194,9 @@ def check_context_parallel_search():
 
 def _train_on_one_device(folder, data, cfg):
     """The reference: the same steps, one device, one process."""
-    import models
+    from sparse_index_jax import models
     from flax import nnx
-    from sparse_index_jax.train.distill import train_step, trainable
+    from sparse_index_jax.training.distill import train_step, trainable
 
     single = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
     opt, opt_stage = None, None
@@ -211,13 +211,13 @@ def _train_on_one_device(folder, data, cfg):
 
 def check_multi_process_distillation(process_id: str, port: str, folder: str, out: str):
     """One of 2 processes (2 devices each): ``distill`` over all 4 devices equals one-device training."""
-    from sparse_index_jax.distributed import initialize, is_main_process
+    from sparse_index_jax.training.distributed import initialize, is_main_process
 
     initialize(f"localhost:{port}", 2, int(process_id))
-    import models
+    from sparse_index_jax import models
     from flax import nnx
-    from sparse_index_jax.data import PackedDataset
-    from sparse_index_jax.train.distill import DistillConfig, distill, evaluate
+    from sparse_index_jax.training.data import PackedDataset
+    from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
 
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
@@ -239,11 +239,11 @@ def check_multi_process_distillation(process_id: str, port: str, folder: str, ou
 def check_multi_process_search(process_id: str, port: str, folder: str, out: str):
     """One of 2 processes (2 devices each): the greedy IndexCache search over all 4 devices makes the same
     flips, with the same losses, as a one-device search; only process 0 writes the resumable state."""
-    from sparse_index_jax.distributed import data_parallel, initialize, is_main_process
+    from sparse_index_jax.training.distributed import data_parallel, initialize, is_main_process
 
     initialize(f"localhost:{port}", 2, int(process_id))
-    import models
-    from sparse_index_jax.index_cache import greedy_search
+    from sparse_index_jax import models
+    from sparse_index_jax.layers.index_cache import greedy_search
 
     rng = np.random.default_rng(3)
     batches = [(rng.integers(0, 96, (4, 12)), rng.integers(0, 96, (4, 12))) for _ in range(2)]

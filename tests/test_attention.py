@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels import sparse_mla as sparse_mla_mod
+from sparse_index_jax.kernels import sparse_mla as sparse_mla_mod
 from numpy_rope import np_yarn
 from sparse_index_jax import DSAAttention, DSACache, DSAConfig, IndexerConfig, MLAConfig, RopeConfig, Selection
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sparse_index_jax import bench_speed
+from sparse_index_jax.bench import speed as bench_speed
 from sparse_index_jax.cli import main
 
 TINY = dict(topk=16, heads=4, head_dim=16, hisa_block=16, hisa_blocks=4, misa_block=16, misa_heads=2,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sparse_index_jax import DSAConfig, IndexerConfig, MLAConfig, RopeConfig
-from sparse_index_jax.rope import apply_rope, inverse_frequencies, rotary_cos_sin
+from sparse_index_jax.layers.rope import apply_rope, inverse_frequencies, rotary_cos_sin
 
 V32_YARN = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -105,7 +105,7 @@ def test_rope_dot_products_depend_on_distance_only(layout):
 
 
 def test_model_config_key_styles_and_extras():
-    from models import ModelConfig
+    from sparse_index_jax.models import ModelConfig
 
     base = {"model_type": "deepseek_v32", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "moe_intermediate_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "n_routed_experts": 4,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparse_index_jax.data import PackedDataset, check_token_range, read_tokens
+from sparse_index_jax.training.data import PackedDataset, check_token_range, read_tokens
 
 
 def test_read_and_pack(tmp_path):

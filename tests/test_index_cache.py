@@ -11,12 +11,12 @@ from flax import nnx
 
 from tiny_models import save_tiny  # skips without torch / transformers
 
-import models
+from sparse_index_jax import models
 from sparse_index_jax.cli import main
-from sparse_index_jax.data import PackedDataset
-from sparse_index_jax.index_cache import IndexCacheConfig, greedy_search
-from sparse_index_jax.train.distill import INDEXER_PARAMS, DistillConfig, distill, distill_losses, evaluate
-from sparse_index_jax.train.losses import indexer_kl
+from sparse_index_jax.training.data import PackedDataset
+from sparse_index_jax.layers.index_cache import IndexCacheConfig, greedy_search
+from sparse_index_jax.training.distill import INDEXER_PARAMS, DistillConfig, distill, distill_losses, evaluate
+from sparse_index_jax.training.losses import indexer_kl
 
 VOCAB, SEQ = 96, 24
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels.dsa_topk import index_scores
+from sparse_index_jax.kernels.dsa_topk import index_scores
 from numpy_rope import np_yarn
 from sparse_index_jax import IndexerConfig, LightningIndexer, RopeConfig
 

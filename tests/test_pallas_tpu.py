@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from pallas_kernels.blocks import pool_block_sums
-from pallas_kernels.dsa_topk import backend_for
-from pallas_kernels.dsa_topk.pallas_tpu import dsa_topk_pallas_tpu
-from pallas_kernels.dsa_topk.reference import dsa_topk_reference
-from pallas_kernels.hisa_topk.pallas_tpu import hisa_topk_pallas_tpu
-from pallas_kernels.hisa_topk.reference import hisa_topk_reference
-from pallas_kernels.misa_topk.pallas_tpu import misa_topk_pallas_tpu
-from pallas_kernels.misa_topk.reference import misa_topk_reference
-from pallas_kernels.sparse_mla.pallas_tpu import MlaTpuBlockSizes, sparse_mla_pallas_tpu
-from pallas_kernels.sparse_mla.reference import sparse_mla_reference
-from pallas_kernels.tpu import DSA_BLOCK_SIZES, DsaTpuBlockSizes, dsa_block_sizes, tpu_generation
+from sparse_index_jax.kernels.block_pooling import pool_block_sums
+from sparse_index_jax.kernels.dsa_topk import backend_for
+from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import dsa_topk_mosaic_tpu
+from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
+from sparse_index_jax.kernels.hisa_topk.mosaic_tpu import hisa_topk_mosaic_tpu
+from sparse_index_jax.kernels.hisa_topk.reference import hisa_topk_reference
+from sparse_index_jax.kernels.misa_topk.mosaic_tpu import misa_topk_mosaic_tpu
+from sparse_index_jax.kernels.misa_topk.reference import misa_topk_reference
+from sparse_index_jax.kernels.sparse_mla.mosaic_tpu import MlaTpuBlockSizes, sparse_mla_mosaic_tpu
+from sparse_index_jax.kernels.sparse_mla.reference import sparse_mla_reference
+from sparse_index_jax.kernels.tpu_block_sizes import DSA_BLOCK_SIZES, DsaTpuBlockSizes, dsa_block_sizes, tpu_generation
 
 SMALL = DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=8)
 
@@ -46,7 +46,7 @@ def test_dsa_tpu_kernel_equals_reference(B, T, S, H, d, topk, lengths, scaled, d
     q, k, w, positions = _inputs(B, T, S, H, d, dtype=dtype)
     k_scale = jnp.asarray(np.random.default_rng(1).choice([0.5, 1.0, 2.0], (B, S)), jnp.float32) if scaled else None
     lengths = jnp.asarray(lengths, jnp.int32)
-    got = dsa_topk_pallas_tpu(q, k, w, k_scale, positions, lengths, topk=topk, blocks=SMALL)
+    got = dsa_topk_mosaic_tpu(q, k, w, k_scale, positions, lengths, topk=topk, block_sizes=SMALL)
     want = dsa_topk_reference(q, k, w, k_scale, positions, lengths, topk=topk, query_chunk=16, key_chunk=64)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -56,7 +56,7 @@ def test_dsa_tpu_kernel_in_small_query_chunks():
     """A chunk budget of one query block: several chunks, the last one padded with ineligible rows."""
     q, k, w, positions = _inputs(1, 45, 256, 2, 8, seed=3)
     lengths = jnp.asarray([256], jnp.int32)
-    got = dsa_topk_pallas_tpu(q, k, w, None, positions, lengths, topk=9, blocks=SMALL, chunk_bytes=16 * 256 * 4)
+    got = dsa_topk_mosaic_tpu(q, k, w, None, positions, lengths, topk=9, block_sizes=SMALL, chunk_bytes=16 * 256 * 4)
     want = dsa_topk_reference(q, k, w, None, positions, lengths, topk=9, query_chunk=16, key_chunk=64)
     np.testing.assert_array_equal(got[0], want[0])
 
@@ -72,7 +72,7 @@ def test_hisa_tpu_kernels_equal_reference(B, T, S, H, d, topk, block, kept, leng
     lengths = jnp.asarray(lengths, jnp.int32)
     sums = pool_block_sums(k, None, lengths, block)
     options = dict(topk=topk, block_size=block, num_blocks=kept, query_chunk=16)
-    got = hisa_topk_pallas_tpu(q, k, w, None, positions, lengths, sums, blocks=SMALL, **options)
+    got = hisa_topk_mosaic_tpu(q, k, w, None, positions, lengths, sums, block_sizes=SMALL, **options)
     want = hisa_topk_reference(q, k, w, None, positions, lengths, sums, **options)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -84,7 +84,7 @@ def test_misa_tpu_kernels_equal_reference(candidates):
     lengths = jnp.asarray([200, 150], jnp.int32)
     sums = pool_block_sums(k, None, lengths, 16)
     options = dict(topk=12, block_size=16, active_heads=2, candidates=candidates, query_chunk=8, key_chunk=64)
-    got = misa_topk_pallas_tpu(q, k, w, None, positions, lengths, sums, blocks=SMALL, **options)
+    got = misa_topk_mosaic_tpu(q, k, w, None, positions, lengths, sums, block_sizes=SMALL, **options)
     want = misa_topk_reference(q, k, w, None, positions, lengths, sums, **options)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -107,7 +107,7 @@ def _mla_inputs(B, T, S, H, D, k, seed=0, kv_dtype=jnp.float32):
 def test_sparse_mla_tpu_kernel_matches_reference(B, T, S, H, D, v_dim, k, kv_dtype):
     q, kv, indices, valid = _mla_inputs(B, T, S, H, D, k, kv_dtype=kv_dtype)
     blocks = MlaTpuBlockSizes(block_k=8, query_chunk=8)
-    got = sparse_mla_pallas_tpu(q, kv, indices, valid, scale=0.2, v_dim=v_dim, blocks=blocks)
+    got = sparse_mla_mosaic_tpu(q, kv, indices, valid, scale=0.2, v_dim=v_dim, block_sizes=blocks)
     want = sparse_mla_reference(q, kv, indices, valid, scale=0.2, v_dim=v_dim, query_chunk=8)
     np.testing.assert_allclose(got, want, atol=2e-6)  # online vs one-shot softmax: rounding only
     assert not np.asarray(got[0, min(3, T - 1)]).any()
@@ -118,8 +118,8 @@ def test_sparse_mla_tpu_is_differentiable_like_the_reference():
 
     q, kv, indices, valid = _mla_inputs(1, 9, 40, 2, 16, 12, seed=1)
     blocks = MlaTpuBlockSizes(block_k=8, query_chunk=4)
-    kernel = lambda q, kv: jnp.sum(jnp.sin(sparse_mla_pallas_tpu(q, kv, indices, valid, scale=0.3, v_dim=8,
-                                                                  blocks=blocks)))
+    kernel = lambda q, kv: jnp.sum(jnp.sin(sparse_mla_mosaic_tpu(q, kv, indices, valid, scale=0.3, v_dim=8,
+                                                                  block_sizes=blocks)))
     reference = lambda q, kv: jnp.sum(jnp.sin(sparse_mla_reference(q, kv, indices, valid, scale=0.3, v_dim=8,
                                                                     query_chunk=4)))
     for got, want in zip(jax.grad(kernel, (0, 1))(q, kv), jax.grad(reference, (0, 1))(q, kv)):
@@ -135,11 +135,11 @@ def test_block_sizes_are_checked_before_tracing():
         DsaTpuBlockSizes(block_q=12).check()
     q, k, w, positions = _inputs(1, 8, 128, 1, 8)
     with pytest.raises(ValueError, match="block_size to be a multiple of 128"):  # compiled (interpret=False)
-        hisa_topk_pallas_tpu(q, k, w, None, positions, jnp.asarray([128]), pool_block_sums(k, None, jnp.asarray([128]), 16),
+        hisa_topk_mosaic_tpu(q, k, w, None, positions, jnp.asarray([128]), pool_block_sums(k, None, jnp.asarray([128]), 16),
                              topk=4, block_size=16, num_blocks=4, query_chunk=8, interpret=False)
     with pytest.raises(ValueError, match="multiple of search_rows"):
-        dsa_topk_pallas_tpu(q, k, w, None, positions, jnp.asarray([128]), topk=4,
-                            blocks=DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=24))
+        dsa_topk_mosaic_tpu(q, k, w, None, positions, jnp.asarray([128]), topk=4,
+                            block_sizes=DsaTpuBlockSizes(block_q=16, block_k=128, search_rows=24))
 
 
 def test_generations_and_their_defaults():
@@ -163,13 +163,13 @@ def test_dsa_tpu_kernels_lower_for_tpu_at_production_shapes():
     libtpu's compiler rejects, VMEM overflow or layouts, still needs a TPU.)"""
     import jax
 
-    from pallas_kernels.dsa_topk.pallas_tpu import _dsa_topk_tpu
+    from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import _dsa_topk_mosaic_tpu
 
     B, T, S, H, d = 1, 512, 4096, 64, 128
     spec = jax.ShapeDtypeStruct
 
     def run(q, k, w, positions, lengths):
-        return _dsa_topk_tpu(q, k, w, None, positions, lengths, topk=2048, blocks=dsa_block_sizes("v5p"),
+        return _dsa_topk_mosaic_tpu(q, k, w, None, positions, lengths, topk=2048, block_sizes=dsa_block_sizes("v5p"),
                              chunk_bytes=1 << 30, interpret=False)
 
     exported = jax.export.export(jax.jit(run), platforms=["tpu"])(
@@ -183,8 +183,8 @@ def test_hisa_and_misa_tpu_kernels_lower_for_tpu():
     MISA-H (8 of 64 heads routed) at V3.2's indexer shapes, lowered for TPU as above."""
     import jax
 
-    from pallas_kernels.hisa_topk.pallas_tpu import _hisa_topk_tpu
-    from pallas_kernels.misa_topk.pallas_tpu import _misa_topk_tpu
+    from sparse_index_jax.kernels.hisa_topk.mosaic_tpu import _hisa_topk_mosaic_tpu
+    from sparse_index_jax.kernels.misa_topk.mosaic_tpu import _misa_topk_mosaic_tpu
 
     B, T, S, H, d, block = 1, 256, 16384, 64, 128, 128
     spec = jax.ShapeDtypeStruct
@@ -193,12 +193,12 @@ def test_hisa_and_misa_tpu_kernels_lower_for_tpu():
     blocks = dsa_block_sizes("v5p")
 
     def hisa(q, k, w, positions, lengths, sums):
-        return _hisa_topk_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, num_blocks=64,
-                              query_chunk=128, blocks=blocks, interpret=False, return_keys=False)
+        return _hisa_topk_mosaic_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, num_blocks=64,
+                              query_chunk=128, block_sizes=blocks, interpret=False, return_keys=False)
 
     def misa(q, k, w, positions, lengths, sums):
-        return _misa_topk_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, active_heads=8,
-                              candidates=8192, query_chunk=64, return_keys=False, blocks=blocks,
+        return _misa_topk_mosaic_tpu(q, k, w, None, positions, lengths, sums, topk=2048, block_size=block, active_heads=8,
+                              candidates=8192, query_chunk=64, return_keys=False, block_sizes=blocks,
                               chunk_bytes=1 << 30, interpret=False)
 
     for fn, kernels in ((hisa, 4), (misa, 2)):  # HISA: scoring + search on blocks, refine + search on tokens
@@ -210,11 +210,11 @@ def test_sparse_mla_tpu_kernel_lowers_for_tpu():
     """DeepSeek-V3.2's sparse MLA (128 heads, 576-wide rows, 512-wide values, top-2048) lowered for TPU."""
     import jax
 
-    from pallas_kernels.sparse_mla.pallas_tpu import _sparse_mla_tpu
+    from sparse_index_jax.kernels.sparse_mla.mosaic_tpu import _sparse_mla_mosaic_tpu
 
     B, T, S, H, D = 1, 64, 8192, 128, 576
     spec = jax.ShapeDtypeStruct
-    run = lambda q, kv, idx, ok: _sparse_mla_tpu(q, kv, idx, ok, 0.1, 512, MlaTpuBlockSizes(), False)
+    run = lambda q, kv, idx, ok: _sparse_mla_mosaic_tpu(q, kv, idx, ok, 0.1, 512, MlaTpuBlockSizes(), False)
     text = jax.export.export(jax.jit(run), platforms=["tpu"])(
         spec((B, T, H, D), jnp.bfloat16), spec((B, S, D), jnp.bfloat16), spec((B, T, 2048), jnp.int32),
         spec((B, T, 2048), jnp.bool_)).mlir_module()
@@ -222,7 +222,7 @@ def test_sparse_mla_tpu_kernel_lowers_for_tpu():
 
 
 def test_roofline_counts_follow_the_kernels(tmp_path):
-    from sparse_index_jax import roofline
+    from sparse_index_jax.bench import roofline
     from sparse_index_jax.cli import main
 
     small, big = roofline.op_costs(4096, "v5p"), roofline.op_costs(8192, "v5p")

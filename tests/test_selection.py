@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import dsa_topk
-from pallas_kernels.common import ranking_keys
+from sparse_index_jax.kernels import dsa_topk
+from sparse_index_jax.kernels.ranking import ranking_keys
 from sparse_index_jax import Selection, select_topk
 
 from selection_oracle import check_contract, int_inputs, oracle
@@ -195,6 +195,6 @@ def test_integer_activations_are_rejected_with_dtype():
 def test_backend_choice_says_why():
     q, k, w = _args()
     with pytest.raises(ValueError, match="implementation must be one of"):
-        select_topk(q, k, w, topk=2, implementation="triton")
-    expected = "pallas" if jax.default_backend() == "gpu" else "xla"
+        select_topk(q, k, w, topk=2, implementation="pallas")  # now two backends: triton, mosaic_tpu
+    expected = "triton" if jax.default_backend() == "gpu" else "xla"
     assert f"auto picked {expected!r}" in dsa_topk.backend_for("auto").reason

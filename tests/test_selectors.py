@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels.blocks import append_block_sums, pool_block_sums
-from pallas_kernels.misa_topk import route_heads
+from sparse_index_jax.kernels.block_pooling import append_block_sums, pool_block_sums
+from sparse_index_jax.kernels.misa_topk import route_heads
 from sparse_index_jax import select_topk
 
 from selection_oracle import check_contract, int_inputs

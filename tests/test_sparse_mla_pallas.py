@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from cuda_lowering import lower_for_cuda
-from pallas_kernels import sparse_mla as sparse_mla_mod
-from pallas_kernels.sparse_mla import pallas_gpu
-from pallas_kernels.sparse_mla.pallas_gpu import BlockSizes, sparse_mla_pallas
-from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+from sparse_index_jax.kernels import sparse_mla as sparse_mla_mod
+from sparse_index_jax.kernels.sparse_mla import triton
+from sparse_index_jax.kernels.sparse_mla.triton import MlaTritonBlockSizes, sparse_mla_triton
+from sparse_index_jax.kernels.sparse_mla.reference import sparse_mla_reference
 
-SMALL = BlockSizes(block_h=16, block_k=16, bwd_block_h=16, bwd_block_k=16)
+SMALL = MlaTritonBlockSizes(block_h=16, block_k=16, bwd_block_h=16, bwd_block_k=16)
 SCALE = 0.3
 
 
@@ -41,7 +41,7 @@ def _inputs(rng, B, T, S, H, D, K, q_dtype, kv_dtype=None):
 
 
 def _both(q, kv, idx, valid, v_dim, **kw):
-    got = sparse_mla_pallas(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, block_sizes=SMALL, **kw)
+    got = sparse_mla_triton(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, block_sizes=SMALL, **kw)
     with jax.default_matmul_precision("highest"):  # IEEE float32 on GPU too (module docstring)
         want = sparse_mla_reference(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, **kw)
     return got, want
@@ -78,7 +78,7 @@ def test_gradients_match_reference(dtype, tol):
             return jnp.sum(fn(q, kv, idx, valid, scale=SCALE, v_dim=v_dim, query_chunk=2, **kw).astype(jnp.float32) * w)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(q, kv)
 
-    got = grads(sparse_mla_pallas, block_sizes=SMALL)
+    got = grads(sparse_mla_triton, block_sizes=SMALL)
     with jax.default_matmul_precision("highest"):
         want = grads(sparse_mla_reference)
     for name, a, b in zip(("dq", "dkv"), got, want):
@@ -101,7 +101,7 @@ def test_return_probs_matches_reference_and_differentiates():
 
     # The probabilities carry no gradient; the output's gradient is unchanged by asking for them.
     def loss(q, with_probs):
-        res = sparse_mla_pallas(q, kv, idx, valid, scale=SCALE, v_dim=32, query_chunk=2, block_sizes=SMALL,
+        res = sparse_mla_triton(q, kv, idx, valid, scale=SCALE, v_dim=32, query_chunk=2, block_sizes=SMALL,
                                 return_probs=with_probs)
         return jnp.sum((res[0] if with_probs else res) ** 2)
 
@@ -112,49 +112,49 @@ def test_return_probs_matches_reference_and_differentiates():
 def test_entry_point_dispatch():
     rng = np.random.default_rng(4)
     q, kv, idx, valid = _inputs(rng, B=1, T=2, S=9, H=3, D=24, K=5, q_dtype=jnp.float32)
-    got = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="pallas")
+    got = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="triton")
     with jax.default_matmul_precision("highest"):
         want = sparse_mla_mod.sparse_mla(q, kv, idx, valid, scale=SCALE, v_dim=16, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    assert sparse_mla_mod.backend_for("pallas").name == "pallas"
-    expected = "pallas" if jax.default_backend() == "gpu" else "xla"
+    assert sparse_mla_mod.backend_for("triton").name == "triton"
+    expected = "triton" if jax.default_backend() == "gpu" else "xla"
     if jax.default_backend() in ("cpu", "gpu"):
         assert sparse_mla_mod.backend_for().name == expected
     with pytest.raises(ValueError, match="power of 2"):
-        BlockSizes(block_k=24)
+        MlaTritonBlockSizes(block_k=24)
 
 
 def test_candidate_block_sizes_fit_shared_memory():
     """The default first, at most 6, distinct, each estimated under the H100 limit (backward: worst case)."""
-    cands = pallas_gpu.candidate_block_sizes()
-    assert cands[0] == BlockSizes() and 1 <= len(cands) <= 6 and len(set(cands)) == len(cands)
+    cands = triton.candidate_block_sizes()
+    assert cands[0] == MlaTritonBlockSizes() and 1 <= len(cands) <= 6 and len(set(cands)) == len(cands)
     for bs in cands:
-        fwd, bwd = pallas_gpu.smem_estimate(bs)
-        assert fwd <= 0.9 * pallas_gpu.SMEM_LIMIT and bwd <= 0.95 * pallas_gpu.SMEM_LIMIT, (bs, fwd, bwd)
+        fwd, bwd = triton.smem_estimate(bs)
+        assert fwd <= 0.9 * triton.SMEM_LIMIT and bwd <= 0.95 * triton.SMEM_LIMIT, (bs, fwd, bwd)
     # The backward that asked for 385,280 bytes on an H100 is over by the estimate too.
-    old = BlockSizes(bwd_block_h=64, bwd_block_k=32, bwd_num_stages=2)
-    assert pallas_gpu.smem_estimate(old)[1] > pallas_gpu.SMEM_LIMIT
+    old = MlaTritonBlockSizes(bwd_block_h=64, bwd_block_k=32, bwd_num_stages=2)
+    assert triton.smem_estimate(old)[1] > triton.SMEM_LIMIT
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
-@pytest.mark.parametrize("candidate", range(len(pallas_gpu.candidate_block_sizes())))
+@pytest.mark.parametrize("candidate", range(len(triton.candidate_block_sizes())))
 def test_production_shape_lowers_for_cuda(monkeypatch, candidate):
     """Hq=128, Dk=576 = 512 + 64, k=2048, bf16: forward, probabilities and backward pass Triton's front end.
 
-    Candidate 0 is ``BlockSizes()``, the defaults, passed implicitly (what callers get)."""
-    monkeypatch.setattr(pallas_gpu, "pallas_interpret", lambda: False)  # compile, as on a GPU
+    Candidate 0 is ``MlaTritonBlockSizes()``, the defaults, passed implicitly (what callers get)."""
+    monkeypatch.setattr(triton, "triton_interpret", lambda: False)  # compile, as on a GPU
     B, T, H, D, v_dim, K, S = 1, 4, 128, 576, 512, 2048, 4096
     args = (jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, S, D), jnp.bfloat16),
             jax.ShapeDtypeStruct((B, T, K), jnp.int32), jax.ShapeDtypeStruct((B, T, K), jnp.bool_))
 
-    kw = {} if candidate == 0 else {"block_sizes": pallas_gpu.candidate_block_sizes()[candidate]}
+    kw = {} if candidate == 0 else {"block_sizes": triton.candidate_block_sizes()[candidate]}
 
     def forward(q, kv, idx, valid):
-        return sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, return_probs=True, **kw)
+        return sparse_mla_triton(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, return_probs=True, **kw)
 
     def backward(q, kv, idx, valid):
         def loss(q, kv):
-            return jnp.sum(sparse_mla_pallas(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, **kw).astype(jnp.float32))
+            return jnp.sum(sparse_mla_triton(q, kv, idx, valid, scale=0.1352, v_dim=v_dim, **kw).astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1))(q, kv)
 
     text = lower_for_cuda(forward, *args)

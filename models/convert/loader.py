@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
-from models.convert.safetensors_reader import CheckpointError, CheckpointReader, scale_name_of
-from models.modeling import DSAForCausalLM
+from sparse_index_jax.models.config import ModelConfig
+from sparse_index_jax.models.convert.safetensors_reader import CheckpointError, CheckpointReader, scale_name_of
+from sparse_index_jax.models.deepseek import DSAForCausalLM
 
 ORBAX_MARKER = "sparse_index_jax.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -1,45 +1,56 @@
-"""DSA lightning-indexer scoring + exact top-k: one entry point over its implementations.
+"""DSA lightning-indexer scoring + exact top-k: the entry point, its options and its implementations.
 
-Implementations: ``pallas`` (on GPU ``pallas_gpu.py``: fused scoring kernel + radix top-k kernel, also
-interpreted on CPU for tests; on TPU ``pallas_tpu.py``: scoring kernel + threshold-search kernel + XLA
-compaction, tested in TPU interpret mode) and ``xla`` (``reference.py``, plain JAX, every platform).
-``auto`` takes the best one available on the current platform and ``backend_for`` says which and why.
+Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``), ``triton`` (``triton.py``: a fused
+scoring kernel and a radix top-k kernel), ``mosaic_tpu`` (``mosaic_tpu.py``: a scoring kernel, a
+threshold-search kernel and XLA compaction). All three return the same indices in the same order.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
-from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
-                                   implementations_here)
-from pallas_kernels.dsa_topk.pallas_gpu import dsa_topk_pallas
-from pallas_kernels.dsa_topk.pallas_tpu import dsa_topk_pallas_tpu
-from pallas_kernels.dsa_topk.reference import dsa_topk_reference, eligibility, index_scores
+from sparse_index_jax.kernels.dispatch import Backend, Op
+from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import dsa_topk_mosaic_tpu
+from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference, eligibility, index_scores
+from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
+from sparse_index_jax.kernels.inputs import check_indexer_inputs, check_positive_int
+from sparse_index_jax.kernels.options import Options, checked_options, option
+from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
 
-__all__ = ["dsa_topk", "backend_for", "index_scores", "eligibility", "dsa_topk_reference"]
-
-_OP = "dsa_topk"
+__all__ = ["DsaOptions", "OP", "backend_for", "dsa_topk", "dsa_topk_reference", "eligibility", "index_scores"]
 
 
-def _implementation(name: str):
-    if name == "xla":
-        return dsa_topk_reference
-    return dsa_topk_pallas_tpu if jax.default_backend() == "tpu" else dsa_topk_pallas
+@dataclasses.dataclass(frozen=True)
+class DsaOptions(Options):
+    """DSA scores every eligible key; its options only bound the memory of the xla implementation."""
+
+    query_chunk: int = option(256, "queries scored together (memory; the result does not change)")
+    key_chunk: int = option(1024, "keys scored per block (memory; the result does not change)")
+
+
+OP = Op("dsa_topk", {"xla": dsa_topk_reference, "triton": dsa_topk_triton, "mosaic_tpu": dsa_topk_mosaic_tpu},
+        block_sizes={"mosaic_tpu": DsaTpuBlockSizes})
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, implementations_here(True, has_tpu_kernel=True))
+    return OP.backend_for(implementation)
 
 
 def dsa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, k_scale: jax.Array | None = None,
              q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
-             implementation: str = "auto", query_chunk: int = 256, key_chunk: int = 1024
-             ) -> tuple[jax.Array, jax.Array]:
-    """Top-``topk`` keys per query by DSA score; see ``sparse_index_jax.select_topk`` for the contract."""
-    topk = check_positive_int(_OP, "topk", topk)
-    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
-    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
-    q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
-    run = _implementation(backend_for(implementation).name)
-    return run(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, query_chunk=query_chunk, key_chunk=key_chunk)
+             implementation: str = "auto", block_sizes: DsaTpuBlockSizes | None = None,
+             **options) -> tuple[jax.Array, jax.Array]:
+    """Top-``topk`` keys per query by DSA score: (indices [B,T,topk] int32, -1 padded; valid [B,T,topk]).
+
+    The contract (shapes, eligibility, tie rule) is ``sparse_index_jax.selection``'s; ``options`` are
+    ``DsaOptions`` fields; ``block_sizes`` the Pallas implementation's tiles (``DsaTpuBlockSizes`` for
+    mosaic_tpu; None: its defaults).
+    """
+    topk = check_positive_int(OP.name, "topk", topk)
+    opts = checked_options(DsaOptions, OP.name, topk, **options)
+    q_positions, kv_lengths = check_indexer_inputs(OP.name, q, k, w, k_scale, q_positions, kv_lengths)
+    return OP.run(OP.backend_for(implementation), q, k, w, k_scale, q_positions, kv_lengths, topk=topk,
+                  block_sizes=block_sizes, **opts.as_dict())

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.blocks import block_means, head_block_logits, last_eligible, refine_topk
-from pallas_kernels.common import INELIGIBLE_KEY, map_query_chunks, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.block_pooling import block_means, head_block_logits, last_eligible
+from sparse_index_jax.kernels.candidate_topk import refine_topk
+from sparse_index_jax.kernels.chunking import map_query_chunks
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
 
 FORCED_KEY = np.int32(0x7F800000)  # ordered_keys(+inf): the first and the own block rank before any other
 

@@ -1,73 +1,90 @@
 """MISA / MISA-H: a router picks a few indexer heads per query; MISA-H re-ranks with all heads.
 
-Implementations: ``pallas`` (``pallas_gpu.py``: routing in XLA, the DSA kernels on the routed heads, the
-gathered re-rank kernel for MISA-H; compiled on GPU, interpreted on CPU; on TPU ``pallas_tpu.py``: the
-DSA TPU kernels on the routed heads, the MISA-H re-rank in XLA) and ``xla`` (``reference.py``, plain JAX,
-every platform).
+Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``), ``triton`` (``triton.py``: routing in
+XLA, the DSA kernels on the routed heads, the gathered re-rank kernel for MISA-H), ``mosaic_tpu``
+(``mosaic_tpu.py``: the DSA TPU kernels on the routed heads, the MISA-H re-rank in XLA). All return the
+reference's indices.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
-from pallas_kernels.blocks import check_block_sums, pool_block_sums
-from pallas_kernels.common import (Backend, check_indexer_inputs, check_positive_int, choose_backend,
-                                   implementations_here)
-from pallas_kernels.misa_topk.pallas_gpu import misa_topk_pallas
-from pallas_kernels.misa_topk.pallas_tpu import misa_topk_pallas_tpu
-from pallas_kernels.misa_topk.reference import misa_topk_reference, route_heads
+from sparse_index_jax.kernels.block_pooling import check_block_sums, pool_block_sums
+from sparse_index_jax.kernels.dispatch import Backend, Op
+from sparse_index_jax.kernels.inputs import check_indexer_inputs, check_positive_int
+from sparse_index_jax.kernels.misa_topk.mosaic_tpu import misa_topk_mosaic_tpu
+from sparse_index_jax.kernels.misa_topk.reference import misa_topk_reference, route_heads
+from sparse_index_jax.kernels.misa_topk.triton import misa_topk_triton
+from sparse_index_jax.kernels.options import OptionError, Options, checked_options, option
+from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
 
-__all__ = ["misa_topk", "misa_options", "default_candidates", "backend_for", "misa_topk_reference", "route_heads"]
+__all__ = ["MisaOptions", "MisaHOptions", "OP", "backend_for", "misa_topk", "misa_topk_reference", "route_heads"]
 
-_OP = "misa_topk"
-def _implementation(name: str):
-    if name == "xla":
-        return misa_topk_reference
-    return misa_topk_pallas_tpu if jax.default_backend() == "tpu" else misa_topk_pallas
+CANDIDATES_PER_TOPK = 4  # MISA-H's routed pass keeps 4 * topk keys unless told otherwise (the paper's setting)
+
+
+@dataclasses.dataclass(frozen=True)
+class MisaOptions(Options):
+    """MISA (arXiv 2605.07363): ``active_heads`` heads routed per query by their energy on pooled blocks."""
+
+    active_heads: int = option(8, "indexer heads routed per query (8 of 64 for DeepSeek-V3.2)")
+    block_size: int = option(1024, "keys per pooled block the router scores (the public code's 1024)")
+    query_chunk: int = option(64, "queries processed together (memory; the result does not change)")
+    key_chunk: int = option(1024, "keys scored per block (memory; the result does not change)")
+
+    def check_rules(self, topk: int, num_heads: int | None) -> None:
+        if num_heads is not None and self.active_heads > num_heads:
+            raise OptionError("active_heads", f"active_heads={self.active_heads} exceeds the {num_heads} indexer heads "
+                                              f"of q")
+
+
+@dataclasses.dataclass(frozen=True)
+class MisaHOptions(MisaOptions):
+    """MISA-H: MISA's routed pass keeps ``candidates`` keys, re-scored with every head (the DSA score)."""
+
+    candidates: int | None = option(None, f"keys the routed pass keeps for the all-head re-rank (default "
+                                          f"{CANDIDATES_PER_TOPK} * topk)")
+
+    def check_rules(self, topk: int, num_heads: int | None) -> None:
+        super().check_rules(topk, num_heads)
+        if self.candidates is not None and self.candidates < topk:
+            raise OptionError("candidates", f"candidates={self.candidates} must be >= topk={topk} (MISA-H re-ranks "
+                                            f"them to keep topk); the usual choice is {CANDIDATES_PER_TOPK} * topk")
+
+    def candidates_for(self, topk: int) -> int:
+        """The candidates kept for ``topk`` slots: the given number, else ``CANDIDATES_PER_TOPK * topk``."""
+        return self.candidates or CANDIDATES_PER_TOPK * topk
+
+
+OP = Op("misa_topk", {"xla": misa_topk_reference, "triton": misa_topk_triton, "mosaic_tpu": misa_topk_mosaic_tpu},
+        block_sizes={"mosaic_tpu": DsaTpuBlockSizes})
 
 
 def backend_for(implementation: str = "auto") -> Backend:
     """The implementation a call with ``implementation`` would use here, with the reason."""
-    return choose_backend(_OP, implementation, implementations_here(True, has_tpu_kernel=True))
+    return OP.backend_for(implementation)
 
 
-def default_candidates(topk: int) -> int:
-    """MISA-H's routed pass keeps 4 * topk candidates unless told otherwise (the paper's setting)."""
-    return 4 * topk
-
-
-def misa_options(topk: int, num_heads: int, active_heads: int = 8, block_size: int = 1024,
-                 candidates: int | None = None, query_chunk: int = 64, key_chunk: int = 1024) -> dict:
-    """Validated MISA / MISA-H options (shared by the single-device and context-parallel paths)."""
-    topk = check_positive_int(_OP, "topk", topk)
-    active_heads = check_positive_int(_OP, "active_heads", active_heads)
-    block_size = check_positive_int(_OP, "block_size", block_size)
-    query_chunk = check_positive_int(_OP, "query_chunk", query_chunk)
-    key_chunk = check_positive_int(_OP, "key_chunk", key_chunk)
-    if active_heads > num_heads:
-        raise ValueError(f"{_OP}: active_heads={active_heads} exceeds the {num_heads} indexer heads of q")
-    if candidates is not None:
-        candidates = check_positive_int(_OP, "candidates", candidates)
-        if candidates < topk:
-            raise ValueError(f"{_OP}: candidates={candidates} must be >= topk={topk} (MISA-H re-ranks them to "
-                             f"keep topk); the usual choice is 4 * topk")
-    return dict(topk=topk, block_size=block_size, active_heads=active_heads, candidates=candidates,
-                query_chunk=query_chunk, key_chunk=key_chunk)
-
-
-def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, active_heads: int = 8,
-              block_size: int = 1024, candidates: int | None = None, k_scale: jax.Array | None = None,
-              q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
-              block_sums: jax.Array | None = None, implementation: str = "auto", query_chunk: int = 64,
-              key_chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, candidates: int | None = None,
+              k_scale: jax.Array | None = None, q_positions: jax.Array | None = None,
+              kv_lengths: jax.Array | None = None, block_sums: jax.Array | None = None, implementation: str = "auto",
+              block_sizes: DsaTpuBlockSizes | None = None, **options) -> tuple[jax.Array, jax.Array]:
     """MISA top-k (``candidates=None``) or MISA-H (``candidates`` keys re-ranked with all heads).
 
-    See ``sparse_index_jax.select_topk`` for the contract and ``reference.py`` for the algorithm.
+    The contract is ``sparse_index_jax.selection``'s, the algorithm ``reference.py``'s; ``options`` are
+    ``MisaOptions`` fields; ``block_sums`` as for ``hisa_topk``; ``block_sizes``: the mosaic_tpu tiles.
     """
-    q_positions, kv_lengths = check_indexer_inputs(_OP, q, k, w, k_scale, q_positions, kv_lengths)
-    options = misa_options(topk, q.shape[2], active_heads, block_size, candidates, query_chunk, key_chunk)
+    topk = check_positive_int(OP.name, "topk", topk)
+    q_positions, kv_lengths = check_indexer_inputs(OP.name, q, k, w, k_scale, q_positions, kv_lengths)
+    if candidates is None:
+        opts = checked_options(MisaOptions, OP.name, topk, q.shape[2], **options)
+    else:
+        opts = checked_options(MisaHOptions, OP.name, topk, q.shape[2], candidates=candidates, **options)
     if block_sums is None:
-        block_sums = pool_block_sums(k, k_scale, kv_lengths, options["block_size"])
-    check_block_sums(_OP, block_sums, k, options["block_size"])
-    run = _implementation(backend_for(implementation).name)
-    return run(q, k, w, k_scale, q_positions, kv_lengths, block_sums, **options)
+        block_sums = pool_block_sums(k, k_scale, kv_lengths, opts.block_size)
+    check_block_sums(OP.name, block_sums, k, opts.block_size)
+    return OP.run(OP.backend_for(implementation), q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
+                  block_sizes=block_sizes, **{"candidates": None, **opts.as_dict()})

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import map_query_chunks
+from sparse_index_jax.kernels.chunking import map_query_chunks
 
 
 def gather_rows(kv: jax.Array, indices: jax.Array) -> jax.Array:

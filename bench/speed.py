@@ -1,0 +1,524 @@
+"""Speed of the selection ops and sparse MLA against the plain XLA baseline, measured in one process.
+
+Every entry is one jitted call on fresh random inputs (normal q/k, bf16; fp32 head weights), timed by
+the harness's one timer (``timing.time_call``: compilation apart as ``compile_ms``, one warm-up, then
+``repeats`` calls; median and min in ms). Inputs the op would get from a cache (HISA/MISA pooled block
+sums) are computed before the timed region. Method options default to ``METHODS``' (the registry).
+
+Entries (T = S = the length, batch 1, causal, unless said):
+
+* ``naive_xla``: the plain XLA baseline: einsum q[T,H,d].k[S,d] -> [T,S,H] fp32 -> ReLU ->
+  weighted head sum with w[T,H] -> causal mask -> ``lax.top_k``. Skipped when ``T*S*H*4*2`` bytes exceed
+  the free device memory; a run-time out-of-memory is recorded as ``oom``.
+* ``dsa``, ``hisa``, ``misa``, ``misa_h``: the selection ops (``sparse_index_jax.kernels``), scoring + top-k of the whole
+  prefill.
+* ``dsa_scoring``: the Triton DSA scoring kernel alone (causal key blocks, ranking keys written to a
+  [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
+* ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt
+  q and kv; indices random in [0, t] per query (duplicates for t < k), every slot valid.
+* ``dsa_decode``, ``sparse_mla_decode``: one new token for each of ``decode_batch`` sequences, each with
+  its own length drawn in [S/2, S].
+* ``matmul_peak``: one large bf16 matmul, the roofline every entry's TFLOP/s is divided by.
+
+FLOPs (2 per multiply-add, dot products only; the head-weighted sums, softmax and top-k are not counted):
+
+* DSA, ``dsa_scoring`` (and ``naive_xla``): the causal work ``2*H*d*T*(T+1)/2``; ``flops_square = 2*T*S*H*d`` (the
+  "effective TFLOP/s" of the whole square) is reported too.
+* HISA: per query t: ``2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)``.
+* MISA: per query t: ``2*H*d*(blocks before t's + 1)`` for the router, ``2*A*d*(t+1)`` for the routed scan;
+  MISA-H adds ``2*H*d*min(candidates, t+1)`` for the re-ranking.
+* sparse MLA forward: ``2*Hq*k*(Dk+v_dim)`` per query; forward+backward: 3.5x that (backward = 2.5x
+  forward, the FlashAttention convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_index_jax.bench.plots import pyplot, save_figure
+from sparse_index_jax.bench.reports import environment, save_json
+from sparse_index_jax.bench.timing import time_call
+from sparse_index_jax.kernels import dsa_topk as dsa_topk_op
+from sparse_index_jax.kernels import hisa_topk as hisa_topk_op
+from sparse_index_jax.kernels import misa_topk as misa_topk_op
+from sparse_index_jax.kernels import sparse_mla as sparse_mla_op
+from sparse_index_jax.kernels.block_pooling import pool_block_sums
+from sparse_index_jax.kernels.dsa_topk import dsa_topk
+from sparse_index_jax.kernels.dsa_topk.triton import kernel_layout, score_keys
+from sparse_index_jax.kernels.hisa_topk import HisaOptions, hisa_topk
+from sparse_index_jax.kernels.misa_topk import MisaHOptions, MisaOptions, misa_topk
+from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE
+from sparse_index_jax.kernels.sparse_mla import sparse_mla
+
+INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_scoring", "hisa", "misa", "misa_h")
+MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
+DECODE_ENTRIES = ("dsa_decode", "sparse_mla_decode")
+ENTRIES = INDEXER_ENTRIES + MLA_ENTRIES + DECODE_ENTRIES
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5 x forward (FlashAttention convention)
+
+# (ratio name, numerator entry, denominator entry): a speedup is numerator time / denominator time.
+SPEEDUPS = (("dsa_vs_naive_xla", "naive_xla", "dsa"), ("hisa_vs_dsa", "dsa", "hisa"),
+            ("misa_vs_dsa", "dsa", "misa"), ("misa_h_vs_dsa", "dsa", "misa_h"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedSetup:
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    entries: tuple[str, ...] = ENTRIES
+    topk: int = 2048
+    heads: int = 64
+    head_dim: int = 128
+    hisa_block: int = HisaOptions.block_size
+    hisa_blocks: int = HisaOptions.num_blocks
+    misa_block: int = MisaOptions.block_size
+    misa_heads: int = MisaOptions.active_heads
+    misa_candidates: int | None = None  # None: MisaHOptions' default for topk
+    mla_heads: int = 128
+    mla_dk: int = 576
+    mla_v_dim: int = 512
+    decode_batch: int = 64
+    implementation: str = "auto"
+    repeats: int | None = None  # None: 5 on an accelerator, 2 on CPU
+    matmul_size: int | None = None  # None: 8192 on an accelerator, 512 on CPU
+    memory_budget_bytes: int | None = None  # None: the device's free memory
+    max_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [e for e in self.entries if e not in ENTRIES]
+        if unknown:
+            raise ValueError(f"bench speed: unknown entries {unknown}; choose from {list(ENTRIES)}")
+        if not self.lengths or min(self.lengths) <= 0:
+            raise ValueError(f"bench speed: lengths must be positive, got {list(self.lengths)}")
+        if self.misa_heads > self.heads:
+            raise ValueError(f"bench speed: misa_heads={self.misa_heads} exceeds heads={self.heads}")
+        if self.mla_v_dim > self.mla_dk:
+            raise ValueError(f"bench speed: mla_v_dim={self.mla_v_dim} exceeds mla_dk={self.mla_dk}")
+
+    def resolved(self) -> "SpeedSetup":
+        """The setup with the platform-dependent defaults filled in."""
+        cpu = jax.default_backend() == "cpu"
+        return dataclasses.replace(
+            self, repeats=self.repeats or (2 if cpu else 5), matmul_size=self.matmul_size or (512 if cpu else 8192),
+            misa_candidates=MisaHOptions(candidates=self.misa_candidates).candidates_for(self.topk))
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+
+def dsa_flops(T: int, H: int, d: int) -> int:
+    return H * d * T * (T + 1)  # 2 * H * d * sum_{t<T} (t + 1)
+
+
+def hisa_flops(T: int, H: int, d: int, block: int, num_blocks: int) -> int:
+    t = np.arange(T, dtype=np.int64)
+    before = t // block                                              # blocks fully before t's own block
+    candidates = np.minimum(t + 1, (num_blocks - 1) * block + t % block + 1)
+    return int(2 * H * d * np.sum(before + candidates))
+
+
+def misa_flops(T: int, H: int, d: int, block: int, active: int, candidates: int | None) -> int:
+    t = np.arange(T, dtype=np.int64)
+    work = 2 * H * d * np.sum(t // block + 1) + 2 * active * d * np.sum(t + 1)
+    if candidates is not None:
+        work += 2 * H * d * np.sum(np.minimum(candidates, t + 1))
+    return int(work)
+
+
+def mla_flops(queries: int, setup: SpeedSetup) -> int:
+    return 2 * queries * setup.mla_heads * setup.topk * (setup.mla_dk + setup.mla_v_dim)
+
+
+# ------------------------------------------------------------------------------------------ the baseline
+
+def naive_xla_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int):
+    """The plain XLA formulation: q [T,H,d], k [S,d], w [T,H] -> (values, indices) [T, topk].
+
+    Materialises the [T, S, H] float32 logits (and their ReLU): O(T*S*H) memory.
+    """
+    T, S = q.shape[0], k.shape[0]
+    logits = jnp.einsum("thd,sd->tsh", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("tsh,th->ts", jax.nn.relu(logits), w.astype(jnp.float32))
+    causal = jnp.arange(S)[None, :] <= (S - T + jnp.arange(T))[:, None]
+    return jax.lax.top_k(jnp.where(causal, scores, -jnp.inf), min(topk, S))
+
+
+def naive_bytes(T: int, S: int, H: int) -> int:
+    return T * S * H * 4 * 2
+
+
+def free_memory_bytes() -> int | None:
+    """Free memory of the default device (accelerator allocator stats, else available host RAM)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _one_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {str(err).strip()}"
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(err, MemoryError)
+
+
+def matmul_peak(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    a, b = (jax.random.normal(key, (n, n), jnp.bfloat16) for key in jax.random.split(jax.random.key(seed)))
+    row = time_call(lambda a, b: a @ b, (a, b), repeats)[0].as_dict()
+    flops = 2 * n ** 3
+    return {"n": n, "dtype": "bfloat16", **row, "flops": flops, "tflops": flops / row["median_ms"] / 1e9}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+class _Inputs:
+    """Random inputs of one length, made on first use and shared by the entries of that length."""
+
+    def __init__(self, setup: SpeedSetup, length: int):
+        self.setup, self.length, self._cache = setup, length, {}
+        self._key = jax.random.fold_in(jax.random.key(setup.seed), length)
+
+    def _get(self, name: str, make):
+        if name not in self._cache:
+            self._cache[name] = make(jax.random.fold_in(self._key, len(self._cache)))
+        return self._cache[name]
+
+    def _indexer(self, name: str, batch: int, queries: int):
+        """q [batch,queries,H,d] bf16, k [batch,S,d] bf16, w [batch,queries,H] fp32 (scaled by (H*d)^-0.5 like a
+        real indexer)."""
+        s, S = self.setup, self.length
+
+        def make(key):
+            kq, kk, kw = jax.random.split(key, 3)
+            q = jax.random.normal(kq, (batch, queries, s.heads, s.head_dim), jnp.bfloat16)
+            k = jax.random.normal(kk, (batch, S, s.head_dim), jnp.bfloat16)
+            w = jax.random.normal(kw, (batch, queries, s.heads), jnp.float32) * (s.heads * s.head_dim) ** -0.5
+            return q, k, w
+        return self._get(name, make)
+
+    def _mla(self, name: str, batch: int, queries: int, limit):
+        """q [batch,queries,Hq,Dk] bf16, kv [batch,S,Dk] bf16, indices [batch,queries,k] random in [0, limit),
+        valid all True."""
+        s, S = self.setup, self.length
+
+        def make(key):
+            kq, kkv, ki = jax.random.split(key, 3)
+            q = jax.random.normal(kq, (batch, queries, s.mla_heads, s.mla_dk), jnp.bfloat16)
+            kv = jax.random.normal(kkv, (batch, S, s.mla_dk), jnp.bfloat16)
+            idx = jax.random.randint(ki, (batch, queries, s.topk), 0, jnp.iinfo(jnp.int32).max) % limit
+            return q, kv, idx, jnp.ones(idx.shape, bool)
+        return self._get(name, make)
+
+    def indexer(self):
+        """Prefill: q [1,T,H,d], k [1,S,d], w [1,T,H] with T = S."""
+        return self._indexer("indexer", 1, self.length)
+
+    def block_sums(self, block: int):
+        _, k, _ = self.indexer()
+        return self._get(f"sums{block}", lambda _: jax.block_until_ready(
+            pool_block_sums(k, None, jnp.full((1,), k.shape[1], jnp.int32), block)))
+
+    def mla(self):
+        """Prefill: indices of query t random in [0, t]."""
+        limit = jnp.arange(1, self.length + 1, dtype=jnp.int32)[None, :, None]
+        return self._mla("mla", 1, self.length, limit)
+
+    def decode_lengths(self):
+        s, S = self.setup, self.length
+        return self._get("lengths", lambda key: jax.random.randint(key, (s.decode_batch,), max(S // 2, 1), S + 1))
+
+    def decode_indexer(self):
+        """One query per sequence of ``decode_batch``, with their valid lengths."""
+        lengths = self.decode_lengths()  # first: the keys' fold-in order stays as it was
+        return (*self._indexer("decode_indexer", self.setup.decode_batch, 1), lengths)
+
+    def decode_mla(self):
+        lengths = self.decode_lengths()
+        return self._mla("decode_mla", self.setup.decode_batch, 1, lengths[:, None, None])
+
+
+def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, tuple, dict[str, Any]]:
+    """(function to jit, its arguments, FLOPs/shape facts) for one entry at one length."""
+    s, T = setup, inputs.length
+    impl, H, d = s.implementation, s.heads, s.head_dim
+    scale = s.mla_dk ** -0.5
+    if entry in INDEXER_ENTRIES:
+        q, k, w = inputs.indexer()
+        facts = {"shapes": {"q": list(q.shape), "k": list(k.shape), "w": list(w.shape)},
+                 "flops_square": 2 * T * T * H * d}
+        if entry == "naive_xla":
+            fn = lambda q, k, w: naive_xla_topk(q[0], k[0], w[0], topk=s.topk)
+            return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d), "estimated_bytes": naive_bytes(T, T, H)}
+        if entry == "dsa":
+            fn = lambda q, k, w: dsa_topk(q, k, w, topk=s.topk, implementation=impl)
+            return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "dsa_scoring":
+            return _scoring_kernel(s, T), (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "hisa":
+            sums = inputs.block_sums(s.hisa_block)
+            fn = lambda q, k, w, sums: hisa_topk(q, k, w, topk=s.topk, block_size=s.hisa_block,
+                                                 num_blocks=s.hisa_blocks, block_sums=sums, implementation=impl)
+            return fn, (q, k, w, sums), {**facts, "flops": hisa_flops(T, H, d, s.hisa_block, s.hisa_blocks)}
+        sums = inputs.block_sums(s.misa_block)
+        candidates = s.misa_candidates if entry == "misa_h" else None
+        fn = lambda q, k, w, sums: misa_topk(q, k, w, topk=s.topk, active_heads=s.misa_heads,
+                                             block_size=s.misa_block, candidates=candidates, block_sums=sums,
+                                             implementation=impl)
+        return fn, (q, k, w, sums), {**facts, "flops": misa_flops(T, H, d, s.misa_block, s.misa_heads, candidates)}
+
+    if entry in ("sparse_mla", "sparse_mla_fwd_bwd", "sparse_mla_decode"):
+        q, kv, idx, valid = inputs.decode_mla() if entry == "sparse_mla_decode" else inputs.mla()
+        attend = lambda q, kv, idx, valid: sparse_mla(q, kv, idx, valid, scale=scale, v_dim=s.mla_v_dim,
+                                                      implementation=impl)
+        facts = {"shapes": {"q": list(q.shape), "kv": list(kv.shape), "indices": list(idx.shape)},
+                 "flops": mla_flops(q.shape[0] * q.shape[1], s)}
+        if entry == "sparse_mla_fwd_bwd":
+            loss = lambda q, kv, idx, valid: jnp.sum(attend(q, kv, idx, valid).astype(jnp.float32))
+            fn = jax.grad(loss, argnums=(0, 1))
+            facts["flops"] = int(facts["flops"] * (1 + BACKWARD_FACTOR))
+            return fn, (q, kv, idx, valid), facts
+        return attend, (q, kv, idx, valid), facts
+
+    if entry == "dsa_decode":
+        q, k, w, lengths = inputs.decode_indexer()
+        fn = lambda q, k, w, lengths: dsa_topk(q, k, w, topk=s.topk, kv_lengths=lengths, implementation=impl)
+        total = int(np.sum(np.asarray(lengths)))
+        return fn, (q, k, w, lengths), {"shapes": {"q": list(q.shape), "k": list(k.shape), "w": list(w.shape)},
+                                        "flops": 2 * H * d * total, "flops_square": 2 * H * d * q.shape[0] * T}
+    raise ValueError(f"bench speed: unknown entry {entry!r}")
+
+
+def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
+    """The DSA scoring kernel alone over a causal prefill of T queries (no top-k); interpreted on CPU."""
+    def fn(q, k, w):
+        q, w, k, scale, width = kernel_layout(q, w, k, None, tile=RADIX_TILE)
+        return score_keys(q, w, k, scale, jnp.arange(1, T + 1, dtype=jnp.int32)[None], width=width)
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def _backends(setup: SpeedSetup) -> dict[str, dict[str, str | None]]:
+    """The implementation each op serves this benchmark's calls with (bf16 q), and why."""
+    choices = {"dsa_topk": lambda impl: dsa_topk_op.backend_for(impl),
+               "hisa_topk": lambda impl: hisa_topk_op.backend_for(impl, block_size=setup.hisa_block),
+               "misa_topk": lambda impl: misa_topk_op.backend_for(impl),
+               "sparse_mla": lambda impl: sparse_mla_op.backend_for(impl, q_dtype=jnp.bfloat16)}
+    out = {}
+    for op, backend_for in choices.items():
+        try:
+            backend = backend_for(setup.implementation)
+            out[op] = {"name": backend.name, "reason": backend.reason}
+        except ValueError as err:
+            out[op] = {"name": None, "reason": _one_line(err)}
+    return out
+
+
+def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
+    """Times every entry at every length (each guarded), the matmul peak, and the ratios; returns the report."""
+    setup = setup.resolved()
+    started = time.perf_counter()
+    tasks = [(T, e) for T in setup.lengths for e in setup.entries]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(tasks) + 1, desc="bench speed", unit="entry", dynamic_ncols=True)
+
+    def step(text: str):
+        if bar is not None:
+            bar.set_postfix_str(text)
+
+    step(f"matmul {setup.matmul_size}^3")
+    try:
+        peak = matmul_peak(setup.matmul_size, setup.repeats, setup.seed)
+    except Exception as err:  # noqa: BLE001  (recorded, the rest still runs)
+        peak = {"n": setup.matmul_size, "status": "skipped", "reason": _one_line(err)}
+    if bar is not None:
+        bar.update()
+
+    results: dict[str, dict[str, Any]] = {e: {} for e in setup.entries}
+    for T in setup.lengths:
+        inputs = _Inputs(setup, T)
+        for entry in setup.entries:
+            step(f"{entry} T={T}")
+            elapsed = time.perf_counter() - started
+            if setup.max_seconds is not None and elapsed > setup.max_seconds:
+                cell = {"status": "skipped", "reason": f"time budget --max-seconds {setup.max_seconds:g} "
+                                                       f"exceeded ({elapsed:.0f} s)"}
+            elif entry == "naive_xla" and (too_big := _naive_too_big(setup, T)):
+                cell = {"status": "oom", "reason": too_big}
+            else:
+                cell = _run_entry(entry, setup, inputs, peak)
+            results[entry][str(T)] = cell
+            if bar is not None:
+                bar.update()
+        del inputs  # free this length's arrays before the next
+    if bar is not None:
+        bar.close()
+
+    return {
+        "benchmark": "speed: selection ops and sparse MLA vs the plain XLA baseline, one process",
+        "environment": environment(),
+        "setup": {**dataclasses.asdict(setup),
+                  "dtypes": {"q": "bfloat16", "k": "bfloat16", "w": "float32", "mla_q": "bfloat16",
+                             "mla_kv": "bfloat16", "block_sums": "float32"},
+                  "batch": 1, "causal": True},
+        "backends": _backends(setup),
+        "flop_convention": {
+            "all": "2 FLOPs per multiply-add of the dot products; head-weighted sums, softmax, top-k not counted",
+            "naive_xla, dsa, dsa_scoring": "causal work 2*H*d*T*(T+1)/2; flops_square = 2*T*S*H*d (the whole square)",
+            "hisa": "per query t: 2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)",
+            "misa": "per query t: 2*H*d*(t//block + 1) router + 2*active_heads*d*(t+1) routed scan",
+            "misa_h": "misa + 2*H*d*min(candidates, t+1) re-ranking",
+            "sparse_mla": "2*Hq*k*(Dk+v_dim) per query",
+            "sparse_mla_fwd_bwd": f"{1 + BACKWARD_FACTOR} x forward (backward = {BACKWARD_FACTOR} x forward)",
+            "dsa_decode": "2*H*d*sum(kv_lengths); sparse_mla_decode: 2*Hq*k*(Dk+v_dim) per sequence",
+        },
+        "matmul_peak": peak,
+        "results": results,
+        "ratios": ratios(results, peak),
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+def _naive_too_big(setup: SpeedSetup, T: int) -> str | None:
+    """Why ``naive_xla`` is not run at length T (its estimate exceeds the free memory or the budget), or None."""
+    need = naive_bytes(T, T, setup.heads)
+    if setup.memory_budget_bytes is not None:
+        budget, what = setup.memory_budget_bytes, "the memory budget"
+    else:
+        budget, what = free_memory_bytes(), "the free device memory"
+    if budget is None or need <= budget:
+        return None
+    return f"not run: estimated {_gib(need)} ([T,S,H] fp32 x2) exceeds {what}, {_gib(budget)}"
+
+
+def _run_entry(entry: str, setup: SpeedSetup, inputs: _Inputs, peak: dict[str, Any]) -> dict[str, Any]:
+    try:
+        fn, args, facts = _prepare(entry, setup, inputs)
+        row = time_call(fn, args, setup.repeats)[0].as_dict()
+    except Exception as err:  # noqa: BLE001  (one line recorded; the other entries still run)
+        return {"status": "oom" if _is_oom(err) else "skipped", "reason": _one_line(err)}
+    cell = {"status": "ok", **row, **facts, "tflops": facts["flops"] / row["median_ms"] / 1e9}
+    if "flops_square" in facts:
+        cell["tflops_square"] = facts["flops_square"] / row["median_ms"] / 1e9
+    if peak.get("tflops"):
+        cell["fraction_of_peak"] = cell["tflops"] / peak["tflops"]
+    return cell
+
+
+def ratios(results: dict[str, dict[str, Any]], peak: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Speedups (baseline ms / entry ms, > 1 = faster) and fractions of the matmul peak, per length."""
+    out: dict[str, dict[str, float]] = {}
+    for name, slow, fast in SPEEDUPS:
+        a, b = results.get(slow, {}), results.get(fast, {})
+        out[name] = {T: a[T]["median_ms"] / b[T]["median_ms"] for T in a
+                     if a[T].get("status") == "ok" and b.get(T, {}).get("status") == "ok"}
+    out["fraction_of_matmul_peak"] = {
+        entry: {T: c["fraction_of_peak"] for T, c in cells.items() if "fraction_of_peak" in c}
+        for entry, cells in results.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def _length_label(T: int) -> str:
+    return f"{T // 1024}K" if T % 1024 == 0 else str(T)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lengths = report["setup"]["lengths"]
+    env, peak = report["environment"], report["matmul_peak"]
+    head = ["median ms", *[_length_label(T) for T in lengths]]
+    lines = [f"{env['device_kind']} ({env['platform']}), jax {env['jax']}; matmul peak "
+             + (f"{peak['tflops']:.3g} TFLOP/s (bf16 {peak['n']}^3)" if "tflops" in peak
+                else f"not measured: {peak.get('reason')}"),
+             " | ".join(head), " | ".join("---" for _ in head)]
+
+    def cell(c):
+        return f"{c['median_ms']:.3f}" if c.get("status") == "ok" else c.get("status", "-")
+
+    for entry, cells in report["results"].items():
+        lines.append(" | ".join([entry, *[cell(cells.get(str(T), {})) for T in lengths]]))
+    lines.append("")
+    for name, values in report["ratios"].items():
+        if name == "fraction_of_matmul_peak":
+            continue
+        lines.append(" | ".join([f"speedup {name}", *[f"{values[str(T)]:.2f}x" if str(T) in values else "-"
+                                                      for T in lengths]]))
+    for entry, values in report["ratios"]["fraction_of_matmul_peak"].items():
+        if values:
+            lines.append(" | ".join([f"% of peak {entry}", *[f"{100 * values[str(T)]:.1f}%" if str(T) in values
+                                                              else "-" for T in lengths]]))
+    reasons = {}
+    for entry, cells in report["results"].items():
+        for T, c in cells.items():
+            if c.get("status") != "ok":
+                reasons.setdefault((entry, c["reason"]), []).append(_length_label(int(T)))
+    if reasons:
+        lines.append("")
+        lines += [f"not timed: {entry} at {', '.join(Ts)}: {reason}" for (entry, reason), Ts in reasons.items()]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | None:
+    """Two panels: median ms vs length (log-log) per entry; speedups and fractions of peak vs length."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    import matplotlib.ticker  # noqa: PLC0415  (matplotlib is optional: imported once it is known to be there)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2), dpi=120)
+    for ax in (left, right):
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    for entry, cells in report["results"].items():
+        pts = sorted((int(T), c["median_ms"]) for T, c in cells.items() if c.get("status") == "ok")
+        if pts:
+            left.plot(*zip(*pts), marker="o", markersize=3, label=entry)
+    left.set(xscale="log", yscale="log", xlabel="T = S (tokens)", ylabel="median ms",
+             title=f"{report['environment']['device_kind']}, jax {report['environment']['jax']}")
+    for name, values in report["ratios"].items():
+        series = ({f"{name} (x)": values} if name != "fraction_of_matmul_peak" else
+                  {f"{e} / matmul peak": v for e, v in values.items() if v})
+        for label, vals in series.items():
+            pts = sorted((int(T), v) for T, v in vals.items())
+            if pts:
+                right.plot(*zip(*pts), marker="o", markersize=3, label=label,
+                           linestyle="--" if "peak" in label else "-")
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set(xscale="log", yscale="log", xlabel="T = S (tokens)", ylabel="ratio",
+              title="speedups (x) and fraction of the matmul peak")
+    lengths = sorted(int(T) for T in report["setup"]["lengths"])
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(lengths, [_length_label(T) for T in lengths])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2 if ax is right else 1)
+    return save_figure(fig, path)
+
+
+def save(report: dict[str, Any], path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """Writes the JSON report and the PNG next to it (same name, .png); returns both paths."""
+    out = save_json(report, path)
+    return out, plot(report, out.with_suffix(".png"))

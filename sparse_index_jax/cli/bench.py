@@ -1,0 +1,18 @@
+"""``sparse-index bench``: the harness's benchmarks (``sparse_index_jax.bench.BENCHMARKS``), one sub-command each."""
+
+from __future__ import annotations
+
+from sparse_index_jax.bench import BENCHMARKS
+from sparse_index_jax.cli import bench_fidelity, bench_roofline, bench_speed, bench_sweep
+
+_COMMANDS = {"speed": bench_speed, "fidelity": bench_fidelity, "roofline": bench_roofline,
+             "selector-sweep": bench_sweep}
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS),
+                           description="Benchmarks. Each prints a table and writes JSON with its environment (default "
+                                       "paths under bench/results/).")
+    commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, spec in BENCHMARKS.items():
+        _COMMANDS[name].add_parser(commands, spec)

@@ -1,0 +1,73 @@
+"""``sparse-index bench fidelity``: selection fidelity vs DSA, synthetic or on SmolLM2 (``--model smollm2``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparse_index_jax.bench import Benchmark, fidelity, model_fidelity
+from sparse_index_jax.cli.arguments import positive
+
+DESCRIPTION = (
+    "Without --model: scores HISA, MISA and MISA-H against DSA's exact top-k on synthetic activations with topic "
+    "segments (so block means carry signal), head-specific query mixes (so routing matters) and planted needles; "
+    "reports mean IoU and recall per method, overall and per regime, the needle recall, and seconds. With --model "
+    "smollm2: the real model with DSA retrofitted, on held-out CPython sources; per layer the attention mass DSA's "
+    "top-k covers against the best any shared key set can (the ceiling), HISA / MISA / MISA-H mass, IoU and recall "
+    "vs DSA, then the held-out LM loss dense vs DSA vs each selector vs IndexCache patterns (uniform and "
+    "greedy-searched) at 1/2 and 1/4 of the layers. JSON + PNG heatmap.")
+
+
+def add_parser(sub, spec: Benchmark) -> None:
+    p = sub.add_parser("fidelity", help=spec.summary, description=DESCRIPTION)
+    p.add_argument("--model", choices=("smollm2",), default=None, help="measure on a real model (see above)")
+    p.add_argument("--indexers", default="shipped", help="with --model: 'shipped', 'fresh' or a weights file")
+    p.add_argument("--seq-len", **positive(default=4096, help="keys per sequence (default 4096)"))
+    p.add_argument("--topk", **positive(default=256, help="keys kept per query (default 256)"))
+    p.add_argument("--sequences", **positive(default=2, help="with --model: held-out sequences (default 2)"))
+    p.add_argument("--search-batches", **positive(default=4, help="with --model: IndexCache search calibration "
+                                                                  "batches of 2 x --search-seq-len (default 4)"))
+    p.add_argument("--search-seq-len", **positive(default=1024, help="with --model: tokens per calibration sequence "
+                                                                     "(default 1024)"))
+    p.add_argument("--search-from", help="with --model: reuse the searched IndexCache patterns of an earlier report "
+                                         "(JSON) instead of searching again")
+    p.add_argument("--queries", **positive(default=512, help="synthetic: query rows scored (default 512)"))
+    p.add_argument("--heads", **positive(default=16, help="synthetic: indexer heads (default 16)"))
+    p.add_argument("--head-dim", **positive(default=64, help="synthetic: indexer head dim (default 64)"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None, help="JSON report path (default bench/results/fidelity_synthetic.json, or "
+                                               "fidelity_smollm2.json with --model; PNG alongside)")
+    p.set_defaults(func=run, default_out=spec.default_out)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model == "smollm2":
+        return run_smollm2(args)
+    setup = fidelity.FidelitySetup(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, topk=args.topk,
+                                   queries=args.queries, seed=args.seed)
+    methods = setup.methods()
+    print(f"selection fidelity vs DSA: {setup.queries} queries over {setup.seq_len} keys, {setup.heads} heads x "
+          f"{setup.head_dim}; " + "; ".join(f"{s.method} {s.as_dict()}" for s in methods.values()))
+    report = fidelity.run(setup, progress=lambda m: print(f"  running {m} ...", flush=True))
+    print()
+    print(fidelity.format_table(report))
+    out = fidelity.save(report, args.out or args.default_out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def run_smollm2(args: argparse.Namespace) -> int:
+    setup = model_fidelity.ModelFidelitySetup(
+        seq_len=args.seq_len, sequences=args.sequences, topk=args.topk, search_seq_len=args.search_seq_len,
+        search_batches=args.search_batches, seed=args.seed)
+    print(f"selection fidelity of SmolLM2-135M + DSA ({args.indexers} indexers): {setup.sequences} held-out sequences "
+          f"of {setup.seq_len} tokens (CPython sources); "
+          + "; ".join(f"{m} {setup.selector(m).as_dict()}" for m in ("dsa", *model_fidelity.SELECTORS))
+          + f"; IndexCache keeps {list(setup.keeps)}", flush=True)
+    report = model_fidelity.smollm2_report(args.indexers, setup, search_from=args.search_from,
+                                           progress=not args.quiet, log=print)
+    print()
+    print(model_fidelity.format_table(report))
+    json_path, png_path = model_fidelity.save(report, args.out or "bench/results/fidelity_smollm2.json")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else " (matplotlib is not installed: no plot)"))
+    return 0

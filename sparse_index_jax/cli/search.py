@@ -1,0 +1,61 @@
+"""``sparse-index search``: IndexCache's training-free pattern search on a real model."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparse_index_jax.cli.arguments import add_distributed_args, add_model_data_args, load_model_and_data, positive
+
+DESCRIPTION = (
+    "Greedy IndexCache pattern search: start from the checkpoint's pattern (every layer runs its own indexer, F, "
+    "unless it is an IndexShare checkpoint), repeatedly flip to S (reuse the nearest earlier F layer's selection) "
+    "the layer whose flip raises the LM loss on fixed held-out calibration batches least, until --keep of the "
+    "layers remain F. Resumable (OUT/search_state.json); writes OUT/search.json and OUT/search.png.")
+
+
+def add_parser(sub) -> None:
+    search = sub.add_parser("search", help="IndexCache: find which layers may reuse an earlier layer's top-k "
+                                           "(training-free)", description=DESCRIPTION)
+    add_model_data_args(search, "shipped")
+    search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
+    search.add_argument("--calib-batches", **positive(default=4, help="calibration batches (default 4)"))
+    search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
+    search.add_argument("--context", **positive(default=1, help="context parallelism: split each calibration "
+                                                                "sequence over this many devices (DSA models; "
+                                                                "--seq-len must divide by it; default 1)"))
+    add_distributed_args(search)
+    search.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from sparse_index_jax.bench.plots import line_plot
+    from sparse_index_jax.bench.reports import save_json
+    from sparse_index_jax.training.distributed import data_parallel, initialize, is_main_process
+    from sparse_index_jax.training.index_cache_search import greedy_search
+
+    if args.distributed:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.model == "smollm2" and args.context > 1:
+        raise ValueError("--context applies to the DSA models; the Llama retrofit's layers do not split the sequence")
+    model, data = load_model_and_data(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = data.heldout_batches(args.batch_size, args.calib_batches)
+    state = greedy_search(model, batches, args.keep, state_path=out / "search_state.json",
+                          fingerprint=data.fingerprint(), progress=not args.quiet, log=print,
+                          sharding=data_parallel(model, args.batch_size, "search", context=args.context))
+    if not is_main_process():
+        return 0
+    report = {**state.report(), "calibration": {"batches": len(batches), "batch_size": args.batch_size,
+                                                "seq_len": args.seq_len, "data": data.fingerprint()}}
+    save_json(report, out / "search.json")
+    curve = report["curve"]
+    png = line_plot(out / "search.png", {"calibration LM loss": (curve["f_layers"], curve["loss"])},
+                    title="IndexCache greedy search", xlabel=f"F layers kept (of {len(state.pattern)})",
+                    ylabel="LM loss")
+    print(f"pattern {state.pattern} ({report['kept_layers']} of {len(state.pattern)} layers F): LM loss "
+          f"{state.base_loss:.4f} -> {report['final_loss']:.4f}; wrote {out / 'search.json'}"
+          + (f" and {png}" if png else " (matplotlib is not installed: no plot)"))
+    return 0
