@@ -10,8 +10,8 @@ Entries (T = S = the length, batch 1, causal, unless said):
 * ``naive_xla``: the plain XLA baseline: einsum q[T,H,d].k[S,d] -> [T,S,H] fp32 -> ReLU ->
   weighted head sum with w[T,H] -> causal mask -> ``lax.top_k``. Skipped when ``T*S*H*4*2`` bytes exceed
   the free device memory; a run-time out-of-memory is recorded as ``oom``.
-* ``dsa``, ``hisa``, ``misa``, ``misa_h``: the selection ops (``sparse_index_jax.kernels``), scoring + top-k of the whole
-  prefill.
+* ``dsa``, ``hisa``, ``misa``, ``misa_h``: the selection ops (``sparse_index_jax.kernels``), scoring + top-k
+  of the whole prefill.
 * ``dsa_scoring``: the Triton DSA scoring kernel alone (causal key blocks, ranking keys written to a
   [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
 * ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt

@@ -1,5 +1,5 @@
 """Top-k over per-query candidate lists on GPU (Pallas, Triton lowering): HISA's token refinement and
-MISA-H's re-rank. Reference: ``blocks.refine_topk``.
+MISA-H's re-rank. Reference: ``candidate_topk.refine_topk``.
 
 ``gathered_keys``: one program per query. Its H head queries stay in registers; the candidate rows
 are gathered ``bc`` at a time (each row is d contiguous values), one tensor-core dot [bc, d] x [d, H]
@@ -58,8 +58,8 @@ def gathered_keys(q, w, k, scale, positions, *, bc: int = 64, num_warps: int = 4
 
 
 def refine_topk_triton(q, w, k, scale, positions, topk: int, *, return_keys: bool, interpret: bool):
-    """``blocks.refine_topk`` with kernels: candidates ``positions`` [B, T, C] in increasing order, -1
-    for those not eligible. Returns (positions [B,T,topk], valid[, keys]) in the contract's order."""
+    """``candidate_topk.refine_topk`` with kernels: candidates ``positions`` [B, T, C] in increasing order,
+    -1 for those not eligible. Returns (positions [B,T,topk], valid[, keys]) in the contract's order."""
     C = positions.shape[-1]
     tile = min(RADIX_TILE, max(64, next_pow2(C)))
     width = round_up(C, tile)

@@ -121,7 +121,7 @@ class Op:
             raise ValueError(f"{self.name}: implementation={implementation!r} cannot serve this call: "
                              f"{refusals[implementation]}; use implementation='xla' or 'auto'")
         interpreted = implementation != "xla" and here == "cpu"
-        return Backend(implementation, f"requested {implementation!r}" + (" (interpreted on cpu)" if interpreted else ""))
+        return Backend(implementation, f"requested {implementation!r}{' (interpreted on cpu)' if interpreted else ''}")
 
     def run(self, backend: Backend, *args, block_sizes=None, **kwargs):
         """Calls ``backend``'s function; Pallas ones get ``block_sizes`` (type-checked) and ``interpret``."""

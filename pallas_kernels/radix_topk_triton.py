@@ -1,6 +1,6 @@
 """Exact top-k of long int32 key rows on GPU (Pallas, Triton lowering): a radix select.
 
-Reference: ``common.top_k_by_key`` (``lax.top_k`` on the same keys). The result is the same set under
+Reference: ``ranking.top_k_by_key`` (``lax.top_k`` on the same keys). The result is the same set under
 the same tie rule (higher key first, equal keys: lower position first) and the kernel never drops a
 candidate: it finds the exact k-th largest key, then emits every key above it and as many of the keys
 equal to it as are still needed, lowest positions first. There are no histogram bins that can
@@ -12,7 +12,7 @@ One program per row, streaming the row in tiles of ``tile`` keys:
   of the 16 digit values, the keys whose higher digits equal the prefix found so far; the digit where
   the running count from the top reaches the number still wanted extends the prefix. After 8 passes
   the prefix IS the k-th largest key and the count left over is how many keys equal to it to take.
-* 1 emitting pass: keys above the threshold, and the first ``need`` keys equal to it, are written in
+* 1 emitting pass: keys above the threshold, and the first ``wanted`` keys equal to it, are written in
   position order (a prefix sum inside each tile gives each one its output slot).
 
 Once the keys still matching the prefix number at most ``bucket`` (8192), the next pass also copies
@@ -129,8 +129,8 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
     jax.lax.fori_loop(0, n_tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-# H100 sweeps (jax 0.11.2) on the 32K x 32K causal keys of real DSA scores: tiles of 256 keys with 4
-# warps and an 8192-key bucket took 15.6 ms; 512/8 warps 18.6 ms; 1024/8 22.7 ms; no bucket 20.8 ms.
+# Keys per tile. Defaults (256-key tiles, 4 warps, an 8192-key bucket): the fastest setting of the radix
+# top-k sweep recorded in docs/kernels.md.
 RADIX_TILE = 256
 
 

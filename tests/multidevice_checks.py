@@ -175,7 +175,7 @@ def check_context_parallel_search():
     losses, as on one device."""
     from sparse_index_jax import models
     from sparse_index_jax.training.distributed import data_parallel
-    from sparse_index_jax.layers.index_cache import greedy_search
+    from sparse_index_jax.training.index_cache_search import greedy_search
     from tiny_models import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -243,7 +243,7 @@ def check_multi_process_search(process_id: str, port: str, folder: str, out: str
 
     initialize(f"localhost:{port}", 2, int(process_id))
     from sparse_index_jax import models
-    from sparse_index_jax.layers.index_cache import greedy_search
+    from sparse_index_jax.training.index_cache_search import greedy_search
 
     rng = np.random.default_rng(3)
     batches = [(rng.integers(0, 96, (4, 12)), rng.integers(0, 96, (4, 12))) for _ in range(2)]

@@ -14,7 +14,8 @@ from tiny_models import save_tiny  # skips without torch / transformers
 from sparse_index_jax import models
 from sparse_index_jax.cli import main
 from sparse_index_jax.training.data import PackedDataset
-from sparse_index_jax.layers.index_cache import IndexCacheConfig, greedy_search
+from sparse_index_jax.layers.index_cache import IndexCacheConfig
+from sparse_index_jax.training.index_cache_search import greedy_search
 from sparse_index_jax.training.distill import INDEXER_PARAMS, DistillConfig, distill, distill_losses, evaluate
 from sparse_index_jax.training.losses import indexer_kl
 

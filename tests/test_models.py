@@ -21,7 +21,7 @@ import pytest
 from tiny_models import COMMON, FAMILIES, hf_model, torch  # noqa: E402  (skips without torch/transformers)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-import sparse_index_jax.models  # noqa: E402
+from sparse_index_jax import models  # noqa: E402
 from sparse_index_jax.models import CheckpointError, ModelConfig  # noqa: E402
 from sparse_index_jax.cli import main  # noqa: E402
 

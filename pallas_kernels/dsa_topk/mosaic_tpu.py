@@ -4,7 +4,7 @@ Pallas TPU has no top_k, so selection is split in three exact steps:
 
 1. **Scoring kernel** (grid: batch x query blocks x key blocks). One step scores ``block_q`` queries
    against ``block_k`` keys: per head one MXU matmul [block_q, d] x [d, block_k], ReLU, times the head
-   weight, summed in float32; the int32 ranking keys (``common.ordered_keys``, INELIGIBLE_KEY where a
+   weight, summed in float32; the int32 ranking keys (``ranking.ordered_keys``, INELIGIBLE_KEY where a
    key is in the query's future or past ``kv_lengths``) are written to HBM. Key blocks wholly after a
    query block's last position skip the matmuls.
 2. **Threshold search kernel** (grid: batch x row blocks; ``search_rows`` rows of all keys in VMEM):
@@ -152,7 +152,8 @@ def _dsa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk, blo
     S = k.shape[1]
     kk = min(topk, S)
     Sp = round_up(S, block_sizes.block_k)
-    rows_per_chunk = max(block_sizes.block_q, (chunk_bytes // (4 * B * Sp)) // block_sizes.block_q * block_sizes.block_q)
+    bq = block_sizes.block_q
+    rows_per_chunk = max(bq, (chunk_bytes // (4 * B * Sp)) // bq * bq)
 
     def one_chunk(q_c, w_c, pos_c):
         c = q_c.shape[1]
@@ -172,7 +173,7 @@ def dsa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int,
                         interpret=None, return_keys: bool = False):
     """The TPU implementation behind ``dsa_topk``: (indices, valid[, ranking keys]) as the reference.
     ``query_chunk``/``key_chunk`` belong to the reference and are accepted for a uniform signature.
-    ``blocks`` default: the current TPU generation's (v5p's off TPU)."""
+    ``block_sizes`` default: the current TPU generation's (v5p's off TPU)."""
     del query_chunk, key_chunk
     block_sizes = (block_sizes or dsa_block_sizes()).check()
     return _dsa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, block_sizes=block_sizes,

@@ -1,22 +1,21 @@
-"""DSA scoring + exact top-k on GPU: Pallas kernels (Triton lowering), the ``pallas`` implementation.
+"""DSA scoring + exact top-k on GPU: Pallas kernels (Triton lowering), the ``triton`` implementation.
 
 Two kernels per chunk of queries:
 
 1. ``score_keys``: one program per block of ``bq`` queries. One tensor-core dot per block of ``bk``
-   keys (M) against the ``bq * H`` head queries (N = 128 for H = 64, bq = 2) gives every head's
+   keys (M) against the ``bq * H`` head queries (N = 256 for H = 64, bq = 4) gives every head's
    logits; ReLU, the head weights and the sum over heads follow in float32 registers and the ranking
-   key (``common.ordered_keys``: the int32 order of the scores) is written out. Key blocks
+   key (``ranking.ordered_keys``: the int32 order of the scores) is written out. Key blocks
    past the causal limit of the block's last query are never visited: the causal half of the work is
    skipped, and [T, S, H] never exists.
-2. ``radix_topk_rows`` (``pallas_kernels/radix_topk.py``): exact top-k of each row's eligible prefix.
+2. ``radix_topk_rows`` (``radix_topk_triton.py``): exact top-k of each row's eligible prefix.
 
 The winners (position order) are then ordered by key with a sort of k per row. Keys of a chunk live
 in device memory between the two kernels: ``chunk * S * 4`` bytes, sized to ``chunk_bytes``.
 
-Why Triton and not Mosaic GPU: on jax 0.11.2 both lower matmuls at tensor-core speed
-(``../shared/spec/performance.md``), but the top-k needs gathers, scatters and prefix sums over
-per-thread data, which the Triton lowering expresses directly (and which also lower on jax 0.10.2);
-Mosaic GPU would need them written warpgroup by warpgroup.
+The top-k needs gathers, scatters and prefix sums over per-thread data, which the Triton lowering
+expresses directly; why Triton and not Mosaic GPU, and the measured speed of both kernels, are in
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, lim
     are not written). q [B,T,H,d], w [B,T,H] f32, k [B,width,d], k_scale [B,width] f32, limits [B,T].
     q is cast to k's dtype in the kernel; float32 products use TF32 on GPU (HISA's block means).
 
-    Shapes must already be kernel-friendly: H, d, bk powers of two, T a multiple of ``128 // H`` (or 1),
-    ``width`` a multiple of ``bk``.
+    Shapes must already be kernel-friendly: H, d, bk powers of two, T a multiple of ``bq`` (default
+    ``query_block(H)``), ``width`` a multiple of ``bk``.
     """
     B, T, H, d = q.shape
     bq = bq or query_block(H)
@@ -82,8 +81,8 @@ def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, lim
 
 
 def query_block(heads: int) -> int:
-    """Queries per scoring program: enough for 256 head queries (the matmul's N; H100 sweep at 32K:
-    bk 64, N 256, 4 warps, 3 stages was the fastest of 16 configurations)."""
+    """Queries per scoring program: enough for 256 head queries (the matmul's N). Defaults (N 256, bk 64,
+    4 warps, 3 stages): the fastest configuration of the scoring sweep recorded in docs/kernels.md."""
     return max(1, 256 // heads)
 
 
@@ -116,7 +115,7 @@ def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, que
                     return_keys: bool = False, chunk_bytes: int = 1 << 30, interpret: bool | None = None):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
     reference's memory; here queries go in chunks whose [chunk, S] int32 keys fit ``chunk_bytes``.
-    ``interpret``: None = as the platform says (``common.triton_interpret``)."""
+    ``interpret``: None = as the platform says (``dispatch.triton_interpret``)."""
     del query_chunk, key_chunk
     return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
                             chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret))

@@ -1,4 +1,4 @@
-"""HISA on TPU: the ``pallas`` implementation there (same contract and result as the reference).
+"""HISA on TPU: the ``mosaic_tpu`` implementation (same contract and result as the reference).
 
 1. Block filter: the DSA scoring kernel (``dsa_topk.mosaic_tpu``) on the float32 block means, a block
    being eligible up to the query's own block; the first and own blocks are forced (+inf); the
@@ -115,6 +115,6 @@ def hisa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
     if interpret is False and block_size % LANES:  # compiled: a key block's scales fill whole lanes
         raise ValueError(f"hisa_topk: the TPU kernels need block_size to be a multiple of {LANES} (lanes), got "
                          f"{block_size}; HISA's usual 128 works")
-    return _hisa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
-                          num_blocks=num_blocks, query_chunk=query_chunk, block_sizes=block_sizes, interpret=interpret,
-                          return_keys=return_keys)
+    return _hisa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
+                                 block_size=block_size, num_blocks=num_blocks, query_chunk=query_chunk,
+                                 block_sizes=block_sizes, interpret=interpret, return_keys=return_keys)

@@ -10,7 +10,7 @@ Per query t (last eligible key ``L = min(t, kv_length - 1)``, own block ``L // B
 
 The own block's mean is never used (the block is forced), so no future key can reach a decision.
 With ``num_blocks * block_size >= S`` every block is kept and the result is DSA's. The entry point
-requires ``(num_blocks - 1) * block_size >= topk`` (the paper states ``m * B >= k``): the own block
+requires ``(num_blocks - 1) * block_size >= topk`` (the HISA paper states ``m * B >= k``): the own block
 can hold a single eligible token, and only then are ``min(topk, #eligible)`` candidates guaranteed. Work per query:
 ``H * d * (S / B + m * B)``. Peak extra memory per query chunk c: the gathered candidates,
 ``c * m * B * (itemsize(k) * d + 4 * H)`` bytes, plus ``4 * c * H * S / B`` for block logits.

@@ -1,11 +1,11 @@
-"""HISA on GPU: the ``pallas`` implementation (same contract and result as ``hisa_topk_reference``).
+"""HISA on GPU: the ``triton`` implementation (same contract and result as ``hisa_topk_reference``).
 
 1. Block filter: the DSA scoring kernel (``dsa_topk.triton.score_keys``) against the float32
    block means, visiting only the blocks up to each query's own block (TF32 products on GPU; the
    reference's float32 einsum is TF32 there too). First and own block forced, best ``num_blocks`` kept
    (a top-k over S / block_size keys per query, plain XLA).
 2. Token refinement: the kept blocks' tokens, in increasing position, go through the gathered-scoring
-   kernel and the radix top-k (``pallas_kernels/refine_gpu.py``).
+   kernel and the radix top-k (``candidate_topk_triton.py``).
 
 Work per query: ``H * d * (S / B + m * B)`` instead of DSA's ``H * d * S``. When ``m`` blocks cover
 every key (``m * B >= S``), HISA's result is DSA's and the DSA kernels run instead. Queries run in chunks

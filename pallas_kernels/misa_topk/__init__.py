@@ -23,7 +23,7 @@ from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
 
 __all__ = ["MisaOptions", "MisaHOptions", "OP", "backend_for", "misa_topk", "misa_topk_reference", "route_heads"]
 
-CANDIDATES_PER_TOPK = 4  # MISA-H's routed pass keeps 4 * topk keys unless told otherwise (the paper's setting)
+CANDIDATES_PER_TOPK = 4  # MISA-H's routed pass keeps 4 * topk keys unless told otherwise (the MISA paper's setting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class MisaOptions(Options):
     """MISA (arXiv 2605.07363): ``active_heads`` heads routed per query by their energy on pooled blocks."""
 
     active_heads: int = option(8, "indexer heads routed per query (8 of 64 for DeepSeek-V3.2)")
-    block_size: int = option(1024, "keys per pooled block the router scores (the public code's 1024)")
+    block_size: int = option(1024, "keys per pooled block the router scores (MISA's public code: 1024)")
     query_chunk: int = option(64, "queries processed together (memory; the result does not change)")
     key_chunk: int = option(1024, "keys scored per block (memory; the result does not change)")
 

@@ -1,4 +1,4 @@
-"""MISA and MISA-H on TPU: the ``pallas`` implementation there (same contract and result as the reference).
+"""MISA and MISA-H on TPU: the ``mosaic_tpu`` implementation (same contract and result as the reference).
 
 1. Routing (``reference.route_heads``, plain XLA: ``H * d * S / B`` per query, a small share of the work).
 2. The routed heads' flat scan: the DSA TPU kernels (``dsa_topk.mosaic_tpu``: scoring + threshold
@@ -28,10 +28,10 @@ def misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
     re-rank's chunks."""
     del key_chunk
     block_sizes = (block_sizes or dsa_block_sizes()).check()
-    return _misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk, block_size=block_size,
-                          active_heads=active_heads, candidates=candidates, query_chunk=query_chunk,
-                          return_keys=return_keys, block_sizes=block_sizes, chunk_bytes=chunk_bytes,
-                          interpret=mosaic_tpu_interpret(interpret))
+    return _misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
+                                 block_size=block_size, active_heads=active_heads, candidates=candidates,
+                                 query_chunk=query_chunk, return_keys=return_keys, block_sizes=block_sizes,
+                                 chunk_bytes=chunk_bytes, interpret=mosaic_tpu_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",

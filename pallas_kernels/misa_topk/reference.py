@@ -3,7 +3,7 @@
 Per query t (last eligible key ``L = min(t, kv_length - 1)``, own block ``L // B``):
 
 1. Router: ``E[t, h] = sum_b |w[t, h]| ReLU(q[t, h] . kbar[b])`` over the blocks fully before the own
-   block (block means) plus the own block's CAUSAL partial mean (keys ``own * B .. L`` only). The
+   block (block means) plus the own block's CAUSAL partial mean (keys ``own * B .. L`` only). MISA's
    public code pools the whole own block during prefill, letting future keys steer routing; we don't.
 2. The ``active_heads`` heads with the largest E are routed (ties: lower head index), then put back
    in increasing head order, so with ``active_heads == H`` the scan below is exactly DSA's.

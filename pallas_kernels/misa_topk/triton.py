@@ -1,10 +1,10 @@
-"""MISA and MISA-H on GPU: the ``pallas`` implementation (same contract and result as the reference).
+"""MISA and MISA-H on GPU: the ``triton`` implementation (same contract and result as the reference).
 
 1. Routing (``reference.route_heads``, plain XLA: ``H * d * S / B`` per query, a small share of the work).
 2. The routed heads' flat scan: the DSA kernels (``dsa_topk.triton``) on the ``active_heads``
    routed query heads; with few heads a scoring program takes more queries (N = 256 head queries).
 3. MISA-H: the ``candidates`` survivors, put in increasing position, are re-scored with ALL heads by
-   the gathered-scoring kernel and the radix top-k keeps ``topk`` (``pallas_kernels/refine_gpu.py``).
+   the gathered-scoring kernel and the radix top-k keeps ``topk`` (``candidate_topk_triton.py``).
 """
 
 from __future__ import annotations

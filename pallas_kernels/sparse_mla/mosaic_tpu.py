@@ -131,4 +131,5 @@ def sparse_mla_mosaic_tpu(q, kv, indices, valid, *, scale: float, v_dim: int, qu
     if return_probs:
         raise ValueError("sparse_mla_mosaic_tpu does not return probabilities; use the xla implementation")
     block_sizes = (block_sizes or MlaTpuBlockSizes(query_chunk=query_chunk)).check()
-    return _sparse_mla_mosaic_tpu(q, kv, indices, valid, float(scale), v_dim, block_sizes, mosaic_tpu_interpret(interpret))
+    return _sparse_mla_mosaic_tpu(q, kv, indices, valid, float(scale), v_dim, block_sizes,
+                                  mosaic_tpu_interpret(interpret))

@@ -1,4 +1,4 @@
-"""Sparse MLA on GPU: Pallas kernels with the Triton lowering, forward and backward (``pallas``).
+"""Sparse MLA on GPU: Pallas kernels with the Triton lowering, forward and backward (``triton``).
 
 Same contract as ``reference.py`` (the oracle): q [B,T,Hq,Dk], kv [B,S,Dk], indices/valid [B,T,k];
 out [B,T,Hq,v_dim] in q's dtype; a query with no valid slot gives zeros.
@@ -21,13 +21,13 @@ logsumexp m + log(l) per (query, head) for the backward. float32 inputs use prec
 every dot, which the Triton lowering turns into IEEE products (DEFAULT/HIGH would be TF32).
 
 Shared memory (Triton: num_stages copies of each tile loaded in the pipelined loop, plus dot operands
-staged from registers and layout-conversion scratch; H100 limit 232,448 bytes per block), for a
-padded row width W = 576 in bf16 (``smem_estimate``; heads/rows/stages below). Forward ~ q [block_h, W]
-+ num_stages * rows [block_k, W] + p and logits scratch [block_h, block_k] (2 + 4 bytes): 64/32/3
-196,608; 64/32/2 159,744; 64/64/2 would be 245,760 -- too much, so the 64-row tile runs unpipelined
-(64/64/1: 172,032, the default). Measured on an H100 (``candidate_block_sizes``, T = 4K): 64/64/1
-192 TFLOP/s, 64/32/3 and 64/32/2 170, 64/16/4 107 -- fewer, larger row tiles (half the online-softmax
-rescales of acc, twice the logits product's N) beat deeper pipelining of small gathers.
+staged from registers and layout-conversion scratch; sm_90 limit ``SMEM_LIMIT``, 232,448 bytes per
+block), for a padded row width W = 576 in bf16 (``smem_estimate``; heads/rows/stages below). Forward
+~ q [block_h, W] + num_stages * rows [block_k, W] + p and logits scratch [block_h, block_k] (2 + 4
+bytes): 64/32/3 196,608; 64/32/2 159,744; 64/64/2 would be 245,760 -- too much, so the 64-row tile
+runs unpipelined (64/64/1: 172,032, the default: the fastest of ``candidate_block_sizes()`` in the
+sweep recorded in docs/kernels.md). Fewer, larger row tiles halve the online-softmax rescales of acc
+and double the logits product's N, at the cost of pipelining the gathers.
 
 Triton wants power-of-2 shapes, so a row is handled as two column pieces loaded and multiplied
 separately: the value part [0, v_dim) (512 for DeepSeek) and the rest [v_dim, Dk) (the 64-wide rope
@@ -50,11 +50,10 @@ query chunks.
 Backward shared memory: q and dout are loop-invariant operands used on both sides of products (A of
 q @ rows^T and dout @ rows^T, B of ds^T @ q and p^T @ dout), so Triton may stage each twice, and the
 rows twice (B transposed for the logits, B plain for dq). Worst case ~ 2 * (q + dout) [block_h, W and
-v] + num_stages * 2 * rows [block_k, W] + slot-gradient store scratch [block_k, W] float32 + p^T, ds^T.
-The first H100 run, 64 heads / 32 rows / 2 stages: requested 385,280 bytes (worst-case formula
-507,904, so it overestimates by 1.3x). Every term scales with block_h, block_k or both, so the default
-32 heads / 16 rows / 1 stage needs at most half of 385,280 less one 18 KB row stage: ~ 174 KB
-(worst-case formula 215,040; calibrated ~163 KB), 25% under the limit.
+v] + num_stages * 2 * rows [block_k, W] + slot-gradient store scratch [block_k, W] float32 + p^T, ds^T:
+507,904 bytes for 64 heads / 32 rows / 2 stages, 215,040 for the default 32 heads / 16 rows / 1 stage,
+which fits the limit even in the worst case. Every term scales with block_h, block_k or both.
+docs/kernels.md compares the formula with what Triton requested.
 
 ``return_probs``: the head-mean probabilities [B,T,k] come from a light second kernel that recomputes
 the logits with the saved logsumexp (the logits product again, no value product). They are a
@@ -76,7 +75,7 @@ from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 __all__ = ["MlaTritonBlockSizes", "candidate_block_sizes", "smem_estimate", "sparse_mla_triton"]
 
 _MIN_DOT = 16  # tensor-core products need every dimension >= 16
-SMEM_LIMIT = 232_448  # H100 (sm_90) shared memory per block, bytes
+SMEM_LIMIT = 232_448  # sm_90 (H100) shared memory per block, bytes
 _NEG = -1e30  # start of the running max: finite, so an all-padding block gives exp(-inf) = 0, not NaN
 
 
@@ -87,12 +86,12 @@ class MlaTritonBlockSizes:
     ``block_h`` heads per program (the M of the products; fewer heads use the next power of 2),
     ``block_k`` selected rows per loop step. ``bwd_*`` are the same for the backward kernel, which
     holds dq [block_h, Dk] in float32 besides q and dout and uses q, dout and the rows on both sides of
-    products, so it takes fewer heads, fewer rows and no pipelining (shared memory: module docstring;
-    64/32/2 asked for 385,280 bytes on an H100, over the 232,448 limit).
+    products, so it takes fewer heads, fewer rows and no pipelining (shared memory: module docstring and
+    ``smem_estimate``; the backward configuration that did not fit is in docs/kernels.md).
     """
 
-    # Defaults: the fastest of ``candidate_block_sizes()`` on an H100 (jax 0.11.2, T = 4K, Hq = 128,
-    # 576/512, k = 2048): forward 192 TFLOP/s vs 170 for 32 rows x 3 stages; forward+backward 71 vs 54.
+    # Defaults: the fastest of ``candidate_block_sizes()`` for DeepSeek's shape (Hq = 128, 576/512,
+    # k = 2048) in the sweep recorded in docs/kernels.md.
     block_h: int = 64
     block_k: int = 64
     num_warps: int = 8
@@ -106,7 +105,7 @@ class MlaTritonBlockSizes:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name.startswith(("block", "bwd_block")) and (v < _MIN_DOT or v & (v - 1)):
-                raise ValueError(f"sparse_mla pallas: {f.name} must be a power of 2 >= {_MIN_DOT}, got {v}")
+                raise ValueError(f"sparse_mla triton: {f.name} must be a power of 2 >= {_MIN_DOT}, got {v}")
 
 
 def smem_estimate(bs: MlaTritonBlockSizes, *, width: int = 576, v_dim: int = 512, itemsize: int = 2) -> tuple[int, int]:
@@ -114,7 +113,7 @@ def smem_estimate(bs: MlaTritonBlockSizes, *, width: int = 576, v_dim: int = 512
 
     Forward: q tile + num_stages gathered row tiles + p and logits scratch. Backward, worst case: q and
     dout staged twice (both sides of products), rows twice per stage, the float32 slot-gradient tile's
-    store scratch, p^T and ds^T. The backward formula overestimated the one H100 measurement by 1.3x.
+    store scratch, p^T and ds^T. docs/kernels.md compares the backward formula with what Triton requested.
     """
     fwd = (bs.block_h * width * itemsize + bs.num_stages * bs.block_k * width * itemsize
            + bs.block_h * bs.block_k * (itemsize + 4))
@@ -130,7 +129,7 @@ def candidate_block_sizes() -> list[MlaTritonBlockSizes]:
     Every one is estimated (``smem_estimate``) to fit the 232,448-byte shared-memory limit. Forward:
     64 heads (one wgmma M tile per warpgroup) with 8 warps, trading row-tile size against pipeline
     depth: 64 rows unpipelined (default: halves the online-softmax rescales of acc and doubles the
-    logits product's N), 32 rows x 3 stages, 16 rows x 4 stages, and the first 32 x 2 configuration.
+    logits product's N), 32 rows x 3 stages, 16 rows x 4 stages, and 32 rows x 2 stages.
     64 rows x 2 stages (~246 KB) does not fit. Backward: 32 heads / 16 rows / 1 stage with 8 or 4
     warps, and 16 heads / 32 rows (smaller invariant tiles, more head blocks).
     """
@@ -422,14 +421,14 @@ def sparse_mla_triton(q, kv, indices, valid, *, scale: float, v_dim: int, query_
     """
     return _sparse_mla_triton(q, kv, indices, valid, scale=scale, v_dim=v_dim, query_chunk=query_chunk,
                               return_probs=return_probs, block_sizes=block_sizes or MlaTritonBlockSizes(),
-                              interpret=triton_interpret(interpret))
+                              interpret=triton_interpret() if interpret is None else interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk", "return_probs", "block_sizes",
                                              "interpret"))
 def _sparse_mla_triton(q, kv, indices, valid, *, scale, v_dim, query_chunk, return_probs, block_sizes, interpret):
     if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise TypeError(f"sparse_mla pallas: q must be bfloat16, float16 or float32, got {q.dtype}")
+        raise TypeError(f"sparse_mla triton: q must be bfloat16, float16 or float32, got {q.dtype}")
     B, T, H, D = q.shape
     S, k = kv.shape[1], indices.shape[-1]
     bs = block_sizes

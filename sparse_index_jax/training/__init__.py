@@ -1,1 +1,2 @@
-"""Indexer training: the multi-layer distillation loss and the two-stage (dense warm-up, sparse) loop."""
+"""Training: the distillation losses and loop (``distill``), IndexCache's pattern search
+(``index_cache_search``), token data (``data``) and multi-host runs (``distributed``)."""
