@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from sparse_index_jax.kernels.options import OptionError
 from sparse_index_jax.layers.config import INDEXER_ROPE_LAYOUT, DSAConfig, IndexerConfig, MLAConfig, RopeConfig
 from sparse_index_jax.layers.index_cache import check_pattern, pattern_from_hf_config
-from sparse_index_jax.selection.methods import Selector
+from sparse_index_jax.selection.methods import Selector, option_names
 
 # Keys this config reads; any other key of config.json is kept in ``extra`` untouched.
 _KNOWN = {
@@ -120,7 +120,8 @@ class ModelConfig:
                 selector = Selector.from_dict(selector, topk=self.index_topk)
             selector.check_heads(self.index_n_heads)
         except OptionError as err:
-            _fail("selector", str(err))
+            unknown = err.field not in ("method", "topk", *option_names())
+            _fail("selector", f"unknown option {err.field!r}: {err}" if unknown else str(err))
         return dataclasses.replace(self, selector=selector)
 
     @property

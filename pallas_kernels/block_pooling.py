@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def num_blocks_for(S: int, block_size: int) -> int:
     return -(-S // block_size)
 

@@ -19,9 +19,10 @@ from jax.experimental import pallas as pl
 
 from sparse_index_jax.kernels.chunking import next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
 from sparse_index_jax.kernels.dsa_topk.triton import order_by_key
 from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE, radix_topk_rows
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
+
 
 def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: int, n_tiles: int):
     b, t = pl.program_id(0), pl.program_id(1)

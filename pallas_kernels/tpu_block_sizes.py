@@ -30,8 +30,9 @@ class DsaTpuBlockSizes:
                                  ("search_rows", SUBLANES, "sublanes")):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % unit:
+                example = unit * max(1, round(value / unit)) if isinstance(value, int) else unit
                 raise ValueError(f"DsaTpuBlockSizes.{name}={value!r}: must be a positive multiple of {unit} (TPU "
-                                 f"{what}); e.g. {unit * max(1, round(value / unit)) if isinstance(value, int) else unit}")
+                                 f"{what}); e.g. {example}")
         if self.block_q % self.search_rows:
             raise ValueError(f"DsaTpuBlockSizes: block_q={self.block_q} must be a multiple of search_rows="
                              f"{self.search_rows}")

@@ -34,3 +34,24 @@ def test_demo_rejects_bad_numbers(capsys):
         main(["demo", "--topk", "0"])
     assert done.value.code == 2
     assert "--topk must be positive" in capsys.readouterr().err
+
+
+def test_selector_flags_come_from_the_registry(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--random-layer", "--method", "hisa", "--topk", "16", "--block-size", "8", "--num-blocks", "2"])
+    assert done.value.code == 2
+    assert "--num-blocks: (num_blocks - 1) * block_size = 8 < topk=16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--method", "--block-size", "--num-blocks", "--active-heads", "--candidates", "hisa 128"):
+        assert flag in text, flag
+
+
+def test_demo_runs_another_method(capsys):
+    assert main(["demo", "--random-layer", "--seq-len", "48", "--topk", "8", "--batch", "1", "--decode-steps", "2",
+                 "--repeats", "1", "--method", "hisa", "--block-size", "4", "--num-blocks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "'method': 'hisa'" in out and "decode: 2 steps" in out
+    diff = float(out.split("max |decode - prefill| = ")[1].split()[0])
+    assert diff < 1e-4

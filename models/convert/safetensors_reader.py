@@ -157,7 +157,7 @@ class CheckpointReader:
         out_dim, in_dim = value.shape
         grid = (-(-out_dim // bo), -(-in_dim // bi))
         if scale.shape != grid:
-            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {scale.shape}; a {value.shape} "
-                                  f"weight in blocks of {list(block_size)} needs {grid}")
+            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {scale.shape}; a "
+                                  f"{value.shape} weight in blocks of {list(block_size)} needs {grid}")
         full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[:out_dim, :in_dim]
         return value.astype(np.float32) * full  # the checkpoint stores the inverse scale: MULTIPLY

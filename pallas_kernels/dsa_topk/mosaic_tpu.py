@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_index_jax.kernels.chunking import map_query_chunks, pad_axis, round_up
+from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
-from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes, dsa_block_sizes
 
 # bit b of a 32-bit word as an int32 (bit 31 is the sign bit)

@@ -25,6 +25,7 @@ from sparse_index_jax.kernels.chunking import chunk_axis, map_query_chunks
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
 
+
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None = None) -> jax.Array:
     """Unmasked scores [B, T, S] float32 for q [B,T,H,d], k [B,S,d], w [B,T,H], k_scale [B,S] or None.
 

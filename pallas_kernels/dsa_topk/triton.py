@@ -29,8 +29,9 @@ from jax.experimental import pallas as pl
 from sparse_index_jax.kernels.chunking import map_query_chunks, next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
 from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE, radix_topk_rows
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+
 
 def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
     b, i = pl.program_id(0), pl.program_id(1)

@@ -12,8 +12,9 @@ import dataclasses
 
 import jax
 
+from sparse_index_jax.kernels import dispatch
 from sparse_index_jax.kernels.block_pooling import check_block_sums, pool_block_sums
-from sparse_index_jax.kernels.dispatch import Backend, Op, platform
+from sparse_index_jax.kernels.dispatch import Backend, Op
 from sparse_index_jax.kernels.hisa_topk.mosaic_tpu import hisa_topk_mosaic_tpu
 from sparse_index_jax.kernels.hisa_topk.reference import hisa_topk_reference
 from sparse_index_jax.kernels.hisa_topk.triton import hisa_topk_triton
@@ -48,7 +49,7 @@ OP = Op("hisa_topk", {"xla": hisa_topk_reference, "triton": hisa_topk_triton, "m
 
 
 def _refusals(block_size: int) -> dict[str, str]:
-    if platform() == "tpu" and block_size % LANES:  # compiled: a key block's scales fill whole lanes
+    if dispatch.platform() == "tpu" and block_size % LANES:  # compiled: a key block's scales fill whole lanes
         return {"mosaic_tpu": f"compiled TPU kernels need block_size to be a multiple of {LANES} (lanes), got "
                               f"{block_size}; HISA's usual 128 works"}
     return {}

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 
 from sparse_index_jax.kernels.block_pooling import block_means, last_eligible
 from sparse_index_jax.kernels.chunking import map_query_chunks, pad_axis, round_up
-from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
+from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import compact, kth_keys, score_keys
 from sparse_index_jax.kernels.hisa_topk.reference import block_ranking_keys
-from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
+from sparse_index_jax.kernels.inputs import matmul_dtype
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
 from sparse_index_jax.kernels.tpu_block_sizes import LANES, DsaTpuBlockSizes, dsa_block_sizes
+
 
 def _refine_kernel(kept_ref, last_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *, block_size: int):
     """kept [B,c,m] and last [B,c] in SMEM; q [1,1,H,d], w [1,1,1,H], k [1,bs,d], ks [1,1,bs] -> keys [1,1,1,1,bs]."""

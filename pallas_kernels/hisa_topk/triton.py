@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from sparse_index_jax.kernels.block_pooling import block_means, last_eligible
+from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 from sparse_index_jax.kernels.chunking import map_query_chunks, next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout, query_block, score_keys
 from sparse_index_jax.kernels.hisa_topk.reference import block_candidates, block_ranking_keys, kept_blocks
-from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 
 
 def hisa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,

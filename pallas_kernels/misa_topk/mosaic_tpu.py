@@ -14,9 +14,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import _dsa_topk_mosaic_tpu
 from sparse_index_jax.kernels.misa_topk.reference import rerank_with_all_heads, route_heads
-from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes, dsa_block_sizes
 
 

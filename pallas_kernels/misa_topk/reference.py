@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from sparse_index_jax.kernels.block_pooling import block_means, dequantized, head_block_logits, last_eligible
 from sparse_index_jax.kernels.candidate_topk import refine_topk
 from sparse_index_jax.kernels.chunking import map_query_chunks, to_shard
-from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
 from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
+from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
 
 
 def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_size: int, active_heads: int,

@@ -14,11 +14,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout
 from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order, route_heads
-from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 
 
 def misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from sparse_index_jax.kernels.chunking import map_query_chunks, pad_axis, round_up
-from sparse_index_jax.kernels.sparse_mla.reference import sparse_mla_reference
 from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
+from sparse_index_jax.kernels.sparse_mla.reference import sparse_mla_reference
 from sparse_index_jax.kernels.tpu_block_sizes import SUBLANES
 
 

@@ -156,8 +156,13 @@ def load_model_and_data(args: argparse.Namespace):
 
     from sparse_index_jax import models
     from sparse_index_jax.models.retrofit import smollm2
-    from sparse_index_jax.training.data import (PackedDataset, check_token_range, load_tokenizer,
-                                                python_stdlib_files, read_tokens)
+    from sparse_index_jax.training.data import (
+        PackedDataset,
+        check_token_range,
+        load_tokenizer,
+        python_stdlib_files,
+        read_tokens,
+    )
 
     if args.model == "smollm2":
         model, tokenizer = smollm2(args.indexers, dtype=jnp.dtype(args.dtype or "float32"), progress=not args.quiet)

@@ -8,7 +8,8 @@ attended where they live and the shards' partial softmaxes are combined exactly 
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from sparse_index_jax.kernels.chunking import map_query_chunks, to_shard
 from sparse_index_jax.kernels.inputs import check_positive_int

@@ -20,13 +20,13 @@ from sparse_index_jax.kernels.block_pooling import append_block_sums, num_blocks
 from sparse_index_jax.kernels.inputs import concrete
 from sparse_index_jax.layers.config import DSAConfig
 from sparse_index_jax.layers.context_parallel_attention import sparse_mla_context_parallel
-from sparse_index_jax.selection.context_parallel import select_topk_context_parallel
 from sparse_index_jax.layers.indexer import IndexerActivations, LightningIndexer
 from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
+from sparse_index_jax.layers.sharding import active_context_mesh
+from sparse_index_jax.selection.context_parallel import select_topk_context_parallel
 from sparse_index_jax.selection.contract import Selection
 from sparse_index_jax.selection.methods import Selector
-from sparse_index_jax.layers.sharding import active_context_mesh
 
 
 @jax.tree_util.register_dataclass

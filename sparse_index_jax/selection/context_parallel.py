@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from sparse_index_jax.kernels.block_pooling import pool_block_sums
 from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference

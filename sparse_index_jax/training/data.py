@@ -34,7 +34,8 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
         if suffix == ".npy":
             tokens = np.load(file, mmap_mode="r")
             if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-                raise ValueError(f"{file}: expected a 1-D integer array of token ids, got {tokens.shape} {tokens.dtype}")
+                raise ValueError(f"{file}: expected a 1-D integer array of token ids, got {tokens.shape} "
+                                 f"{tokens.dtype}")
         elif suffix == ".bin":
             itemsize = np.dtype(bin_dtype).itemsize
             if file.stat().st_size % itemsize:
@@ -47,7 +48,8 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
                                  f"give token ids as .npy / .bin files")
             tokens = np.asarray(tokenizer.encode(file.read_text(errors="replace")).ids, np.int64)
         else:
-            raise ValueError(f"{file}: unknown data format {suffix!r}; use .npy, .bin, or text ({sorted(TEXT_SUFFIXES)})")
+            raise ValueError(f"{file}: unknown data format {suffix!r}; use .npy, .bin, or text "
+                             f"({sorted(TEXT_SUFFIXES)})")
         parts.append(np.asarray(tokens, np.int32))
         if eos_id is not None:
             parts.append(np.array([eos_id], np.int32))

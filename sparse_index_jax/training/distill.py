@@ -30,9 +30,9 @@ from flax import nnx
 from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.dsa_topk.reference import index_scores
+from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.data import PackedDataset
 from sparse_index_jax.training.distributed import data_parallel, is_main_process, layers_context, put_batch
-from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.losses import indexer_kl_rows, lm_loss
 
 STAGES = ("dense", "sparse")
