@@ -1,4 +1,4 @@
-"""The lightning indexer against an independent float64 numpy implementation written from the spec.
+"""The lightning indexer against an independent float64 numpy implementation of DeepSeek-V3.2's definition.
 
 Nothing here calls the library's rope / norm / scoring helpers to build the expected values: the
 rotary pairing, the LayerNorm, the head weights and the ReLU scoring are all re-derived below.
@@ -64,7 +64,7 @@ def np_params(ix: LightningIndexer) -> dict[str, np.ndarray]:
 
 
 def np_indexer(p, cfg: IndexerConfig, x, qr, positions, layout: str | None = None, **rope_kw):
-    """(q [B,T,H,d], k [B,T,d], w [B,T,H]) in float64, straight from the spec."""
+    """(q [B,T,H,d], k [B,T,d], w [B,T,H]) in float64, straight from the definition."""
     layout = layout or cfg.rope_layout
     x, qr = np.asarray(x, np.float64), np.asarray(qr, np.float64)
     B, T, _ = x.shape
@@ -327,7 +327,7 @@ def test_fp8_path(fmt, use_hadamard):
     assert a8.k_scale is not None and a8.k_scale.dtype == jnp.float32 and a8.k_scale.shape == (B, T)
     assert a8.w.dtype == jnp.float32 and a8.w.shape == (B, T, H)
 
-    # Scales from the spec: amax = max(|x|, 1e-4), s = amax / 448, or 2^ceil(log2(amax/448)) for ue8m0.
+    # Scales as DeepSeek-V3.2 defines them: amax = max(|x|, 1e-4), s = amax / 448, or 2^ceil(log2(amax/448)), ue8m0.
     q32, k32, w32 = f64(a.q), f64(a.k), f64(a.w)
     def spec_scale(v):
         s = np.maximum(np.abs(v).max(-1), 1e-4) / 448.0

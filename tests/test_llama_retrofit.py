@@ -21,7 +21,7 @@ from sparse_index_jax.models.retrofit import load_indexers, read_indexer_file, s
 from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.training.data import python_stdlib_files, read_tokens
 from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
-from sparse_index_jax.selection import Selection, causal_selection, select_topk
+from sparse_index_jax.selection import Selection, Selector, causal_selection, select_topk
 from sparse_index_jax.training.distill import DistillConfig, chunked_indexer_kl, distill
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
@@ -367,3 +367,16 @@ def test_shipped_indexers_select_where_the_model_attends(smollm2):
         assert sparse < dense * 1.03, (dense, sparse)
     finally:
         model.set_selector(topk=256)
+
+
+def test_a_selector_per_call_equals_set_selector_and_changes_nothing():
+    model = tiny_model()
+    ids = jax.random.randint(jax.random.key(8), (1, 24), 0, TINY["vocab_size"])
+    hisa = Selector.create("hisa", 6, block_size=4, num_blocks=3)
+    before = model.cfg
+    per_call = model(ids, selector=hisa)
+    assert model.cfg is before and model.selector == Selector("dsa", 6)  # a per-call selector changes nothing
+    assert not np.array_equal(np.asarray(per_call.selections[0].indices), np.asarray(model(ids).selections[0].indices))
+    model.set_selector(**hisa.as_dict())
+    assert model.selector == hisa and before.indexer.method == "dsa"  # the old config is not mutated: swapped
+    np.testing.assert_array_equal(np.asarray(model(ids).logits), np.asarray(per_call.logits))
