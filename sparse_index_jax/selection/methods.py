@@ -5,14 +5,10 @@ method's options (names, defaults, rules) in its dataclass (``DsaOptions``, ``Hi
 ``MisaOptions``, ``MisaHOptions``, beside the op's entry point in ``sparse_index_jax.kernels``).
 Layer configs, the command line, the benchmarks and context parallelism all derive from them.
 
-=========  ==================================================================  ======================
-method     what it does                                                        options
-=========  ==================================================================  ======================
-dsa        flat scan: every eligible key scored with all heads                 ``DsaOptions``
-hisa       block means pick blocks; their tokens are scored flat               ``HisaOptions``
-misa       a router picks a few heads per query; keys scored with those only   ``MisaOptions``
-misa_h     MISA's routed scan keeps candidates, re-scored with all heads      ``MisaHOptions``
-=========  ==================================================================  ======================
+* ``dsa``: flat scan, every eligible key scored with all heads (``DsaOptions``);
+* ``hisa``: block means pick blocks, their tokens are scored flat (``HisaOptions``);
+* ``misa``: a router picks a few heads per query, keys scored with those only (``MisaOptions``);
+* ``misa_h``: MISA's routed scan keeps candidates, re-scored with all heads (``MisaHOptions``).
 """
 
 from __future__ import annotations
