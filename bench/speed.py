@@ -55,8 +55,8 @@ from sparse_index_jax.kernels.dsa_topk import dsa_topk
 from sparse_index_jax.kernels.dsa_topk.triton import kernel_layout, score_keys
 from sparse_index_jax.kernels.hisa_topk import HisaOptions, hisa_topk
 from sparse_index_jax.kernels.misa_topk import MisaHOptions, MisaOptions, misa_topk
-from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE
 from sparse_index_jax.kernels.sparse_mla import sparse_mla
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_scoring", "hisa", "misa", "misa_h")
 MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
@@ -311,7 +311,7 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
 def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
     """The DSA scoring kernel alone over a causal prefill of T queries (no top-k); interpreted on CPU."""
     def fn(q, k, w):
-        q, w, k, scale, width = kernel_layout(q, w, k, None, tile=RADIX_TILE)
+        q, w, k, scale, width = kernel_layout(q, w, k, None, tile=DsaTritonBlockSizes().radix_tile)
         return score_keys(q, w, k, scale, jnp.arange(1, T + 1, dtype=jnp.int32)[None], width=width)
     return fn
 

@@ -20,8 +20,9 @@ from jax.experimental import pallas as pl
 from sparse_index_jax.kernels.chunking import next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.dsa_topk.triton import order_by_key
-from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE, radix_topk_rows
+from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
 def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: int, n_tiles: int):
@@ -42,7 +43,8 @@ def _gathered_kernel(pos_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bc: in
     jax.lax.fori_loop(0, n_tiles, tile, 0)
 
 
-def gathered_keys(q, w, k, scale, positions, *, bc: int = 64, num_warps: int = 4, num_stages: int = 3,
+def gathered_keys(q, w, k, scale, positions, *, bc: int = DsaTritonBlockSizes.block_k,
+                  num_warps: int = DsaTritonBlockSizes.num_warps, num_stages: int = DsaTritonBlockSizes.num_stages,
                   interpret: bool | None = None) -> jax.Array:
     """Ranking keys [B, T, C] of the candidates ``positions`` [B, T, C] (-1: none; INELIGIBLE_KEY out).
     Kernel layout as ``dsa_topk.triton.kernel_layout`` gives it; C a multiple of ``bc``."""
@@ -58,16 +60,19 @@ def gathered_keys(q, w, k, scale, positions, *, bc: int = 64, num_warps: int = 4
     )(positions, q, w, k, scale)
 
 
-def refine_topk_triton(q, w, k, scale, positions, topk: int, *, return_keys: bool, interpret: bool):
+def refine_topk_triton(q, w, k, scale, positions, topk: int, *, return_keys: bool, interpret: bool,
+                       block_sizes: DsaTritonBlockSizes = DsaTritonBlockSizes()):
     """``candidate_topk.refine_topk`` with kernels: candidates ``positions`` [B, T, C] in increasing order,
     -1 for those not eligible. Returns (positions [B,T,topk], valid[, keys]) in the contract's order."""
+    bs = block_sizes
     C = positions.shape[-1]
-    tile = min(RADIX_TILE, max(64, next_pow2(C)))
+    tile = min(bs.radix_tile, max(bs.block_k, next_pow2(C)))
     width = round_up(C, tile)
     positions = pad_axis(positions, 2, width, -1)
-    keys = gathered_keys(q, w, k, scale, positions, interpret=interpret)
+    keys = gathered_keys(q, w, k, scale, positions, bc=min(bs.block_k, tile), num_warps=bs.num_warps,
+                         num_stages=bs.num_stages, interpret=interpret)
     limits = jnp.full(positions.shape[:2], width, jnp.int32)
-    slots = radix_topk_rows(keys, limits, topk, tile=tile, interpret=interpret)
+    slots = radix_topk_rows(keys, limits, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
     slot, valid, *sel = order_by_key(keys, slots, topk, return_keys)
     chosen = jnp.where(valid, jnp.take_along_axis(positions, jnp.maximum(slot, 0), axis=-1), -1)
     return (chosen, valid, *sel)

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pl_triton
 from sparse_index_jax.kernels.chunking import next_pow2, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 _DIGIT_BITS = 4
 _BINS = 1 << _DIGIT_BITS
@@ -129,13 +130,9 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
     jax.lax.fori_loop(0, n_tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-# Keys per tile. Defaults (256-key tiles, 4 warps, an 8192-key bucket): the fastest setting of the radix
-# top-k sweep recorded in docs/kernels.md.
-RADIX_TILE = 256
-
-
-def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int = RADIX_TILE,
-                    bucket: int = 8192, num_warps: int = 4, interpret: bool | None = None) -> jax.Array:
+def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int = DsaTritonBlockSizes.radix_tile,
+                    bucket: int = DsaTritonBlockSizes.radix_bucket, num_warps: int = DsaTritonBlockSizes.num_warps,
+                    interpret: bool | None = None) -> jax.Array:
     """Positions [B, R, topk] int32 (position order, -1 padded) of the top-``topk`` keys of each row of
     ``keys`` [B, R, n] int32 among its first ``limits`` [B, R] entries, ignoring ``INELIGIBLE_KEY``.
 

@@ -16,6 +16,7 @@ from sparse_index_jax.kernels.block_pooling import pool_block_sums
 from sparse_index_jax.kernels.options import OptionError
 from sparse_index_jax.kernels.sparse_mla import MlaTpuBlockSizes, MlaTritonBlockSizes
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 from sparse_index_jax.selection import METHODS
 from sparse_index_jax.selection.methods import option_names
 
@@ -91,7 +92,7 @@ def test_block_sizes_must_fit_the_chosen_implementation():
     q, k, w = _indexer_inputs()
     with pytest.raises(ValueError, match="do not fit implementation 'mosaic_tpu', which takes DsaTpuBlockSizes"):
         dsa_topk.dsa_topk(q, k, w, topk=4, implementation="mosaic_tpu", block_sizes=MlaTpuBlockSizes())
-    with pytest.raises(ValueError, match="implementation 'triton', which takes no block sizes"):
+    with pytest.raises(ValueError, match="implementation 'triton', which takes DsaTritonBlockSizes"):
         dsa_topk.dsa_topk(q, k, w, topk=4, implementation="triton", block_sizes=SMALL_TPU)
     with pytest.raises(ValueError, match="the xla one takes none"):
         select_topk(q, k, w, topk=4, implementation="xla", block_sizes=SMALL_TPU)
@@ -100,6 +101,23 @@ def test_block_sizes_must_fit_the_chosen_implementation():
         sparse_mla.sparse_mla(jnp.zeros((1, 2, 2, 16)), rows, jnp.zeros((1, 2, 3), jnp.int32), jnp.ones((1, 2, 3), bool),
                               scale=1.0, v_dim=8, implementation="triton", block_sizes=MlaTpuBlockSizes())
     assert MlaTritonBlockSizes().block_h == 64
+    with pytest.raises(ValueError, match="DsaTritonBlockSizes.radix_tile=24: Triton tiles are powers of two"):
+        DsaTritonBlockSizes(radix_tile=24)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Triton kernels interpreted on CPU")
+def test_triton_tiles_pass_through_and_keep_the_result():
+    """Smaller tiles than the defaults (more radix tiles per row, a bucket smaller than the row, fewer head
+    queries per scoring program): the same indices as the reference, for every method."""
+    q, k, w = _indexer_inputs(B=2, T=40, S=40, H=2, d=16)
+    lengths = jnp.array([40, 29])
+    tiles = DsaTritonBlockSizes(block_k=16, head_queries=16, radix_tile=16, radix_bucket=16)
+    for method, options in (("dsa", {}), ("hisa", {"block_size": 4, "num_blocks": 4}),
+                            ("misa_h", {"block_size": 4, "active_heads": 1, "candidates": 12})):
+        want = select_topk(q, k, w, topk=6, method=method, kv_lengths=lengths, implementation="xla", **options)
+        got = select_topk(q, k, w, topk=6, method=method, kv_lengths=lengths, implementation="triton",
+                          block_sizes=tiles, **options)
+        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices), err_msg=method)
 
 
 # ---- the registry, its options, and Selector --------------------------------------------------------

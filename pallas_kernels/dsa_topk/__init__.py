@@ -18,8 +18,10 @@ from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
 from sparse_index_jax.kernels.inputs import check_indexer_inputs, check_positive_int
 from sparse_index_jax.kernels.options import Options, checked_options, option
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
-__all__ = ["DsaOptions", "OP", "backend_for", "dsa_topk", "dsa_topk_reference", "eligibility", "index_scores"]
+__all__ = ["DsaOptions", "DsaTritonBlockSizes", "DsaTpuBlockSizes", "OP", "backend_for", "dsa_topk",
+           "dsa_topk_reference", "eligibility", "index_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,7 @@ class DsaOptions(Options):
 
 
 OP = Op("dsa_topk", {"xla": dsa_topk_reference, "triton": dsa_topk_triton, "mosaic_tpu": dsa_topk_mosaic_tpu},
-        block_sizes={"mosaic_tpu": DsaTpuBlockSizes})
+        block_sizes={"triton": DsaTritonBlockSizes, "mosaic_tpu": DsaTpuBlockSizes})
 
 
 def backend_for(implementation: str = "auto") -> Backend:
@@ -41,13 +43,13 @@ def backend_for(implementation: str = "auto") -> Backend:
 
 def dsa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, k_scale: jax.Array | None = None,
              q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
-             implementation: str = "auto", block_sizes: DsaTpuBlockSizes | None = None,
+             implementation: str = "auto", block_sizes: DsaTritonBlockSizes | DsaTpuBlockSizes | None = None,
              **options) -> tuple[jax.Array, jax.Array]:
     """Top-``topk`` keys per query by DSA score: (indices [B,T,topk] int32, -1 padded; valid [B,T,topk]).
 
     The contract (shapes, eligibility, tie rule) is ``sparse_index_jax.selection``'s; ``options`` are
-    ``DsaOptions`` fields; ``block_sizes`` the Pallas implementation's tiles (``DsaTpuBlockSizes`` for
-    mosaic_tpu; None: its defaults).
+    ``DsaOptions`` fields; ``block_sizes`` the Pallas implementation's tiles (``DsaTritonBlockSizes`` for
+    triton, ``DsaTpuBlockSizes`` for mosaic_tpu; None: its defaults).
     """
     topk = check_positive_int(OP.name, "topk", topk)
     opts = checked_options(DsaOptions, OP.name, topk, **options)

@@ -29,8 +29,9 @@ from jax.experimental import pallas as pl
 from sparse_index_jax.kernels.chunking import map_query_chunks, next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.radix_topk_triton import RADIX_TILE, radix_topk_rows
+from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
 def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
@@ -57,7 +58,8 @@ def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int
 
 
 def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, limits: jax.Array, *,
-               width: int, bk: int = 64, bq: int | None = None, num_warps: int = 4, num_stages: int = 3,
+               width: int, bk: int = DsaTritonBlockSizes.block_k, bq: int | None = None,
+               num_warps: int = DsaTritonBlockSizes.num_warps, num_stages: int = DsaTritonBlockSizes.num_stages,
                interpret: bool | None = None) -> jax.Array:
     """int32 ranking keys [B, T, width] of every query against keys ``0 .. limits[b, t]`` (later columns
     are not written). q [B,T,H,d], w [B,T,H] f32, k [B,width,d], k_scale [B,width] f32, limits [B,T].
@@ -81,10 +83,9 @@ def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, lim
     )(limits, q, w, k, k_scale)
 
 
-def query_block(heads: int) -> int:
-    """Queries per scoring program: enough for 256 head queries (the matmul's N). Defaults (N 256, bk 64,
-    4 warps, 3 stages): the fastest configuration of the scoring sweep recorded in docs/kernels.md."""
-    return max(1, 256 // heads)
+def query_block(heads: int, head_queries: int = DsaTritonBlockSizes.head_queries) -> int:
+    """Queries per scoring program: enough for ``head_queries`` head queries (the matmul's N)."""
+    return max(1, head_queries // heads)
 
 
 def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
@@ -113,30 +114,36 @@ def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: 
 
 
 def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int, key_chunk: int,
-                    return_keys: bool = False, chunk_bytes: int = 1 << 30, interpret: bool | None = None):
+                    return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
+                    chunk_bytes: int = 1 << 30, interpret: bool | None = None):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
     reference's memory; here queries go in chunks whose [chunk, S] int32 keys fit ``chunk_bytes``.
-    ``interpret``: None = as the platform says (``dispatch.triton_interpret``)."""
+    ``block_sizes``: the kernels' tiles (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the
+    platform says (``dispatch.triton_interpret``)."""
     del query_chunk, key_chunk
     return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
-                            chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret))
+                            block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
+                            interpret=triton_interpret(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "return_keys", "chunk_bytes", "interpret"))
-def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_keys, chunk_bytes, interpret):
+@functools.partial(jax.jit, static_argnames=("topk", "return_keys", "block_sizes", "chunk_bytes", "interpret"))
+def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_keys, block_sizes, chunk_bytes,
+                     interpret):
     B, T, H, d = q.shape
     S = k.shape[1]
-    tile = min(RADIX_TILE, next_pow2(S))
+    bs = block_sizes
+    tile = min(bs.radix_tile, next_pow2(S))
     q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile)
-    bq = query_block(q.shape[2])
+    bq = query_block(q.shape[2], bs.head_queries)
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
     chunk = max(bq, min(Tp, chunk_bytes // (4 * B * width)) // bq * bq)
 
     def one_chunk(q_c, w_c, lim_c):
-        keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(64, tile), interpret=interpret)
-        positions = radix_topk_rows(keys, lim_c, topk, tile=tile, interpret=interpret)
+        keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(bs.block_k, tile), bq=bq,
+                          num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+        positions = radix_topk_rows(keys, lim_c, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
         return order_by_key(keys, positions, topk, return_keys)
 
     out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0))

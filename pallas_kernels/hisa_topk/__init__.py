@@ -21,6 +21,7 @@ from sparse_index_jax.kernels.hisa_topk.triton import hisa_topk_triton
 from sparse_index_jax.kernels.inputs import check_indexer_inputs, check_positive_int
 from sparse_index_jax.kernels.options import OptionError, Options, checked_options, option
 from sparse_index_jax.kernels.tpu_block_sizes import LANES, DsaTpuBlockSizes
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 __all__ = ["HisaOptions", "OP", "backend_for", "hisa_topk", "hisa_topk_reference"]
 
@@ -45,7 +46,7 @@ class HisaOptions(Options):
 
 
 OP = Op("hisa_topk", {"xla": hisa_topk_reference, "triton": hisa_topk_triton, "mosaic_tpu": hisa_topk_mosaic_tpu},
-        block_sizes={"mosaic_tpu": DsaTpuBlockSizes})
+        block_sizes={"triton": DsaTritonBlockSizes, "mosaic_tpu": DsaTpuBlockSizes})
 
 
 def _refusals(block_size: int) -> dict[str, str]:
@@ -63,11 +64,12 @@ def backend_for(implementation: str = "auto", *, block_size: int = HisaOptions.b
 def hisa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, k_scale: jax.Array | None = None,
               q_positions: jax.Array | None = None, kv_lengths: jax.Array | None = None,
               block_sums: jax.Array | None = None, implementation: str = "auto",
-              block_sizes: DsaTpuBlockSizes | None = None, **options) -> tuple[jax.Array, jax.Array]:
+              block_sizes: DsaTritonBlockSizes | DsaTpuBlockSizes | None = None,
+              **options) -> tuple[jax.Array, jax.Array]:
     """HISA top-k; the contract is ``sparse_index_jax.selection``'s, the algorithm ``reference.py``'s.
 
     ``options`` are ``HisaOptions`` fields. ``block_sums`` [B, ceil(S/block_size), d] float32: pooled key
-    sums kept by a decode cache; computed from ``k`` when omitted. ``block_sizes``: the mosaic_tpu tiles.
+    sums kept by a decode cache; computed from ``k`` when omitted. ``block_sizes``: the triton or mosaic_tpu tiles.
     """
     topk = check_positive_int(OP.name, "topk", topk)
     opts = checked_options(HisaOptions, OP.name, topk, **options)

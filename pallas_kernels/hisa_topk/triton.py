@@ -26,49 +26,54 @@ from sparse_index_jax.kernels.chunking import map_query_chunks, next_pow2, pad_a
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout, query_block, score_keys
 from sparse_index_jax.kernels.hisa_topk.reference import block_candidates, block_ranking_keys, kept_blocks
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
 def hisa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                     num_blocks: int, query_chunk: int, return_keys: bool = False, chunk_bytes: int = 1 << 30,
+                     num_blocks: int, query_chunk: int, return_keys: bool = False,
+                     block_sizes: DsaTritonBlockSizes | None = None, chunk_bytes: int = 1 << 30,
                      interpret: bool | None = None):
-    """(indices, valid[, keys]) as ``hisa_topk_reference``; ``query_chunk`` is the reference's knob."""
+    """(indices, valid[, keys]) as ``hisa_topk_reference``; ``query_chunk`` is the reference's knob,
+    ``block_sizes`` the kernels' tiles (None: ``DsaTritonBlockSizes()``)."""
     del query_chunk
     return _hisa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
                              block_size=block_size, num_blocks=num_blocks, return_keys=return_keys,
-                             chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret))
+                             block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
+                             interpret=triton_interpret(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "return_keys", "chunk_bytes",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "return_keys", "block_sizes",
+                                             "chunk_bytes", "interpret"))
 def _hisa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, num_blocks,
-                      return_keys, chunk_bytes, interpret):
+                      return_keys, block_sizes, chunk_bytes, interpret):
     B, T, H, d = q.shape
+    bs = block_sizes
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
     if num_blocks >= M:  # every block is kept: HISA is DSA (the reference's documented identity)
         return dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, query_chunk=0, key_chunk=0,
-                               return_keys=return_keys, chunk_bytes=chunk_bytes, interpret=interpret)
+                               return_keys=return_keys, block_sizes=bs, chunk_bytes=chunk_bytes, interpret=interpret)
     m = num_blocks
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
-    block_tile = min(64, next_pow2(M))
+    block_tile = min(bs.block_k, next_pow2(M))
     block_width = round_up(M, block_tile)
     means = pad_axis(pad_axis(means, 1, block_width), 2, q.shape[-1])
     ones = jnp.ones((B, block_width), jnp.float32)
     last = last_eligible(q_positions, kv_lengths)
     own = jnp.where(last >= 0, last // block_size, -1)
-    bq = query_block(q.shape[2])
+    bq = query_block(q.shape[2], bs.head_queries)
     Tp = round_up(T, bq)
     q, w, last, own = (pad_axis(x, 1, Tp, fill) for x, fill in ((q, 0), (w, 0), (last, -1), (own, -1)))
     per_query = 4 * (block_width + 3 * m * block_size)
     chunk = max(bq, min(Tp, chunk_bytes // (B * per_query)) // bq * bq)
 
     def one_chunk(q_c, w_c, last_c, own_c):
-        keys = score_keys(q_c, w_c, means, ones, own_c + 1, width=block_width, bk=block_tile,
-                          interpret=interpret)[:, :, :M]
+        keys = score_keys(q_c, w_c, means, ones, own_c + 1, width=block_width, bk=block_tile, bq=bq,
+                          num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)[:, :, :M]
         kept = kept_blocks(block_ranking_keys(keys, own_c, counts), m)
         cand, ok = block_candidates(kept, last_c, M, block_size)
         return refine_topk_triton(q_c, w_c, k, scale, jnp.where(ok, cand, -1), topk, return_keys=return_keys,
-                                  interpret=interpret)
+                                  interpret=interpret, block_sizes=bs)
 
     out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (last, -1), (own, -1))
     return jax.tree.map(lambda x: x[:, :T], out)

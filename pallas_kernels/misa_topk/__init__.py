@@ -20,6 +20,7 @@ from sparse_index_jax.kernels.misa_topk.reference import misa_topk_reference, ro
 from sparse_index_jax.kernels.misa_topk.triton import misa_topk_triton
 from sparse_index_jax.kernels.options import OptionError, Options, checked_options, option
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 __all__ = ["MisaOptions", "MisaHOptions", "OP", "backend_for", "misa_topk", "misa_topk_reference", "route_heads"]
 
@@ -60,7 +61,7 @@ class MisaHOptions(MisaOptions):
 
 
 OP = Op("misa_topk", {"xla": misa_topk_reference, "triton": misa_topk_triton, "mosaic_tpu": misa_topk_mosaic_tpu},
-        block_sizes={"mosaic_tpu": DsaTpuBlockSizes})
+        block_sizes={"triton": DsaTritonBlockSizes, "mosaic_tpu": DsaTpuBlockSizes})
 
 
 def backend_for(implementation: str = "auto") -> Backend:
@@ -71,11 +72,12 @@ def backend_for(implementation: str = "auto") -> Backend:
 def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, candidates: int | None = None,
               k_scale: jax.Array | None = None, q_positions: jax.Array | None = None,
               kv_lengths: jax.Array | None = None, block_sums: jax.Array | None = None, implementation: str = "auto",
-              block_sizes: DsaTpuBlockSizes | None = None, **options) -> tuple[jax.Array, jax.Array]:
+              block_sizes: DsaTritonBlockSizes | DsaTpuBlockSizes | None = None,
+              **options) -> tuple[jax.Array, jax.Array]:
     """MISA top-k (``candidates=None``) or MISA-H (``candidates`` keys re-ranked with all heads).
 
     The contract is ``sparse_index_jax.selection``'s, the algorithm ``reference.py``'s; ``options`` are
-    ``MisaOptions`` fields; ``block_sums`` as for ``hisa_topk``; ``block_sizes``: the mosaic_tpu tiles.
+    ``MisaOptions`` fields; ``block_sums`` as for ``hisa_topk``; ``block_sizes``: the triton or mosaic_tpu tiles.
     """
     topk = check_positive_int(OP.name, "topk", topk)
     q_positions, kv_lengths = check_indexer_inputs(OP.name, q, k, w, k_scale, q_positions, kv_lengths)

@@ -19,29 +19,34 @@ from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout
 from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order, route_heads
+from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
 def misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
                      active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
-                     return_keys: bool = False, chunk_bytes: int = 1 << 30, interpret: bool | None = None):
-    """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's chunks."""
+                     return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
+                     chunk_bytes: int = 1 << 30, interpret: bool | None = None):
+    """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's chunks,
+    ``block_sizes`` are the kernels' tiles (None: ``DsaTritonBlockSizes()``)."""
     del key_chunk
     return _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
                              block_size=block_size, active_heads=active_heads, candidates=candidates,
-                             query_chunk=query_chunk, return_keys=return_keys, chunk_bytes=chunk_bytes,
+                             query_chunk=query_chunk, return_keys=return_keys,
+                             block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
                              interpret=triton_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
-                                             "return_keys", "chunk_bytes", "interpret"))
+                                             "return_keys", "block_sizes", "chunk_bytes", "interpret"))
 def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, active_heads,
-                      candidates, query_chunk, return_keys, chunk_bytes, interpret):
+                      candidates, query_chunk, return_keys, block_sizes, chunk_bytes, interpret):
     heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
                         active_heads=active_heads, query_chunk=query_chunk)
     q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
     w_routed = jnp.take_along_axis(w, heads, axis=2)
     scan = functools.partial(dsa_topk_triton, q_routed, k, w_routed, k_scale, q_positions, kv_lengths,
-                             query_chunk=0, key_chunk=0, chunk_bytes=chunk_bytes, interpret=interpret)
+                             query_chunk=0, key_chunk=0, block_sizes=block_sizes, chunk_bytes=chunk_bytes,
+                             interpret=interpret)
     if candidates is None:
         return scan(topk=topk, return_keys=return_keys)
     idx, valid = scan(topk=candidates)
@@ -51,6 +56,7 @@ def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
     chunk = max(1, min(T, chunk_bytes // (B * 12 * candidates)))
 
     def rerank(q_c, w_c, cand_c):
-        return refine_topk_triton(q_c, w_c, k, scale, cand_c, topk, return_keys=return_keys, interpret=interpret)
+        return refine_topk_triton(q_c, w_c, k, scale, cand_c, topk, return_keys=return_keys, interpret=interpret,
+                                  block_sizes=block_sizes)
 
     return map_query_chunks(rerank, chunk, (q, 0), (w, 0), (cand, -1))
