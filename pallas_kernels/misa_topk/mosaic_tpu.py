@@ -12,11 +12,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import _dsa_topk_mosaic_tpu
-from sparse_index_jax.kernels.misa_topk.reference import rerank_with_all_heads, route_heads
+from sparse_index_jax.kernels.misa_topk.reference import rerank_with_all_heads, routed_heads
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes, dsa_block_sizes
 
 
@@ -37,11 +36,9 @@ def misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
                                              "return_keys", "block_sizes", "chunk_bytes", "interpret"))
 def _misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, active_heads,
-                   candidates, query_chunk, return_keys, block_sizes, chunk_bytes, interpret):
-    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
-                        active_heads=active_heads, query_chunk=query_chunk)
-    q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
-    w_routed = jnp.take_along_axis(w, heads, axis=2)
+                          candidates, query_chunk, return_keys, block_sizes, chunk_bytes, interpret):
+    q_routed, w_routed = routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
+                                      active_heads=active_heads, query_chunk=query_chunk)
     scan = functools.partial(_dsa_topk_mosaic_tpu, q_routed, k, w_routed, k_scale, q_positions, kv_lengths,
                              block_sizes=block_sizes, chunk_bytes=chunk_bytes, interpret=interpret)
     if candidates is None:

@@ -66,6 +66,13 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
     return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))
 
 
+def routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing) -> tuple[jax.Array, jax.Array]:
+    """The queries and head weights of each query's routed heads: q [B,T,active_heads,d], w [B,T,active_heads]
+    (``routing``: ``route_heads``' keyword arguments). Every implementation scans these."""
+    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing)
+    return jnp.take_along_axis(q, heads[..., None], axis=2), jnp.take_along_axis(w, heads, axis=2)
+
+
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
                                              "key_chunk", "axis_name", "return_keys"))
 def misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
@@ -77,11 +84,9 @@ def misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *
     result is this shard's part, to be merged by the caller (``sparse_index_jax.context_parallel``).
     """
     S = k.shape[1]
-    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
-                        active_heads=active_heads, query_chunk=query_chunk, key_offset=key_offset,
-                        axis_name=axis_name)
-    q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
-    w_routed = jnp.take_along_axis(w, heads, axis=2)
+    q_routed, w_routed = routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
+                                      active_heads=active_heads, query_chunk=query_chunk, key_offset=key_offset,
+                                      axis_name=axis_name)
     idx, valid, keys = dsa_topk_reference(q_routed, k, w_routed, k_scale, q_positions - key_offset,
                                           jnp.clip(kv_lengths - key_offset, 0, S),
                                           topk=topk if candidates is None else candidates,

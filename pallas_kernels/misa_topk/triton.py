@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout
-from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order, route_heads
+from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order, routed_heads
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -40,10 +39,8 @@ def misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, t
                                              "return_keys", "block_sizes", "chunk_bytes", "interpret"))
 def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk, block_size, active_heads,
                       candidates, query_chunk, return_keys, block_sizes, chunk_bytes, interpret):
-    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
-                        active_heads=active_heads, query_chunk=query_chunk)
-    q_routed = jnp.take_along_axis(q, heads[..., None], axis=2)
-    w_routed = jnp.take_along_axis(w, heads, axis=2)
+    q_routed, w_routed = routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
+                                      active_heads=active_heads, query_chunk=query_chunk)
     scan = functools.partial(dsa_topk_triton, q_routed, k, w_routed, k_scale, q_positions, kv_lengths,
                              query_chunk=0, key_chunk=0, block_sizes=block_sizes, chunk_bytes=chunk_bytes,
                              interpret=interpret)
