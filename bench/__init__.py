@@ -15,18 +15,17 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str          # the command: sparse-index bench NAME
-    module: str        # sparse_index_jax.bench.<module>
     summary: str
     default_out: str   # where the report goes unless --out says otherwise ({device}: the device kind)
 
 
 BENCHMARKS = {b.name: b for b in (
-    Benchmark("speed", "speed", "time DSA / HISA / MISA / MISA-H selection and sparse MLA against the plain XLA "
+    Benchmark("speed", "time DSA / HISA / MISA / MISA-H selection and sparse MLA against the plain XLA "
               "baseline and a matmul peak", "bench/results/speed_{device}.json"),
-    Benchmark("fidelity", "fidelity", "selection fidelity of HISA / MISA / MISA-H vs DSA on structured synthetic "
+    Benchmark("fidelity", "selection fidelity of HISA / MISA / MISA-H vs DSA on structured synthetic "
               "activations, or on SmolLM2 with --model smollm2", "bench/results/fidelity_synthetic.json"),
-    Benchmark("roofline", "roofline", "roofline estimate of the Pallas TPU kernels on v5e / v5p / v6e (no TPU "
+    Benchmark("roofline", "roofline estimate of the Pallas TPU kernels on v5e / v5p / v6e (no TPU "
               "needed)", "bench/results/roofline_tpu.json"),
-    Benchmark("selector-sweep", "selector_sweep", "HISA / MISA / MISA-H agreement with DSA as their budgets grow "
+    Benchmark("selector-sweep", "HISA / MISA / MISA-H agreement with DSA as their budgets grow "
               "(SmolLM2-135M, about 10 minutes on 2 CPU cores)", "bench/results/smollm2_selector_sweep.json"),
 )}

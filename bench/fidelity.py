@@ -91,7 +91,8 @@ def run(setup: FidelitySetup, progress=None) -> dict[str, Any]:
     q, k, w, positions, needle_rows, needle_pos = synthetic_activations(setup)
     selections: dict[str, Selection] = {}
     seconds: dict[str, float] = {}
-    for method, selector in setup.methods().items():
+    methods = setup.methods()
+    for method, selector in methods.items():
         if progress:
             progress(method)
         timing, selections[method] = time_call(lambda q, k, w, s=selector: s.select(q, k, w, q_positions=positions),
@@ -109,7 +110,7 @@ def run(setup: FidelitySetup, progress=None) -> dict[str, Any]:
         idx = np.asarray(sel.indices[0])
         needle_hits = np.mean([p in idx[r] for r, p in zip(needle_rows, needle_pos)]) if len(needle_rows) else np.nan
         row = {"seconds": seconds[method], "needle_recall": float(needle_hits),
-               "selector": setup.methods()[method].as_dict()}
+               "selector": methods[method].as_dict()}
         for name, mask in regimes.items():
             agreement = metrics.Agreement.of(sel, ref, jnp.asarray(mask)[None])
             row[name] = {"iou": agreement.iou, "recall": agreement.recall, "rows": agreement.rows}

@@ -70,8 +70,8 @@ class CausalLM(nnx.Module):
         weights = sorted(set(fields) & set(IndexerWeights.field_names()))
         if weights:
             raise ValueError(f"set_selector: {weights} shape the indexer weights and cannot change")
-        selector = self.selector.replace(**fields).check_heads(self.cfg.indexer.n_heads)  # before anything changes
-        self.cfg = self.cfg.with_selector(selector)
+        selector = self.selector.replace(**fields)
+        self.cfg = self.cfg.with_selector(selector)  # validates against the indexer before anything changes
         for layer in self.layers:
             layer.self_attn.cfg = layer.self_attn.cfg.with_selector(selector)
 

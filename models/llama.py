@@ -152,9 +152,9 @@ class LlamaAttention(nnx.Module):
                 if act is None:
                     raise ValueError("LlamaAttention: this model has no indexers; call it with dense=True or hand "
                                      "it a selection")
-                selector = (selector or cfg.indexer.selector).check_heads(cfg.indexer.n_heads)
-                selection = selector.select(act.q, act.k, act.w, q_positions=positions, k_scale=act.k_scale,
-                                            implementation=self.implementation)
+                selection = (selector or cfg.indexer.selector).select(act.q, act.k, act.w, q_positions=positions,
+                                                                      k_scale=act.k_scale,
+                                                                      implementation=self.implementation)
             out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid, **options)
         out = self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim))
         return DSAOutput(out, selection, None, probs, act if capture else None)

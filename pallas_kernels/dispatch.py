@@ -95,7 +95,12 @@ class Op:
 
     name: str
     implementations: Mapping[str, Callable[..., Any]]
-    block_sizes: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    block_sizes: Mapping[str, type]  # every implementation but xla
+
+    def __post_init__(self):
+        missing = set(self.implementations) - {"xla"} - set(self.block_sizes)
+        if missing:
+            raise TypeError(f"Op {self.name}: implementations {sorted(missing)} declare no block-size class")
 
     def backend_for(self, implementation: str = AUTO, refusals: Mapping[str, str] | None = None) -> Backend:
         """The implementation a call with ``implementation`` would use here, with the reason.
@@ -131,11 +136,8 @@ class Op:
                 raise ValueError(f"{self.name}: block_sizes={block_sizes!r} apply to the Pallas implementations; "
                                  f"the xla one takes none")
             return fn(*args, **kwargs)
-        expected = self.block_sizes.get(backend.name)
-        if block_sizes is not None and (expected is None or not isinstance(block_sizes, expected)):
-            takes = f"takes {expected.__name__}" if expected else "takes no block sizes"
+        expected = self.block_sizes[backend.name]
+        if block_sizes is not None and not isinstance(block_sizes, expected):
             raise ValueError(f"{self.name}: block_sizes={block_sizes!r} do not fit implementation "
-                             f"{backend.name!r}, which {takes}")
-        if expected is not None:
-            kwargs["block_sizes"] = block_sizes
-        return fn(*args, interpret=backend.interpret, **kwargs)
+                             f"{backend.name!r}, which takes {expected.__name__}")
+        return fn(*args, block_sizes=block_sizes, interpret=backend.interpret, **kwargs)

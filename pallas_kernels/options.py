@@ -31,12 +31,11 @@ class OptionError(ValueError):
         return OptionError(self.field, f"{where}{self}")
 
 
-def checked_options(cls: type["Options"], owner: str, topk: int, num_heads: int | None = None, *, label: str = "",
+def checked_options(cls: type["Options"], owner: str, topk: int, num_heads: int | None = None,
                     **options: Any) -> "Options":
-    """``cls(**options)`` validated for ``topk`` (and ``num_heads``); errors prefixed by ``owner``, unknown
-    options reported as ``"{label} takes no option(s) ..."``."""
+    """``cls(**options)`` validated for ``topk`` (and ``num_heads``); errors prefixed by ``owner``."""
     try:
-        return cls.create(label, **options).check(topk, num_heads)
+        return cls.create(**options).check(topk, num_heads)
     except OptionError as err:
         raise err.at(f"{owner}: ") from None
 
@@ -79,3 +78,8 @@ class Options:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def op_kwargs(self, topk: int) -> dict[str, Any]:
+        """The keyword arguments the op's implementations take for these options at ``topk`` (defaults
+        that depend on topk resolved)."""
+        return self.as_dict()

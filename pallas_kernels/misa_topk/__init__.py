@@ -59,6 +59,9 @@ class MisaHOptions(MisaOptions):
         """The candidates kept for ``topk`` slots: the given number, else ``CANDIDATES_PER_TOPK * topk``."""
         return self.candidates or CANDIDATES_PER_TOPK * topk
 
+    def op_kwargs(self, topk: int) -> dict:
+        return {**self.as_dict(), "candidates": self.candidates_for(topk)}
+
 
 OP = Op("misa_topk", {"xla": misa_topk_reference, "triton": misa_topk_triton, "mosaic_tpu": misa_topk_mosaic_tpu},
         block_sizes={"triton": DsaTritonBlockSizes, "mosaic_tpu": DsaTpuBlockSizes})
@@ -89,4 +92,4 @@ def misa_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, candidates
         block_sums = pool_block_sums(k, k_scale, kv_lengths, opts.block_size)
     check_block_sums(OP.name, block_sums, k, opts.block_size)
     return OP.run(OP.backend_for(implementation), q, k, w, k_scale, q_positions, kv_lengths, block_sums, topk=topk,
-                  block_sizes=block_sizes, **{"candidates": None, **opts.as_dict()})
+                  block_sizes=block_sizes, **opts.as_dict())

@@ -20,7 +20,7 @@ from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes, dsa_block
 
 
 def misa_topk_mosaic_tpu(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                         active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
+                         active_heads: int, candidates: int | None = None, query_chunk: int, key_chunk: int,
                          return_keys: bool = False, block_sizes: DsaTpuBlockSizes | None = None,
                          chunk_bytes: int = 1 << 30, interpret=None):
     """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's and the

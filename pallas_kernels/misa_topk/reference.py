@@ -76,7 +76,7 @@ def routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routin
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",
                                              "key_chunk", "axis_name", "return_keys"))
 def misa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                        active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
+                        active_heads: int, candidates: int | None = None, query_chunk: int, key_chunk: int,
                         key_offset=0, axis_name: str | None = None, return_keys: bool = False):
     """MISA (``candidates=None``) or MISA-H: (indices [B,T,topk] int32 -1 padded, valid[, ranking keys]).
 

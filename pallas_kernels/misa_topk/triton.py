@@ -22,7 +22,7 @@ from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
 def misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, topk: int, block_size: int,
-                     active_heads: int, candidates: int | None, query_chunk: int, key_chunk: int,
+                     active_heads: int, candidates: int | None = None, query_chunk: int, key_chunk: int,
                      return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
                      chunk_bytes: int = 1 << 30, interpret: bool | None = None):
     """(indices, valid[, keys]) as ``misa_topk_reference``; ``query_chunk`` sizes the routing's chunks,

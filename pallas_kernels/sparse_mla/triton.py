@@ -421,7 +421,7 @@ def sparse_mla_triton(q, kv, indices, valid, *, scale: float, v_dim: int, query_
     """
     return _sparse_mla_triton(q, kv, indices, valid, scale=scale, v_dim=v_dim, query_chunk=query_chunk,
                               return_probs=return_probs, block_sizes=block_sizes or MlaTritonBlockSizes(),
-                              interpret=triton_interpret() if interpret is None else interpret)
+                              interpret=interpret if interpret is not None else triton_interpret())
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "query_chunk", "return_probs", "block_sizes",

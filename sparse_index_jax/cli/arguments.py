@@ -115,6 +115,13 @@ def selector_from_args(args: argparse.Namespace, base: Selector) -> Selector:
         raise ValueError(f"--{err.field.replace('_', '-')}: {err}") from None
 
 
+def apply_selector_args(args: argparse.Namespace, model) -> None:
+    """Sets ``model``'s default selector from the selector flags (leaves it alone when none were given)."""
+    selector = selector_from_args(args, model.selector)
+    if selector != model.selector:
+        model.set_selector(**selector.as_dict())
+
+
 # ---- model and data ------------------------------------------------------------------------------------
 
 def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) -> None:
@@ -172,9 +179,7 @@ def load_model_and_data(args: argparse.Namespace):
             raise ValueError("--data is required (token or text files) unless --model is smollm2")
         model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"))
         tokenizer, files = load_tokenizer(args.model), args.data
-    selector = selector_from_args(args, model.selector)
-    if selector != model.selector:
-        model.set_selector(**selector.as_dict())
+    apply_selector_args(args, model)
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
     tokens = read_tokens(files, bin_dtype=args.bin_dtype, tokenizer=tokenizer, eos_id=eos)
     uses_bin = any(str(f).endswith(".bin") for f in files)

@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 
 def add_parser(sub, spec: Benchmark) -> None:
-    p = sub.add_parser("fidelity", help=spec.summary, description=DESCRIPTION)
+    p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION)
     p.add_argument("--model", choices=("smollm2",), default=None, help="measure on a real model (see above)")
     p.add_argument("--indexers", default="shipped", help="with --model: 'shipped', 'fresh' or a weights file")
     p.add_argument("--seq-len", **positive(default=4096, help="keys per sequence (default 4096)"))

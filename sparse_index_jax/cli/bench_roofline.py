@@ -16,7 +16,7 @@ DESCRIPTION = (
 
 
 def add_parser(sub, spec: Benchmark) -> None:
-    p = sub.add_parser("roofline", help=spec.summary, description=DESCRIPTION)
+    p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION)
     p.add_argument("--lengths", type=lengths, default=None, help="T = S values, K = 1024 (default 8K,32K,128K)")
     p.add_argument("--chips", type=names(roofline.CHIPS, "TPU chips"), default=["v5p", "v6e"],
                    help="comma-separated of v5e, v5p, v6e (default v5p,v6e)")

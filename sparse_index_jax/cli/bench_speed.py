@@ -48,7 +48,7 @@ CPU smoke run: sparse-index bench speed --lengths 256,512 --topk 64"""
 
 
 def add_parser(sub, spec: Benchmark) -> None:
-    p = sub.add_parser("speed", help=spec.summary, description=DESCRIPTION,
+    p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d = speed.SpeedSetup()
     p.add_argument("--lengths", type=lengths, default=None,

@@ -8,7 +8,7 @@ from sparse_index_jax.bench import Benchmark, selector_sweep
 
 
 def add_parser(sub, spec: Benchmark) -> None:
-    p = sub.add_parser("selector-sweep", help=spec.summary, description=selector_sweep.__doc__.split("\n\n")[1])
+    p = sub.add_parser(spec.name, help=spec.summary, description=selector_sweep.__doc__.split("\n\n")[1])
     p.add_argument("--out", default=spec.default_out, help=f"JSON report path (default {spec.default_out})")
     p.set_defaults(func=run)
 

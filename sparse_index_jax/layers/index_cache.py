@@ -89,13 +89,7 @@ def pattern_from_hf_config(cfg: Mapping[str, Any], num_layers: int) -> str:
         pattern = from_types("indexer_types", cfg["indexer_types"])
     elif cfg.get("index_topk_pattern") is not None:
         raw = cfg["index_topk_pattern"]
-        if isinstance(raw, str):
-            bad = sorted(set(raw) - {"F", "S"})
-            if bad:
-                raise ValueError(f"index_topk_pattern may only contain 'F' and 'S', got {bad} in {raw!r}")
-            pattern = raw
-        else:
-            pattern = from_types("index_topk_pattern", raw)
+        pattern = raw if isinstance(raw, str) else from_types("index_topk_pattern", raw)
     elif cfg.get("index_topk_freq") is not None:
         freq = max(int(cfg["index_topk_freq"]), 1)
         offset = cfg.get("index_skip_topk_offset")
@@ -103,8 +97,4 @@ def pattern_from_hf_config(cfg: Mapping[str, Any], num_layers: int) -> str:
         pattern = "".join("F" if max(i - offset + 1, 0) % freq == 0 else "S" for i in range(num_layers))
     else:
         pattern = "F" * num_layers
-    if len(pattern) != num_layers:
-        raise ValueError(f"the pattern has {len(pattern)} entries for num_hidden_layers={num_layers}")
-    if pattern and pattern[0] != "F":
-        raise ValueError("layer 0 must be full (F): a shared layer reuses the top-k of an earlier full layer")
-    return pattern
+    return check_pattern(pattern, num_layers)

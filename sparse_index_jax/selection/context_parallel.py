@@ -36,11 +36,24 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
                                  kv_lengths: jax.Array | None = None, k_scale: jax.Array | None = None,
                                  **options) -> Selection:
     """``select_topk`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result, index for index.
+    ``options`` are the method's (see ``select_topk``); the rest is ``select_context_parallel``'s."""
+    try:
+        selector = Selector.create(method, topk, **options)
+    except OptionError as err:
+        raise err.at("select_topk_context_parallel: ") from None
+    return select_context_parallel(selector, q, k, w, mesh=mesh, axis=axis, q_positions=q_positions,
+                                   kv_lengths=kv_lengths, k_scale=k_scale)
+
+
+def select_context_parallel(selector: Selector, q: jax.Array, k: jax.Array, w: jax.Array, *, mesh: Mesh,
+                            axis: str = "context", q_positions: jax.Array | None = None,
+                            kv_lengths: jax.Array | None = None, k_scale: jax.Array | None = None) -> Selection:
+    """``selector.select`` with k [B,S,d] (and k_scale) sharded over ``axis``; same result, index for index.
 
     S and T must divide evenly over the axis (for hisa / misa / misa_h, each shard must also hold whole
     blocks). Queries, head weights, positions and lengths are replicated over ``axis``; the returned
-    Selection is sharded along T. ``options`` are the method's (see ``select_topk``); dsa's
-    ``key_chunk`` is capped at S / n, so each device scores exactly the key blocks a single device would.
+    Selection is sharded along T. dsa's ``key_chunk`` is capped at S / n, so each device scores exactly
+    the key blocks a single device would.
 
     hisa / misa / misa_h: each shard pools its keys into block sums and an all-gather hands every shard
     all of them (M * d floats per row: tiny), so block choice and routing are the same everywhere; MISA's
@@ -48,7 +61,7 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
     """
     op = "select_topk_context_parallel"
     try:
-        selector = Selector.create(method, topk, **options).check_heads(q.shape[2])
+        selector.check_heads(q.shape[2])
     except OptionError as err:
         raise err.at(f"{op}: ") from None
     q_positions, kv_lengths = check_indexer_inputs(op, q, k, w, k_scale, q_positions, kv_lengths)
@@ -60,13 +73,10 @@ def select_topk_context_parallel(q: jax.Array, k: jax.Array, w: jax.Array, *, to
         raise ValueError(f"{op}: S={S} keys and T={q.shape[1]} queries must split evenly over the {n} devices of "
                          f"axis {axis!r}; pad them (padded queries at position -1 select nothing)")
     local_len = S // n
-    opts = selector.options.as_dict()
+    method, topk = selector.method, selector.topk
+    opts = selector.options.op_kwargs(topk)
     if method == "dsa":  # each device scores exactly the key blocks a single device would
         opts["key_chunk"] = min(opts["key_chunk"], local_len)
-    elif method == "misa_h":
-        opts["candidates"] = selector.options.candidates_for(topk)
-    elif method == "misa":
-        opts["candidates"] = None
     if selector.block_size and local_len % selector.block_size:
         raise ValueError(f"{op}: each shard's {local_len} keys must hold whole blocks of {selector.block_size}")
     if k_scale is None:

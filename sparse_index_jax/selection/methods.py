@@ -26,32 +26,13 @@ from sparse_index_jax.kernels.options import OptionError, Options
 from sparse_index_jax.selection.contract import Selection
 
 
-def _dsa(q, k, w, options: DsaOptions, *, topk, block_sums, **call):
-    if block_sums is not None:
-        raise ValueError("method 'dsa' pools no blocks: block_sums apply to hisa, misa and misa_h")
-    return dsa_topk(q, k, w, topk=topk, **call, **options.as_dict())
-
-
-def _hisa(q, k, w, options: HisaOptions, *, topk, block_sums, **call):
-    return hisa_topk(q, k, w, topk=topk, block_sums=block_sums, **call, **options.as_dict())
-
-
-def _misa(q, k, w, options: MisaOptions, *, topk, block_sums, **call):
-    return misa_topk(q, k, w, topk=topk, block_sums=block_sums, **call, **options.as_dict())
-
-
-def _misa_h(q, k, w, options: MisaHOptions, *, topk, block_sums, **call):
-    return misa_topk(q, k, w, topk=topk, block_sums=block_sums, **call,
-                     **{**options.as_dict(), "candidates": options.candidates_for(topk)})
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A selection method: its name, its options dataclass, and how it runs (on the op's entry point)."""
 
     name: str
     options: type[Options]
-    run: Callable[..., tuple[jax.Array, jax.Array]]
+    op: Callable[..., tuple[jax.Array, jax.Array]]  # the op's entry point
     summary: str
 
     @property
@@ -59,12 +40,21 @@ class Method:
         """Whether it scores pooled block means (and so takes ``block_sums`` and a ``block_size``)."""
         return "block_size" in self.options.names()
 
+    def run(self, q, k, w, options: Options, *, topk: int, block_sums=None, **call) -> tuple[jax.Array, jax.Array]:
+        """(indices, valid) of the op for ``options``; ``call``: the op's other keyword arguments."""
+        if block_sums is not None:
+            if not self.pools_blocks:
+                raise ValueError(f"method {self.name!r} pools no blocks: block_sums apply to the methods with a "
+                                 f"block_size option")
+            call["block_sums"] = block_sums
+        return self.op(q, k, w, topk=topk, **call, **options.op_kwargs(topk))
+
 
 METHODS: Mapping[str, Method] = {m.name: m for m in (
-    Method("dsa", DsaOptions, _dsa, "flat scan of every eligible key (DeepSeek-V3.2's lightning indexer)"),
-    Method("hisa", HisaOptions, _hisa, "block means pick num_blocks blocks; their tokens are scored flat"),
-    Method("misa", MisaOptions, _misa, "a router picks active_heads heads per query; keys scored with those"),
-    Method("misa_h", MisaHOptions, _misa_h, "MISA's routed scan keeps candidates, re-ranked with every head"),
+    Method("dsa", DsaOptions, dsa_topk, "flat scan of every eligible key (DeepSeek-V3.2's lightning indexer)"),
+    Method("hisa", HisaOptions, hisa_topk, "block means pick num_blocks blocks; their tokens are scored flat"),
+    Method("misa", MisaOptions, misa_topk, "a router picks active_heads heads per query; keys scored with those"),
+    Method("misa_h", MisaHOptions, misa_topk, "MISA's routed scan keeps candidates, re-ranked with every head"),
 )}
 
 
