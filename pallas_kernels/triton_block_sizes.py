@@ -1,5 +1,5 @@
-"""Block sizes of the Triton selection kernels (DSA scoring, radix top-k, candidate scoring), checked on
-construction: Triton tiles are powers of two of at least 16."""
+"""Block sizes of the Triton selection kernels (DSA scoring, radix top-k, candidate scoring), and the check
+every Triton block-size dataclass runs on construction: tiles are powers of two of at least 16."""
 
 from __future__ import annotations
 
@@ -25,11 +25,16 @@ class DsaTritonBlockSizes:
     radix_bucket: int = 8192
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DsaTritonBlockSizes.{f.name}={value!r}: must be a positive int")
-        for name in ("block_k", "head_queries", "radix_tile"):
-            value = getattr(self, name)
-            if value & (value - 1) or value < 16:
-                raise ValueError(f"DsaTritonBlockSizes.{name}={value}: Triton tiles are powers of two >= 16")
+        check_tiles(self, ("block_k", "head_queries", "radix_tile"))
+
+
+def check_tiles(block_sizes, tiles: tuple[str, ...]) -> None:
+    """Every field of a Triton block-size dataclass is a positive int; those named in ``tiles`` are tile
+    extents, so powers of two of at least 16 (tensor-core products need every dimension >= 16)."""
+    name = type(block_sizes).__name__
+    for f in dataclasses.fields(block_sizes):
+        value = getattr(block_sizes, f.name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}.{f.name}={value!r}: must be a positive int")
+        if f.name in tiles and (value & (value - 1) or value < 16):
+            raise ValueError(f"{name}.{f.name}={value}: must be a power of 2 >= 16 (a Triton tile)")

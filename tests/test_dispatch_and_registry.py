@@ -96,12 +96,12 @@ def test_block_sizes_must_fit_the_chosen_implementation():
         dsa_topk.dsa_topk(q, k, w, topk=4, implementation="triton", block_sizes=SMALL_TPU)
     with pytest.raises(ValueError, match="the xla one takes none"):
         select_topk(q, k, w, topk=4, implementation="xla", block_sizes=SMALL_TPU)
+    idx, ok = jnp.zeros((1, 2, 3), jnp.int32), jnp.ones((1, 2, 3), bool)
     with pytest.raises(ValueError, match="takes MlaTritonBlockSizes"):
-        rows = jnp.zeros((1, 4, 16))
-        sparse_mla.sparse_mla(jnp.zeros((1, 2, 2, 16)), rows, jnp.zeros((1, 2, 3), jnp.int32), jnp.ones((1, 2, 3), bool),
-                              scale=1.0, v_dim=8, implementation="triton", block_sizes=MlaTpuBlockSizes())
+        sparse_mla.sparse_mla(jnp.zeros((1, 2, 2, 16)), jnp.zeros((1, 4, 16)), idx, ok, scale=1.0, v_dim=8,
+                              implementation="triton", block_sizes=MlaTpuBlockSizes())
     assert MlaTritonBlockSizes().block_h == 64
-    with pytest.raises(ValueError, match="DsaTritonBlockSizes.radix_tile=24: Triton tiles are powers of two"):
+    with pytest.raises(ValueError, match="DsaTritonBlockSizes.radix_tile=24: must be a power of 2 >= 16"):
         DsaTritonBlockSizes(radix_tile=24)
 
 

@@ -71,6 +71,7 @@ from jax.experimental import pallas as pl
 
 from sparse_index_jax.kernels.chunking import chunk_axis, next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
+from sparse_index_jax.kernels.triton_block_sizes import check_tiles
 
 __all__ = ["MlaTritonBlockSizes", "candidate_block_sizes", "smem_estimate", "sparse_mla_triton"]
 
@@ -102,10 +103,7 @@ class MlaTritonBlockSizes:
     bwd_num_stages: int = 1
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name.startswith(("block", "bwd_block")) and (v < _MIN_DOT or v & (v - 1)):
-                raise ValueError(f"sparse_mla triton: {f.name} must be a power of 2 >= {_MIN_DOT}, got {v}")
+        check_tiles(self, ("block_h", "block_k", "bwd_block_h", "bwd_block_k"))
 
 
 def smem_estimate(bs: MlaTritonBlockSizes, *, width: int = 576, v_dim: int = 512, itemsize: int = 2) -> tuple[int, int]:
