@@ -1,21 +1,26 @@
 """DSA scoring + exact top-k on GPU: Pallas kernels (Triton lowering), the ``triton`` implementation.
 
-Two kernels per chunk of queries:
+Two ways to select, chosen by ``DsaTritonBlockSizes.selection``:
 
-1. ``score_keys``: one program per block of ``bq`` queries. One tensor-core dot per block of ``bk``
-   keys (M) against the ``bq * H`` head queries (N = 256 for H = 64, bq = 4) gives every head's
-   logits; ReLU, the head weights and the sum over heads follow in float32 registers and the ranking
-   key (``ranking.ordered_keys``: the int32 order of the scores) is written out. Key blocks
-   past the causal limit of the block's last query are never visited: the causal half of the work is
-   skipped, and [T, S, H] never exists.
-2. ``radix_topk_rows`` (``radix_topk_triton.py``): exact top-k of each row's eligible prefix.
+* ``"streaming"`` (default): one fused kernel, ``stream_select``. One program per block of ``bq``
+  queries (and, when there are few query blocks, per segment of keys) scores key blocks in position
+  order with one tensor-core dot each and feeds every query's scores straight into its candidate
+  buffer (``streaming_topk_triton.py``): a key enters only if it beats the query's proven threshold,
+  so no [T, S] array is ever written and memory is O(T * k). The survivors come out in the contract's
+  order (ranked in the kernel); key segments, when there are several, are merged by a radix select
+  over their k winners each. The heaviest (latest, causal) query blocks are scheduled first.
+* ``"two_pass"`` (the measured H100 baseline): ``score_keys`` writes every query's int32 ranking keys
+  for a chunk of queries ([chunk, S], sized to ``chunk_bytes``), ``radix_topk_rows``
+  (``radix_topk_triton.py``) selects each row's top k, and a sort of k per row orders them.
 
-The winners (position order) are then ordered by key with a sort of k per row. Keys of a chunk live
-in device memory between the two kernels: ``chunk * S * 4`` bytes, sized to ``chunk_bytes``.
+Scoring, in both: keys are the matmul's M and the ``bq * H`` head queries its N (N = 256 for H = 64,
+bq = 4); ReLU, head weights and the head sum follow in float32 registers; key blocks past the block's
+causal limit are never visited. float8_e4m3fn q and k (the fp8 indexer) stay fp8 into the dot, with
+float32 accumulation, DeepGEMM's ``fp8_mqa_logits`` semantics: per-key scale after the dot, float32
+head weights, ReLU and head sum in float32. Other fp8 pairs are upcast to bfloat16 (exact).
 
 The top-k needs gathers, scatters and prefix sums over per-thread data, which the Triton lowering
-expresses directly; why Triton and not Mosaic GPU, and the measured speed of both kernels, are in
-docs/kernels.md.
+expresses directly; why Triton and not Mosaic GPU, and the measured speed, are in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -31,27 +36,36 @@ from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.streaming_topk_triton import compact, rank_survivors
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
+
+
+def _block_scores(k_ref, scale_ref, b, j, q, w, bk: int, bq: int, heads: int):
+    """float32 scores [bk, bq] of key block ``j`` for the program's queries (q [bq*H, d], w [1, bq, H])."""
+    keys = pl.ds(j * bk, bk)
+    # Keys are the matmul's M and head queries its N: the sum over heads then runs along each
+    # accumulator row (a few lanes apart), not across the register layout.
+    k_blk = k_ref[b, keys, :]
+    logits = jax.lax.dot_general(k_blk, q.astype(k_blk.dtype), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
+    logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
+    return jnp.sum(logits * w, axis=2) * scale_ref[b, keys][:, None]
+
+
+def _program_queries(q_ref, w_ref, b, rows, bq: int, heads: int):
+    q = q_ref[b, rows, :, :]                                   # [bq, H, d]
+    return q.reshape(bq * heads, q.shape[-1]), w_ref[b, rows, :].reshape(1, bq, heads)
 
 
 def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
     b, i = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * bq, bq)
-    q = q_ref[b, rows, :, :]                                   # [bq, H, d]
-    q = q.reshape(bq * heads, q.shape[-1])
-    w = w_ref[b, rows, :].reshape(1, bq, heads)                # float32
+    q, w = _program_queries(q_ref, w_ref, b, rows, bq, heads)
     n_blocks = (jnp.max(limit_ref[b, rows]) + bk - 1) // bk    # causal skip: only blocks someone sees
 
     def block(j, carry):
-        keys = pl.ds(j * bk, bk)
-        # Keys are the matmul's M and head queries its N: the sum over heads then runs along each
-        # accumulator row (a few lanes apart), not across the register layout.
-        k_blk = k_ref[b, keys, :]
-        logits = jax.lax.dot_general(k_blk, q.astype(k_blk.dtype), (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
-        logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
-        scores = jnp.sum(logits * w, axis=2) * scale_ref[b, keys][:, None]  # [bk, bq]
-        out_ref[b, rows, keys] = ordered_keys(scores).T
+        out_ref[b, rows, pl.ds(j * bk, bk)] = ordered_keys(_block_scores(k_ref, scale_ref, b, j, q, w, bk, bq,
+                                                                         heads)).T
         return carry
 
     jax.lax.fori_loop(0, n_blocks, block, 0)
@@ -90,12 +104,14 @@ def query_block(heads: int, head_queries: int = DsaTritonBlockSizes.head_queries
 
 def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
     """Pads heads and head dim to powers of two (zero weights / zeros: scores unchanged; at least
-    ``min_heads`` heads), keys to a multiple of ``tile``, and casts the matmul operands to one dtype
-    (fp8 -> bf16 is exact)."""
+    ``min_heads`` heads), keys to a multiple of ``tile``, and casts the matmul operands to one dtype:
+    e4m3 q and k stay e4m3 (fp8 tensor cores; head dim padded to >= 32, the fp8 dot's K), other fp8
+    pairs go to bfloat16 (exact)."""
     B, T, H, d = q.shape
     S = k.shape[1]
-    dt = matmul_dtype(q, k)
-    Hp, dp = max(min_heads, next_pow2(H)), max(16, next_pow2(d))
+    fp8 = q.dtype == k.dtype == jnp.float8_e4m3fn
+    dt = k.dtype if fp8 else matmul_dtype(q, k)
+    Hp, dp = max(min_heads, next_pow2(H)), max(32 if fp8 else 16, next_pow2(d))
     width = round_up(S, tile)
     q = pad_axis(pad_axis(q.astype(dt), 2, Hp), 3, dp)
     w = pad_axis(w.astype(jnp.float32), 2, Hp)
@@ -113,13 +129,151 @@ def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: 
     return (idx, valid, sel_keys) if return_keys else (idx, valid)
 
 
+def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, buf_key_ref, buf_pos_ref, *,
+                   bq: int, heads: int, bk: int, topk: int, cap: int, tile: int, rank_tile: int,
+                   blocks_per_segment: int, out_tile: int, out_len: int, ranked: bool, sync: bool):
+    b, g = pl.program_id(0), pl.program_id(2)
+    i = pl.num_programs(1) - 1 - pl.program_id(1)  # the last (causal: heaviest) query blocks go first
+    rows = pl.ds(i * bq, bq)
+    q, w = _program_queries(q_ref, w_ref, b, rows, bq, heads)
+    limits = limit_ref[b, rows]                                     # [bq]
+    first = g * blocks_per_segment
+    last = jnp.minimum(first + blocks_per_segment, (jnp.max(limits) + bk - 1) // bk)
+    cols = jax.lax.iota(jnp.int32, bq)
+
+    def pick(vec, c):  # element c of a [bq] state vector (a masked sum: no dynamic register indexing)
+        return jnp.sum(jnp.where(cols == c, vec, 0))
+
+    def put(vec, c, value):
+        return jnp.where(cols == c, value, vec)
+
+    def buffer(ref, c):  # query c's [2, cap + spare] buffer: load(half, slots) / store(half, slots, value)
+        def access(half, slots, value=None):
+            if value is None:
+                return ref[b, i * bq + c, g, half, slots]
+            ref[b, i * bq + c, g, half, slots] = value
+        return access
+
+    def compact_if(c, state, limit):  # query c's buffer holds more than ``limit`` entries: compact it
+        def run(_, state):
+            count, thr, half = state
+            h = pick(half, c)
+            tau = compact(buffer(buf_key_ref, c), buffer(buf_pos_ref, c), h, pick(count, c), topk, tile=tile,
+                          cap=cap, sync=sync)
+            return put(count, c, topk), put(thr, c, tau), put(half, c, 1 - h)
+        return jax.lax.fori_loop(0, (pick(state[0], c) > limit).astype(jnp.int32), run, state)
+
+    def block(j, state):
+        # Room for a whole block in every buffer. Loops over the queries, not unrolled: one copy of the code.
+        state = jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state)
+        count, thr, half = state
+        positions = j * bk + jax.lax.iota(jnp.int32, bk)
+        scores = _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads)        # [bk, bq]
+        keys = jnp.where(positions[:, None] < limits[None, :], ordered_keys(scores), INELIGIBLE_KEY)
+        take = keys > thr[None, :]
+        slots = jnp.where(take, count[None, :] + jnp.cumsum(take.astype(jnp.int32), axis=0) - 1, cap)
+        query_rows = jnp.broadcast_to(i * bq + cols[None, :], (bk, bq))
+        halves = jnp.broadcast_to(half[None, :], (bk, bq))
+        buf_key_ref[b, query_rows, g, halves, slots] = keys
+        buf_pos_ref[b, query_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
+        return count + jnp.sum(take.astype(jnp.int32), axis=0), thr, half
+
+    zeros = jnp.zeros((bq,), jnp.int32)
+    state = jax.lax.fori_loop(first, last, block, (zeros, jnp.full((bq,), INELIGIBLE_KEY, jnp.int32), zeros))
+    out_lane = jax.lax.iota(jnp.int32, out_tile)
+
+    def finish(c, state):
+        state = compact_if(c, state, topk)
+        n, half = jnp.minimum(pick(state[0], c), topk), pick(state[2], c)
+        row = i * bq + c
+
+        def emit(slots, ok, keys, entries):
+            slots = jnp.where(ok, slots, out_len - 1)  # idle lanes write the spare last column
+            idx_ref[b, row, g, slots] = buffer(buf_pos_ref, c)(half, entries)
+            key_ref[b, row, g, slots] = keys
+
+        rank_survivors(buffer(buf_key_ref, c), half, n, tile=rank_tile, ranked=ranked, emit=emit, sync=sync)
+        for jj in range(out_len // out_tile):  # slots past the survivors: padding (disjoint from the above)
+            slots = jj * out_tile + out_lane
+            slots = jnp.where(slots >= n, slots, out_len - 1)
+            idx_ref[b, row, g, slots] = jnp.full((out_tile,), -1, jnp.int32)
+            key_ref[b, row, g, slots] = jnp.full((out_tile,), INELIGIBLE_KEY, jnp.int32)
+        return state
+
+    jax.lax.fori_loop(0, bq, finish, state)
+
+
+def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int,
+                  block_sizes: DsaTritonBlockSizes, interpret: bool):
+    """(positions, keys), each [B, T, segments, topk] int32: every query's top ``topk`` keys among
+    ``0 .. limits[b, t]`` within each of ``segments`` equal runs of key blocks, -1 / INELIGIBLE_KEY
+    padded. One segment: in the contract's order; several: in position order (``merge_segments``).
+    Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``."""
+    B, T, H, _ = q.shape
+    bs = block_sizes
+    bk = min(bs.block_k, width)
+    tile = min(bs.radix_tile, next_pow2(2 * topk + bk))
+    cap = round_up(2 * topk + bk, tile)  # after a compaction k entries; a compaction every >= k + bk inserts
+    out_tile = min(1024, next_pow2(topk + 1))
+    out_len = round_up(topk + 1, out_tile)  # >= topk + 1: one spare column for idle lanes
+    blocks_per_segment = -(-width // bk // segments)
+    kernel = functools.partial(
+        _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
+        blocks_per_segment=blocks_per_segment, out_tile=out_tile, out_len=out_len, ranked=segments == 1,
+        sync=not interpret)
+    buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
+    out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
+    idx, keys, _, _ = pl.pallas_call(
+        kernel,
+        out_shape=(out, out, buf, buf),
+        grid=(B, T // bq, segments),
+        compiler_params=triton_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="dsa_stream_topk",
+    )(limits, q, w, k, scale)
+    return idx[..., :topk], keys[..., :topk]
+
+
+def stream_bytes_per_query(topk: int, segments: int, block_sizes: DsaTritonBlockSizes) -> int:
+    """Device memory of the streaming kernel per query row: buffers and outputs of every segment."""
+    bk, tile = block_sizes.block_k, block_sizes.radix_tile
+    cap = round_up(2 * topk + bk, min(tile, next_pow2(2 * topk + bk)))
+    return segments * 4 * (4 * (cap + 16) + 2 * round_up(topk + 1, min(1024, next_pow2(topk + 1))))
+
+
+def key_segments(programs: int, n_blocks: int, topk: int, bk: int, min_programs: int) -> int:
+    """Key segments per row: enough programs for the GPU (``min_programs``), each segment at least 2k
+    keys (a smaller one would keep all it sees)."""
+    if programs >= min_programs:
+        return 1
+    per_segment = max(-(-n_blocks * programs // min_programs), -(-2 * topk // bk), 1)
+    return -(-n_blocks // per_segment)
+
+
+def merge_segments(positions, keys, topk: int, return_keys: bool, *, block_sizes: DsaTritonBlockSizes,
+                   interpret: bool):
+    """Per-segment winners [B, T, G, topk] (position order) -> the row's top ``topk`` in the contract's
+    order. Segments are in position order, so candidate order is position order and the radix select's
+    tie rule (lower candidate first) is the contract's."""
+    B, T, G, _ = positions.shape
+    positions, keys = positions.reshape(B, T, G * topk), keys.reshape(B, T, G * topk)
+    tile = min(block_sizes.radix_tile, next_pow2(G * topk))
+    width = round_up(G * topk, tile)
+    positions, keys = pad_axis(positions, 2, width, -1), pad_axis(keys, 2, width, INELIGIBLE_KEY)
+    slots = radix_topk_rows(keys, jnp.full((B, T), width, jnp.int32), topk, tile=tile,
+                            bucket=block_sizes.radix_bucket, interpret=interpret)
+    slot, valid, *sel = order_by_key(keys, slots, topk, return_keys)
+    return (jnp.where(valid, jnp.take_along_axis(positions, jnp.maximum(slot, 0), axis=-1), -1), valid, *sel)
+
+
 def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int, key_chunk: int,
                     return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
                     chunk_bytes: int = 1 << 30, interpret: bool | None = None):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
-    reference's memory; here queries go in chunks whose [chunk, S] int32 keys fit ``chunk_bytes``.
-    ``block_sizes``: the kernels' tiles (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the
-    platform says (``dispatch.triton_interpret``)."""
+    reference's memory; here queries go in chunks whose device memory (streaming: candidate buffers,
+    O(chunk * k); two-pass: [chunk, S] int32 keys) fits ``chunk_bytes``. ``block_sizes``: the kernels'
+    tiles and selection (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the platform says
+    (``dispatch.triton_interpret``)."""
     del query_chunk, key_chunk
     return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
                             block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
@@ -132,19 +286,36 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
     B, T, H, d = q.shape
     S = k.shape[1]
     bs = block_sizes
-    tile = min(bs.radix_tile, next_pow2(S))
+    streaming = bs.selection == "streaming"
+    tile = min(bs.block_k if streaming else bs.radix_tile, max(16, next_pow2(S)))  # a dot needs M >= 16
     q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile)
-    bq = query_block(q.shape[2], bs.head_queries)
+    Hp = q.shape[2]
+    # Queries per program: enough head queries for the dot's N, no more than there are queries, N >= 16.
+    bq = min(query_block(Hp, bs.head_queries), max(next_pow2(T), -(-16 // Hp)))
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
-    chunk = max(bq, min(Tp, chunk_bytes // (4 * B * width)) // bq * bq)
 
-    def one_chunk(q_c, w_c, lim_c):
-        keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(bs.block_k, tile), bq=bq,
-                          num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
-        positions = radix_topk_rows(keys, lim_c, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
-        return order_by_key(keys, positions, topk, return_keys)
+    if streaming:
+        bk = min(bs.block_k, width)
+        segments = key_segments(B * Tp // bq, width // bk, topk, bk, bs.min_programs)
+        chunk = max(bq, min(Tp, chunk_bytes // (B * stream_bytes_per_query(topk, segments, bs))) // bq * bq)
+
+        def one_chunk(q_c, w_c, lim_c):
+            idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
+                                      block_sizes=bs, interpret=interpret)
+            if segments > 1:
+                return merge_segments(idx, keys, topk, return_keys, block_sizes=bs, interpret=interpret)
+            idx, keys = idx[:, :, 0], keys[:, :, 0]
+            return (idx, idx >= 0, keys) if return_keys else (idx, idx >= 0)
+    else:
+        chunk = max(bq, min(Tp, chunk_bytes // (4 * B * width)) // bq * bq)
+
+        def one_chunk(q_c, w_c, lim_c):
+            keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(bs.block_k, tile), bq=bq,
+                              num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+            positions = radix_topk_rows(keys, lim_c, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
+            return order_by_key(keys, positions, topk, return_keys)
 
     out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0))
     return jax.tree.map(lambda x: x[:, :T], out)
