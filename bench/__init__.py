@@ -28,4 +28,6 @@ BENCHMARKS = {b.name: b for b in (
               "needed)", "bench/results/roofline_tpu.json"),
     Benchmark("selector-sweep", "HISA / MISA / MISA-H agreement with DSA as their budgets grow "
               "(SmolLM2-135M, about 10 minutes on 2 CPU cores)", "bench/results/smollm2_selector_sweep.json"),
+    Benchmark("survivors", "how many keys the streaming DSA kernel's threshold lets into its buffer, on "
+              "SmolLM2's real indexer scores (a CPU model)", "bench/results/streaming_survivors_smollm2.json"),
 )}

@@ -11,14 +11,21 @@ Entries (T = S = the length, batch 1, causal, unless said):
   weighted head sum with w[T,H] -> causal mask -> ``lax.top_k``. Skipped when ``T*S*H*4*2`` bytes exceed
   the free device memory; a run-time out-of-memory is recorded as ``oom``.
 * ``dsa``, ``hisa``, ``misa``, ``misa_h``: the selection ops (``sparse_index_jax.kernels``), scoring + top-k
-  of the whole prefill.
-* ``dsa_scoring``: the Triton DSA scoring kernel alone (causal key blocks, ranking keys written to a
-  [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
+  of the whole prefill (on GPU: the fused streaming kernel).
+* ``dsa_fp8``: ``dsa`` on the fp8 indexer's inputs (q and k quantised to e4m3 with one scale per vector,
+  the q scale folded into w, the k scale per key), as DeepGEMM's ``fp8_mqa_logits`` takes them.
+* ``dsa_two_pass``: ``dsa`` with ``DsaTritonBlockSizes(selection="two_pass")`` (scoring kernel, [T, S]
+  keys, radix top-k, sort of k: the previous GPU path), whatever ``implementation`` says.
+* ``dsa_scoring``, ``dsa_scoring_fp8``: the Triton DSA scoring kernel alone (causal key blocks, ranking
+  keys written to a [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
 * ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt
   q and kv; indices random in [0, t] per query (duplicates for t < k), every slot valid.
-* ``dsa_decode``, ``sparse_mla_decode``: one new token for each of ``decode_batch`` sequences, each with
-  its own length drawn in [S/2, S].
-* ``matmul_peak``: one large bf16 matmul, the roofline every entry's TFLOP/s is divided by.
+* ``dsa_decode``, ``dsa_decode_fp8``, ``sparse_mla_decode``: one new token for each of ``decode_batch``
+  sequences, each with its own length drawn in [S/2, S].
+* ``key_cache_read``, ``key_cache_read_fp8``: one read of the decode key cache [decode_batch, S, d] (a sum
+  over it), the memory floor decode selection is compared with.
+* ``matmul_peak``, ``matmul_peak_fp8``: one large bf16 (e4m3 x e4m3 -> float32) matmul, the rooflines
+  every entry's TFLOP/s is divided by (fp8 entries: by the fp8 one).
 
 FLOPs (2 per multiply-add, dot products only; the head-weighted sums, softmax and top-k are not counted):
 
@@ -57,17 +64,24 @@ from sparse_index_jax.kernels.hisa_topk import HisaOptions, hisa_topk
 from sparse_index_jax.kernels.misa_topk import MisaHOptions, MisaOptions, misa_topk
 from sparse_index_jax.kernels.sparse_mla import sparse_mla
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
+from sparse_index_jax.layers.quantization import quantize_fp8
 
-INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_scoring", "hisa", "misa", "misa_h")
+INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_fp8", "dsa_two_pass", "dsa_scoring", "dsa_scoring_fp8", "hisa", "misa",
+                   "misa_h")
 MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
-DECODE_ENTRIES = ("dsa_decode", "sparse_mla_decode")
+DECODE_ENTRIES = ("dsa_decode", "dsa_decode_fp8", "key_cache_read", "key_cache_read_fp8", "sparse_mla_decode")
+FP8_ENTRIES = ("dsa_fp8", "dsa_scoring_fp8", "dsa_decode_fp8")  # their fraction of peak: of the fp8 matmul's
 ENTRIES = INDEXER_ENTRIES + MLA_ENTRIES + DECODE_ENTRIES
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5 x forward (FlashAttention convention)
 
 # (ratio name, numerator entry, denominator entry): a speedup is numerator time / denominator time.
-SPEEDUPS = (("dsa_vs_naive_xla", "naive_xla", "dsa"), ("hisa_vs_dsa", "dsa", "hisa"),
-            ("misa_vs_dsa", "dsa", "misa"), ("misa_h_vs_dsa", "dsa", "misa_h"))
+SPEEDUPS = (("dsa_vs_naive_xla", "naive_xla", "dsa"), ("dsa_fp8_vs_naive_xla", "naive_xla", "dsa_fp8"),
+            ("streaming_vs_two_pass", "dsa_two_pass", "dsa"), ("hisa_vs_dsa", "dsa", "hisa"),
+            ("misa_vs_dsa", "dsa", "misa"), ("misa_h_vs_dsa", "dsa", "misa_h"),
+            # not speedups: decode selection time over the time to read the key cache once (target <= 1.5)
+            ("cache_reads_per_dsa_decode", "dsa_decode", "key_cache_read"),
+            ("cache_reads_per_dsa_decode_fp8", "dsa_decode_fp8", "key_cache_read_fp8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +196,14 @@ def _is_oom(err: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(err, MemoryError)
 
 
-def matmul_peak(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    a, b = (jax.random.normal(key, (n, n), jnp.bfloat16) for key in jax.random.split(jax.random.key(seed)))
-    row = time_call(lambda a, b: a @ b, (a, b), repeats)[0].as_dict()
+def matmul_peak(n: int, repeats: int, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, Any]:
+    """One n^3 matmul: bf16, or e4m3 x e4m3 with float32 accumulation (``dtype=jnp.float8_e4m3fn``)."""
+    a, b = (jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+            for key in jax.random.split(jax.random.key(seed)))
+    fn = lambda a, b: jax.lax.dot_general(a, b.T, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    row = time_call(fn, (a, b), repeats)[0].as_dict()
     flops = 2 * n ** 3
-    return {"n": n, "dtype": "bfloat16", **row, "flops": flops, "tflops": flops / row["median_ms"] / 1e9}
+    return {"n": n, "dtype": jnp.dtype(dtype).name, **row, "flops": flops, "tflops": flops / row["median_ms"] / 1e9}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -233,6 +250,10 @@ class _Inputs:
         """Prefill: q [1,T,H,d], k [1,S,d], w [1,T,H] with T = S."""
         return self._indexer("indexer", 1, self.length)
 
+    def indexer_fp8(self):
+        """The prefill inputs as the fp8 indexer hands them over: e4m3 q and k, w * q_scale, k_scale [1, S]."""
+        return self._get("indexer_fp8", lambda _: _as_fp8(*self.indexer()))
+
     def block_sums(self, block: int):
         _, k, _ = self.indexer()
         return self._get(f"sums{block}", lambda _: jax.block_until_ready(
@@ -252,9 +273,20 @@ class _Inputs:
         lengths = self.decode_lengths()  # first: the keys' fold-in order stays as it was
         return (*self._indexer("decode_indexer", self.setup.decode_batch, 1), lengths)
 
+    def decode_indexer_fp8(self):
+        q, k, w, lengths = self.decode_indexer()
+        return (*self._get("decode_indexer_fp8", lambda _: _as_fp8(q, k, w)), lengths)
+
     def decode_mla(self):
         lengths = self.decode_lengths()
         return self._mla("decode_mla", self.setup.decode_batch, 1, lengths[:, None, None])
+
+
+def _as_fp8(q, k, w):
+    """(q8, k8, w * q_scale, k_scale): one e4m3 scale per vector, as ``layers.quantization.quantize_fp8``."""
+    q8, q_scale = quantize_fp8(q)
+    k8, k_scale = quantize_fp8(k)
+    return jax.block_until_ready((q8, k8, w * q_scale, k_scale))
 
 
 def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, tuple, dict[str, Any]]:
@@ -272,8 +304,16 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
         if entry == "dsa":
             fn = lambda q, k, w: dsa_topk(q, k, w, topk=s.topk, implementation=impl)
             return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
-        if entry == "dsa_scoring":
-            return _scoring_kernel(s, T), (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "dsa_fp8":
+            fn = lambda q, k, w, scale: dsa_topk(q, k, w, topk=s.topk, k_scale=scale, implementation=impl)
+            return fn, inputs.indexer_fp8(), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "dsa_two_pass":  # the Triton kernels whatever ``implementation`` says (interpreted on CPU)
+            fn = lambda q, k, w: dsa_topk(q, k, w, topk=s.topk, implementation="triton",
+                                          block_sizes=DsaTritonBlockSizes(selection="two_pass"))
+            return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry in ("dsa_scoring", "dsa_scoring_fp8"):
+            args = (q, k, w) if entry == "dsa_scoring" else inputs.indexer_fp8()
+            return _scoring_kernel(s, T), args, {**facts, "flops": dsa_flops(T, H, d)}
         if entry == "hisa":
             sums = inputs.block_sums(s.hisa_block)
             fn = lambda q, k, w, sums: hisa_topk(q, k, w, topk=s.topk, block_size=s.hisa_block,
@@ -299,19 +339,25 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
             return fn, (q, kv, idx, valid), facts
         return attend, (q, kv, idx, valid), facts
 
-    if entry == "dsa_decode":
-        q, k, w, lengths = inputs.decode_indexer()
-        fn = lambda q, k, w, lengths: dsa_topk(q, k, w, topk=s.topk, kv_lengths=lengths, implementation=impl)
+    if entry in ("dsa_decode", "dsa_decode_fp8"):
+        q, k, w, *scale, lengths = inputs.decode_indexer() if entry == "dsa_decode" else inputs.decode_indexer_fp8()
+        fn = lambda q, k, w, lengths, *scale: dsa_topk(q, k, w, topk=s.topk, k_scale=(scale or [None])[0],
+                                                       kv_lengths=lengths, implementation=impl)
         total = int(np.sum(np.asarray(lengths)))
-        return fn, (q, k, w, lengths), {"shapes": {"q": list(q.shape), "k": list(k.shape), "w": list(w.shape)},
-                                        "flops": 2 * H * d * total, "flops_square": 2 * H * d * q.shape[0] * T}
+        return fn, (q, k, w, lengths, *scale), {
+            "shapes": {"q": list(q.shape), "k": list(k.shape), "w": list(w.shape)},
+            "flops": 2 * H * d * total, "flops_square": 2 * H * d * q.shape[0] * T}
+    if entry in ("key_cache_read", "key_cache_read_fp8"):
+        k = inputs.decode_indexer()[1] if entry == "key_cache_read" else inputs.decode_indexer_fp8()[1]
+        fn = lambda k: jnp.sum(k.astype(jnp.float32), axis=1)  # one pass over the cache, fused by XLA
+        return fn, (k,), {"shapes": {"k": list(k.shape)}, "flops": 0, "bytes": k.size * k.dtype.itemsize}
     raise ValueError(f"bench speed: unknown entry {entry!r}")
 
 
 def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
     """The DSA scoring kernel alone over a causal prefill of T queries (no top-k); interpreted on CPU."""
-    def fn(q, k, w):
-        q, w, k, scale, width = kernel_layout(q, w, k, None, tile=DsaTritonBlockSizes().radix_tile)
+    def fn(q, k, w, k_scale=None):
+        q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=DsaTritonBlockSizes().radix_tile)
         return score_keys(q, w, k, scale, jnp.arange(1, T + 1, dtype=jnp.int32)[None], width=width)
     return fn
 
@@ -348,11 +394,14 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
         if bar is not None:
             bar.set_postfix_str(text)
 
-    step(f"matmul {setup.matmul_size}^3")
-    try:
-        peak = matmul_peak(setup.matmul_size, setup.repeats, setup.seed)
-    except Exception as err:  # noqa: BLE001  (recorded, the rest still runs)
-        peak = {"n": setup.matmul_size, "status": "skipped", "reason": _one_line(err)}
+    peaks = {}
+    for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn)):
+        step(f"{name} matmul {setup.matmul_size}^3")
+        try:
+            peaks[name] = matmul_peak(setup.matmul_size, setup.repeats, setup.seed, dtype)
+        except Exception as err:  # noqa: BLE001  (recorded, the rest still runs)
+            peaks[name] = {"n": setup.matmul_size, "status": "skipped", "reason": _one_line(err)}
+    peak = peaks["bf16"]
     if bar is not None:
         bar.update()
 
@@ -368,7 +417,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
             elif entry == "naive_xla" and (too_big := _naive_too_big(setup, T)):
                 cell = {"status": "oom", "reason": too_big}
             else:
-                cell = _run_entry(entry, setup, inputs, peak)
+                cell = _run_entry(entry, setup, inputs, peaks["fp8" if entry in FP8_ENTRIES else "bf16"])
             results[entry][str(T)] = cell
             if bar is not None:
                 bar.update()
@@ -381,7 +430,8 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
         "environment": environment(),
         "setup": {**dataclasses.asdict(setup),
                   "dtypes": {"q": "bfloat16", "k": "bfloat16", "w": "float32", "mla_q": "bfloat16",
-                             "mla_kv": "bfloat16", "block_sums": "float32"},
+                             "mla_kv": "bfloat16", "block_sums": "float32",
+                             "fp8 entries": "q, k float8_e4m3fn (one scale per vector), k_scale and w float32"},
                   "batch": 1, "causal": True},
         "backends": _backends(setup),
         "flop_convention": {
@@ -395,6 +445,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
             "dsa_decode": "2*H*d*sum(kv_lengths); sparse_mla_decode: 2*Hq*k*(Dk+v_dim) per sequence",
         },
         "matmul_peak": peak,
+        "matmul_peak_fp8": peaks["fp8"],
         "results": results,
         "ratios": ratios(results, peak),
         "elapsed_s": time.perf_counter() - started,
@@ -420,9 +471,11 @@ def _run_entry(entry: str, setup: SpeedSetup, inputs: _Inputs, peak: dict[str, A
     except Exception as err:  # noqa: BLE001  (one line recorded; the other entries still run)
         return {"status": "oom" if _is_oom(err) else "skipped", "reason": _one_line(err)}
     cell = {"status": "ok", **row, **facts, "tflops": facts["flops"] / row["median_ms"] / 1e9}
+    if "bytes" in facts:
+        cell["gb_per_s"] = facts["bytes"] / row["median_ms"] / 1e6
     if "flops_square" in facts:
         cell["tflops_square"] = facts["flops_square"] / row["median_ms"] / 1e9
-    if peak.get("tflops"):
+    if peak.get("tflops") and facts["flops"]:
         cell["fraction_of_peak"] = cell["tflops"] / peak["tflops"]
     return cell
 
@@ -448,11 +501,16 @@ def _length_label(T: int) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     lengths = report["setup"]["lengths"]
-    env, peak = report["environment"], report["matmul_peak"]
+    env = report["environment"]
     head = ["median ms", *[_length_label(T) for T in lengths]]
+
+    def peak_text(peak):
+        return (f"{peak['tflops']:.3g} TFLOP/s ({peak['dtype']} {peak['n']}^3)" if "tflops" in peak
+                else f"not measured: {peak.get('reason')}")
+
     lines = [f"{env['device_kind']} ({env['platform']}), jax {env['jax']}; matmul peak "
-             + (f"{peak['tflops']:.3g} TFLOP/s (bf16 {peak['n']}^3)" if "tflops" in peak
-                else f"not measured: {peak.get('reason')}"),
+             f"{peak_text(report['matmul_peak'])}; fp8 peak {peak_text(report.get('matmul_peak_fp8', {}))} "
+             f"(% of peak of {', '.join(FP8_ENTRIES)}: of the fp8 one)",
              " | ".join(head), " | ".join("---" for _ in head)]
 
     def cell(c):
@@ -494,7 +552,11 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
     for entry, cells in report["results"].items():
         pts = sorted((int(T), c["median_ms"]) for T, c in cells.items() if c.get("status") == "ok")
         if pts:
-            left.plot(*zip(*pts), marker="o", markersize=3, label=entry)
+            line, = left.plot(*zip(*pts), marker="o", markersize=3, label=entry)
+            stopped = sorted(int(T) for T, c in cells.items() if c.get("status") != "ok" and int(T) > pts[-1][0])
+            if stopped:  # where a line stops, and why (the table's "not timed" lines say it in full)
+                left.annotate(cells[str(stopped[0])]["status"], pts[-1], textcoords="offset points", xytext=(4, 0),
+                              fontsize=6, color=line.get_color())
     left.set(xscale="log", yscale="log", xlabel="T = S (tokens)", ylabel="median ms",
              title=f"{report['environment']['device_kind']}, jax {report['environment']['jax']}")
     for name, values in report["ratios"].items():

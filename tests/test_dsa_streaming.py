@@ -135,3 +135,20 @@ def test_streaming_lowers_for_cuda_at_production_shape(B, T, S, dtype, kernels):
                           *[jnp.zeros(s, dt) for s, dt in shapes])
     assert {name for name in ("dsa_stream_topk", "radix_topk", "dsa_score_keys") if name in text} == kernels
     assert ("f8E4M3FN" in text) == (dtype == jnp.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("block_sizes", [TINY, SPLIT], ids=["one-segment", "segments"])
+def test_position_order_gives_the_same_winners_by_position(block_sizes):
+    """MISA-H's candidates: the same set, increasing position, -1 padding last (no ranking pass)."""
+    from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order
+
+    rng = np.random.default_rng(9)
+    q, k, w, scale = _case("specials", rng, B=2, T=4, S=120)
+    positions = jnp.asarray([[-1, 30, 90, 119], [3, 60, 119, 119]], jnp.int32)
+    lengths = jnp.asarray([120, 80], jnp.int32)
+    got, ok = dsa_topk_triton(q, k, w, scale, positions, lengths, topk=40, query_chunk=0, key_chunk=0,
+                              block_sizes=block_sizes, position_order=True)
+    want, want_ok = candidates_in_position_order(*dsa_topk_reference(q, k, w, scale, positions, lengths, topk=40,
+                                                                     query_chunk=4, key_chunk=64))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(ok), np.asarray(want_ok))

@@ -152,4 +152,5 @@ def test_hierarchical_kernels_lower_for_cuda_at_production_shape():
     misa = lower_for_cuda(lambda *a: misa_topk_triton(*a, topk=2048, block_size=128, active_heads=8,
                                                       candidates=8192, query_chunk=64, key_chunk=0,
                                                       interpret=False), q, k, w, None, pos, n, sums)
-    assert hisa.count("xla.gpu.triton") >= 3 and misa.count("xla.gpu.triton") >= 4
+    # MISA: routed scoring fused with its selection (the streaming DSA kernel), then candidates: 3 kernels
+    assert hisa.count("xla.gpu.triton") >= 3 and misa.count("xla.gpu.triton") >= 3

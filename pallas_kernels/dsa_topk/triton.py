@@ -203,12 +203,12 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
     jax.lax.fori_loop(0, bq, finish, state)
 
 
-def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int,
+def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int, ranked: bool,
                   block_sizes: DsaTritonBlockSizes, interpret: bool):
     """(positions, keys), each [B, T, segments, topk] int32: every query's top ``topk`` keys among
     ``0 .. limits[b, t]`` within each of ``segments`` equal runs of key blocks, -1 / INELIGIBLE_KEY
-    padded. One segment: in the contract's order; several: in position order (``merge_segments``).
-    Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``."""
+    padded; in the contract's order if ``ranked``, else in position order (what ``merge_segments`` and
+    MISA-H's candidates take). Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``."""
     B, T, H, _ = q.shape
     bs = block_sizes
     bk = min(bs.block_k, width)
@@ -219,7 +219,7 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
     blocks_per_segment = -(-width // bk // segments)
     kernel = functools.partial(
         _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
-        blocks_per_segment=blocks_per_segment, out_tile=out_tile, out_len=out_len, ranked=segments == 1,
+        blocks_per_segment=blocks_per_segment, out_tile=out_tile, out_len=out_len, ranked=ranked,
         sync=not interpret)
     buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
     out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
@@ -250,11 +250,11 @@ def key_segments(programs: int, n_blocks: int, topk: int, bk: int, min_programs:
     return -(-n_blocks // per_segment)
 
 
-def merge_segments(positions, keys, topk: int, return_keys: bool, *, block_sizes: DsaTritonBlockSizes,
-                   interpret: bool):
+def merge_segments(positions, keys, topk: int, return_keys: bool, *, position_order: bool,
+                   block_sizes: DsaTritonBlockSizes, interpret: bool):
     """Per-segment winners [B, T, G, topk] (position order) -> the row's top ``topk`` in the contract's
-    order. Segments are in position order, so candidate order is position order and the radix select's
-    tie rule (lower candidate first) is the contract's."""
+    order (or in position order). Segments are in position order, so candidate order is position order
+    and the radix select's tie rule (lower candidate first) is the contract's."""
     B, T, G, _ = positions.shape
     positions, keys = positions.reshape(B, T, G * topk), keys.reshape(B, T, G * topk)
     tile = min(block_sizes.radix_tile, next_pow2(G * topk))
@@ -262,27 +262,36 @@ def merge_segments(positions, keys, topk: int, return_keys: bool, *, block_sizes
     positions, keys = pad_axis(positions, 2, width, -1), pad_axis(keys, 2, width, INELIGIBLE_KEY)
     slots = radix_topk_rows(keys, jnp.full((B, T), width, jnp.int32), topk, tile=tile,
                             bucket=block_sizes.radix_bucket, interpret=interpret)
+    if position_order:  # the radix select emits candidates in candidate (= position) order
+        chosen = jnp.where(slots >= 0, jnp.take_along_axis(positions, jnp.maximum(slots, 0), axis=-1), -1)
+        sel = [jnp.where(slots >= 0, jnp.take_along_axis(keys, jnp.maximum(slots, 0), axis=-1), INELIGIBLE_KEY)]
+        return (chosen, chosen >= 0, *sel[:return_keys])
     slot, valid, *sel = order_by_key(keys, slots, topk, return_keys)
     return (jnp.where(valid, jnp.take_along_axis(positions, jnp.maximum(slot, 0), axis=-1), -1), valid, *sel)
 
 
 def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int, key_chunk: int,
                     return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
-                    chunk_bytes: int = 1 << 30, interpret: bool | None = None):
+                    chunk_bytes: int = 1 << 30, interpret: bool | None = None, position_order: bool = False):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
     reference's memory; here queries go in chunks whose device memory (streaming: candidate buffers,
     O(chunk * k); two-pass: [chunk, S] int32 keys) fits ``chunk_bytes``. ``block_sizes``: the kernels'
     tiles and selection (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the platform says
-    (``dispatch.triton_interpret``)."""
+    (``dispatch.triton_interpret``). ``position_order``: the same winners in increasing position, -1
+    padding last (streaming only: MISA-H's candidates), instead of the contract's order."""
     del query_chunk, key_chunk
+    block_sizes = block_sizes or DsaTritonBlockSizes()
+    if position_order and block_sizes.selection != "streaming":
+        raise ValueError("dsa_topk_triton: position_order needs DsaTritonBlockSizes(selection='streaming')")
     return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
-                            block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
-                            interpret=triton_interpret(interpret))
+                            block_sizes=block_sizes, chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret),
+                            position_order=position_order)
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "return_keys", "block_sizes", "chunk_bytes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("topk", "return_keys", "block_sizes", "chunk_bytes", "interpret",
+                                             "position_order"))
 def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_keys, block_sizes, chunk_bytes,
-                     interpret):
+                     interpret, position_order):
     B, T, H, d = q.shape
     S = k.shape[1]
     bs = block_sizes
@@ -303,9 +312,11 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
 
         def one_chunk(q_c, w_c, lim_c):
             idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
-                                      block_sizes=bs, interpret=interpret)
+                                      ranked=segments == 1 and not position_order, block_sizes=bs,
+                                      interpret=interpret)
             if segments > 1:
-                return merge_segments(idx, keys, topk, return_keys, block_sizes=bs, interpret=interpret)
+                return merge_segments(idx, keys, topk, return_keys, position_order=position_order, block_sizes=bs,
+                                      interpret=interpret)
             idx, keys = idx[:, :, 0], keys[:, :, 0]
             return (idx, idx >= 0, keys) if return_keys else (idx, idx >= 0)
     else:

@@ -46,8 +46,10 @@ def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
                              interpret=interpret)
     if candidates is None:
         return scan(topk=topk, return_keys=return_keys)
-    idx, valid = scan(topk=candidates)
-    cand, _ = candidates_in_position_order(idx, valid)
+    if block_sizes.selection == "streaming":  # the kernel hands the candidates over in position order
+        cand, _ = scan(topk=candidates, position_order=True)
+    else:
+        cand, _ = candidates_in_position_order(*scan(topk=candidates))
     B, T = q.shape[:2]
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
     chunk = max(1, min(T, chunk_bytes // (B * 12 * candidates)))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from sparse_index_jax.bench import BENCHMARKS
-from sparse_index_jax.cli import bench_fidelity, bench_roofline, bench_speed, bench_sweep
+from sparse_index_jax.cli import bench_fidelity, bench_roofline, bench_speed, bench_survivors, bench_sweep
 
 _COMMANDS = {"speed": bench_speed, "fidelity": bench_fidelity, "roofline": bench_roofline,
-             "selector-sweep": bench_sweep}
+             "selector-sweep": bench_sweep, "survivors": bench_survivors}
 
 
 def add_parser(sub) -> None:

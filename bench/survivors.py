@@ -1,0 +1,178 @@
+"""How much the streaming DSA kernel's threshold prunes, on real indexer scores: a CPU model, no GPU needed.
+
+The fused kernel (``kernels/dsa_topk/triton.py`` with ``kernels/streaming_topk_triton.py``) scores keys in
+blocks of ``bk``, in position order, and a key enters its query's buffer only if it beats the threshold:
+the k-th largest key seen up to the last compaction. A compaction (radix select over the buffer: 8
+counting passes and one emitting pass) runs whenever the next block could overflow the buffer's
+``cap = 2k + bk`` slots (rounded up to the compaction tile). This module replays exactly that policy, per
+query, on the scores of SmolLM2-135M's DSA indexers (the shipped ones) over held-out CPython sources,
+and counts per query: keys scored, keys inserted, compactions, and the buffer entries the compactions
+read. The same scores in a shuffled key order and in increasing order (the threshold never prunes)
+bound it from both sides. What it predicts for a GPU: the selection work of the fused kernel, against
+the two-pass path, which writes every scored key and reads it in each radix pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from sparse_index_jax.bench.reports import environment, save_json
+
+ORDERS = ("model", "reversed", "shuffled", "increasing")
+_PASSES = 9  # a compaction reads the buffer 8 times (4-bit radix digits) and once more to emit
+
+
+@dataclasses.dataclass(frozen=True)
+class SurvivorSetup:
+    seq_len: int = 4096
+    topks: tuple[int, ...] = (64, 256, 1024)
+    block_k: int = 64        # DsaTritonBlockSizes.block_k
+    compaction_tile: int = 256  # DsaTritonBlockSizes.radix_tile
+    query_stride: int = 4    # replay every 4th query
+    layer_stride: int = 1    # and every layer
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("seq_len", "block_k", "compaction_tile", "query_stride", "layer_stride"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SurvivorSetup.{name} must be positive, got {getattr(self, name)}")
+        if not self.topks or min(self.topks) <= 0:
+            raise ValueError(f"SurvivorSetup.topks must be positive ints, got {self.topks}")
+
+
+def ordered_keys(scores: np.ndarray) -> np.ndarray:
+    """numpy twin of ``kernels.ranking.ordered_keys`` (int64 here: room for the -inf of ineligible keys)."""
+    s = np.where(np.isnan(scores), -np.inf, scores).astype(np.float32)
+    s = np.where(s == 0, np.float32(0), s)
+    bits = s.view(np.int32).astype(np.int64)
+    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def buffer_capacity(topk: int, block_k: int, tile: int) -> int:
+    """The kernel's ``cap``: 2k + bk rounded up to the compaction tile (capped like the kernel's tile)."""
+    tile = min(tile, 1 << (2 * topk + block_k - 1).bit_length())
+    return -(-(2 * topk + block_k) // tile) * tile
+
+
+def replay(keys: np.ndarray, limits: np.ndarray, topk: int, block_k: int, cap: int, *,
+           ties_enter: bool = False) -> dict[str, np.ndarray]:
+    """The kernel's buffer policy on ranking ``keys`` [R, S] in stream order (row r: the first limits[r]
+    are eligible), all rows at once: per row, keys scored, inserted, compactions and compaction reads
+    (buffer entries read). ``ties_enter``: a key equal to the threshold enters (streaming positions
+    downwards, where it would win the tie)."""
+    R, S = keys.shape
+    low = np.iinfo(np.int64).min
+    keys = np.where(np.arange(S)[None, :] < limits[:, None], keys, low)
+    count, inserted, compactions, reads = (np.zeros(R, np.int64) for _ in range(4))
+    thr = np.full(R, low, np.int64)
+
+    def compact(rows, end):
+        for r in rows:  # the k-th largest key seen so far (a rejected key is never above it)
+            thr[r] = np.partition(keys[r, :end], -topk)[-topk]
+        reads[rows] += _PASSES * count[rows]
+        compactions[rows] += 1
+        count[rows] = topk
+
+    for j in range(-(-S // block_k)):
+        compact(np.flatnonzero(count > cap - block_k), j * block_k)
+        blk = keys[:, j * block_k:(j + 1) * block_k]
+        take = ((blk >= thr[:, None]) if ties_enter else (blk > thr[:, None])) & (blk > low)
+        count += take.sum(axis=1)
+        inserted += take.sum(axis=1)
+    compact(np.flatnonzero(count > topk), S)
+    return {"scored": np.minimum(limits, S), "inserted": inserted, "compactions": compactions, "reads": reads}
+
+
+def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
+    """Totals over the rows; buffer traffic in entries (8 bytes: key and position)."""
+    rows = stats["scored"] > topk  # rows shorter than k keep everything: nothing to select
+    scored = float(stats["scored"][rows].sum())
+    if not rows.any():
+        return {"rows": 0}
+    return {"rows": int(rows.sum()), "scored": scored,
+            "inserted_share": float(stats["inserted"][rows].sum()) / scored,
+            "compactions_per_row": float(stats["compactions"][rows].mean()),
+            # streaming: inserts written once, compactions' reads and writes (k each); two-pass: every key written
+            # once and read by >= 2 radix passes (counting, emitting), the fewest it can do
+            "stream_entries_per_key": float((stats["inserted"] + stats["reads"] + topk * stats["compactions"])
+                                            [rows].sum()) / scored,
+            "two_pass_entries_per_key_at_least": 3.0}
+
+
+def layer_report(scores: np.ndarray, setup: SurvivorSetup, rng: np.random.Generator) -> dict[str, Any]:
+    """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t)."""
+    T = scores.shape[0]
+    rows = np.arange(setup.query_stride - 1, T, setup.query_stride)
+    limits = rows + 1
+    keys = ordered_keys(scores[rows])
+    out: dict[str, Any] = {}
+    for order in ORDERS:
+        ordered = keys
+        if order == "shuffled":  # the same eligible values in a random key order
+            ordered = np.stack([np.concatenate([rng.permutation(r[:n]), r[n:]]) for r, n in zip(keys, limits)])
+        elif order == "reversed":  # the latest key first
+            ordered = np.stack([np.concatenate([r[:n][::-1], r[n:]]) for r, n in zip(keys, limits)])
+        elif order == "increasing":
+            ordered = np.stack([np.concatenate([np.sort(r[:n]), r[n:]]) for r, n in zip(keys, limits)])
+        out[order] = {str(k): summarise(replay(ordered, limits, k, setup.block_k,
+                                               buffer_capacity(k, setup.block_k, setup.compaction_tile),
+                                               ties_enter=order == "reversed"), k)
+                      for k in setup.topks}
+    return out
+
+
+def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, progress: bool = True,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Replays the policy on every layer of SmolLM2-135M (+ ``indexers``) over one held-out sequence."""
+    from sparse_index_jax.bench.model_fidelity import dense_layer_outputs
+    from sparse_index_jax.kernels.dsa_topk import index_scores
+    from sparse_index_jax.models.retrofit import smollm2
+    from sparse_index_jax.training.data import python_stdlib_files, read_tokens
+
+    start = time.perf_counter()
+    model, tokenizer = smollm2(indexers, progress=progress)
+    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
+    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
+    if len(held) < setup.seq_len:
+        raise ValueError(f"the held-out files hold {len(held):,} tokens, fewer than seq_len={setup.seq_len}")
+    tokens = np.asarray(held[: setup.seq_len])[None]
+    rng = np.random.default_rng(setup.seed)
+    layers = []  # every ``layer_stride``-th layer
+    for i, attn in enumerate(dense_layer_outputs(model, tokens)):
+        if i % setup.layer_stride:
+            continue
+        act = attn.indexer
+        scores = np.asarray(index_scores(act.q, act.k, act.w, act.k_scale)[0], np.float32)
+        layers.append(layer_report(scores, setup, rng))
+        if log:
+            log(f"layer {i}: inserted share (model order) "
+                + ", ".join(f"k={k} {layers[-1]['model'][str(k)].get('inserted_share', 0):.3f}" for k in setup.topks))
+    mean = {order: {str(k): {m: float(np.mean([lay[order][str(k)][m] for lay in layers]))
+                             for m in ("inserted_share", "compactions_per_row", "stream_entries_per_key")}
+                    for k in setup.topks} for order in ORDERS}
+    return {"benchmark": "survivors", "environment": environment(), "setup": dataclasses.asdict(setup),
+            "indexers": indexers, "layers": layers, "mean_over_layers": mean,
+            "seconds": time.perf_counter() - start}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Mean over layers, per key order and k: what share of scored keys the buffer takes, compactions per
+    row, and buffer entries moved per scored key."""
+    setup = report["setup"]
+    lines = [f"{'order':>10} {'k':>6} {'inserted / scored':>18} {'compactions/row':>16} {'entries moved/key':>18}"]
+    for order, per_k in report["mean_over_layers"].items():
+        for k, m in per_k.items():
+            lines.append(f"{order:>10} {k:>6} {m['inserted_share']:>18.3f} {m['compactions_per_row']:>16.2f} "
+                         f"{m['stream_entries_per_key']:>18.2f}")
+    lines.append(f"(T = S = {setup['seq_len']}, causal, every {setup['query_stride']}th query of every "
+                 f"{setup['layer_stride']}th layer; two-pass moves >= 3 entries per scored key: one write, >= 2 radix "
+                 "reads)")
+    return "\n".join(lines)
+
+
+def save(report: dict[str, Any], path: str) -> str:
+    return str(save_json(report, path))
