@@ -152,3 +152,21 @@ def test_position_order_gives_the_same_winners_by_position(block_sizes):
                                                                      query_chunk=4, key_chunk=64))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(ok), np.asarray(want_ok))
+
+
+def test_survivor_model_replays_the_buffer_policy():
+    """bench/survivors.py: increasing scores insert every key; decreasing ones stop at the first compaction."""
+    from sparse_index_jax.bench.survivors import buffer_capacity, replay
+
+    S, topk, bk = 1000, 20, 16
+    cap = buffer_capacity(topk, bk, 16)
+    assert cap == 64 and buffer_capacity(2048, 64, 256) == 4352  # 2k + bk rounded up to the compaction tile
+    rising, falling = np.arange(S)[None], (S - np.arange(S))[None]
+    limits = np.array([S])
+    up = replay(rising, limits, topk, bk, cap)
+    # 4 blocks fill 64 > 48 slots; then each 2 blocks: compactions before blocks 4, 6, ..., 62 and at the end
+    assert up["inserted"][0] == S and up["compactions"][0] == 30 + 1
+    down = replay(falling, limits, topk, bk, cap)
+    first = -(-(cap - bk + 1) // bk) * bk  # blocks inserted until a buffer holds more than cap - bk
+    assert down["inserted"][0] == first and down["compactions"][0] == 1
+    assert replay(rising, np.array([topk - 3]), topk, bk, cap)["compactions"][0] == 0  # short row: all kept
