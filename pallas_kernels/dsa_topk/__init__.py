@@ -1,8 +1,8 @@
 """DSA lightning-indexer scoring + exact top-k: the entry point, its options and its implementations.
 
-Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``), ``triton`` (``triton.py``: scoring
-fused with a streaming exact top-k, or scoring then a radix top-k), ``mosaic_tpu`` (``mosaic_tpu.py``: a scoring kernel, a
-threshold-search kernel and XLA compaction). All three return the same indices in the same order.
+Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``), ``triton`` (``triton.py``:
+scoring fused with a streaming exact top-k, or scoring then a radix top-k), ``mosaic_tpu``
+(``mosaic_tpu.py``: a scoring kernel, a threshold-search kernel and XLA compaction). All three return the same indices in the same order.
 """
 
 from __future__ import annotations
