@@ -2,7 +2,8 @@
 
 Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``), ``triton`` (``triton.py``:
 scoring fused with a streaming exact top-k, or scoring then a radix top-k), ``mosaic_tpu``
-(``mosaic_tpu.py``: a scoring kernel, a threshold-search kernel and XLA compaction). All three return the same indices in the same order.
+(``mosaic_tpu.py``: a scoring kernel, a threshold-search kernel and XLA compaction). All three return
+the same indices in the same order.
 """
 
 from __future__ import annotations
