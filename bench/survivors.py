@@ -168,9 +168,10 @@ def format_table(report: dict[str, Any]) -> str:
         for k, m in per_k.items():
             lines.append(f"{order:>10} {k:>6} {m['inserted_share']:>18.3f} {m['compactions_per_row']:>16.2f} "
                          f"{m['stream_entries_per_key']:>18.2f}")
-    lines.append(f"(T = S = {setup['seq_len']}, causal, every {setup['query_stride']}th query of every "
-                 f"{setup['layer_stride']}th layer; two-pass moves >= 3 entries per scored key: one write, >= 2 radix "
-                 "reads)")
+    every = lambda n, what: f"every {what}" if n == 1 else f"every {n}th {what}"
+    lines.append(f"(T = S = {setup['seq_len']}, causal, {every(setup['query_stride'], 'query')} of "
+                 f"{every(setup['layer_stride'], 'layer')}; two-pass moves >= 3 entries per scored key: one write, "
+                 ">= 2 radix reads)")
     return "\n".join(lines)
 
 
