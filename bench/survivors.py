@@ -1,15 +1,16 @@
 """How much the streaming DSA kernel's threshold prunes, on real indexer scores: a CPU model, no GPU needed.
 
 The fused kernel (``kernels/dsa_topk/triton.py`` with ``kernels/streaming_topk_triton.py``) scores keys in
-blocks of ``bk``, in position order, and a key enters its query's buffer only if it beats the threshold:
+blocks of ``bk``, latest block first, and a key enters its query's buffer only if it is >= the threshold:
 the k-th largest key seen up to the last compaction. A compaction (radix select over the buffer: 8
 counting passes and one emitting pass) runs whenever the next block could overflow the buffer's
 ``cap = 2k + bk`` slots (rounded up to the compaction tile). This module replays exactly that policy, per
 query, on the scores of SmolLM2-135M's DSA indexers (the shipped ones) over held-out CPython sources,
 and counts per query: keys scored, keys inserted, compactions, and the buffer entries the compactions
-read. The same scores in a shuffled key order and in increasing order (the threshold never prunes)
-bound it from both sides. What it predicts for a GPU: the selection work of the fused kernel, against
-the two-pass path, which writes every scored key and reads it in each radix pass.
+read. The same scores streamed in other orders show what the order is worth: position order (the
+first version of the kernel, where a key had to be strictly above the threshold), a random order, and
+increasing scores (the threshold never prunes). What it predicts for a GPU: the selection work of the
+fused kernel, against the two-pass path, which writes every scored key and reads it in each radix pass.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from sparse_index_jax.bench.reports import environment, save_json
 
-ORDERS = ("model", "reversed", "shuffled", "increasing")
+ORDERS = ("kernel", "position", "shuffled", "increasing")  # kernel: latest block first, ties enter
 _PASSES = 9  # a compaction reads the buffer 8 times (4-bit radix digits) and once more to emit
 
 
@@ -58,15 +59,16 @@ def buffer_capacity(topk: int, block_k: int, tile: int) -> int:
     return -(-(2 * topk + block_k) // tile) * tile
 
 
-def replay(keys: np.ndarray, limits: np.ndarray, topk: int, block_k: int, cap: int, *,
-           ties_enter: bool = False) -> dict[str, np.ndarray]:
-    """The kernel's buffer policy on ranking ``keys`` [R, S] in stream order (row r: the first limits[r]
-    are eligible), all rows at once: per row, keys scored, inserted, compactions and compaction reads
-    (buffer entries read). ``ties_enter``: a key equal to the threshold enters (streaming positions
-    downwards, where it would win the tie)."""
+INELIGIBLE = np.iinfo(np.int64).min
+
+
+def replay(keys: np.ndarray, topk: int, block_k: int, cap: int, *, ties_enter: bool = True) -> dict[str, np.ndarray]:
+    """The kernel's buffer policy on ranking ``keys`` [R, S] in stream order (``INELIGIBLE`` where a key
+    is not eligible), all rows at once: per row, keys scored, inserted, compactions and compaction reads
+    (buffer entries read). ``ties_enter``: a key equal to the threshold enters (the kernel: it streams
+    positions downwards, where such a key wins the tie); else only keys above it (position order)."""
     R, S = keys.shape
-    low = np.iinfo(np.int64).min
-    keys = np.where(np.arange(S)[None, :] < limits[:, None], keys, low)
+    low = INELIGIBLE
     count, inserted, compactions, reads = (np.zeros(R, np.int64) for _ in range(4))
     thr = np.full(R, low, np.int64)
 
@@ -84,7 +86,7 @@ def replay(keys: np.ndarray, limits: np.ndarray, topk: int, block_k: int, cap: i
         count += take.sum(axis=1)
         inserted += take.sum(axis=1)
     compact(np.flatnonzero(count > topk), S)
-    return {"scored": np.minimum(limits, S), "inserted": inserted, "compactions": compactions, "reads": reads}
+    return {"scored": np.sum(keys > low, axis=1), "inserted": inserted, "compactions": compactions, "reads": reads}
 
 
 def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
@@ -103,26 +105,34 @@ def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
             "two_pass_entries_per_key_at_least": 3.0}
 
 
+def stream_orders(keys: np.ndarray, limits: np.ndarray, block_k: int, rng: np.random.Generator):
+    """{order: (keys in that stream order [R, S], ties_enter)} for rows whose first ``limits`` are eligible.
+    ``kernel``: the kernel's blocks of ``block_k`` keys aligned to positions, latest block first (the
+    partial causal block, padded with ineligible keys, comes first)."""
+    S = keys.shape[1]
+    keys = np.where(np.arange(S)[None, :] < limits[:, None], keys, INELIGIBLE)
+
+    def per_row(fn):
+        streams = [fn(r, n) for r, n in zip(keys, limits)]
+        return np.stack([np.concatenate([x, np.full(S - len(x), INELIGIBLE)]) for x in streams])
+
+    width = lambda n: min(S, -(-n // block_k) * block_k)
+    return {"kernel": (per_row(lambda r, n: r[:width(n)][::-1]), True),
+            "position": (keys, False),
+            "shuffled": (per_row(lambda r, n: rng.permutation(r[:n])), False),
+            "increasing": (per_row(lambda r, n: np.sort(r[:n])), False)}
+
+
 def layer_report(scores: np.ndarray, setup: SurvivorSetup, rng: np.random.Generator) -> dict[str, Any]:
     """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t)."""
     T = scores.shape[0]
     rows = np.arange(setup.query_stride - 1, T, setup.query_stride)
-    limits = rows + 1
-    keys = ordered_keys(scores[rows])
-    out: dict[str, Any] = {}
-    for order in ORDERS:
-        ordered = keys
-        if order == "shuffled":  # the same eligible values in a random key order
-            ordered = np.stack([np.concatenate([rng.permutation(r[:n]), r[n:]]) for r, n in zip(keys, limits)])
-        elif order == "reversed":  # the latest key first
-            ordered = np.stack([np.concatenate([r[:n][::-1], r[n:]]) for r, n in zip(keys, limits)])
-        elif order == "increasing":
-            ordered = np.stack([np.concatenate([np.sort(r[:n]), r[n:]]) for r, n in zip(keys, limits)])
-        out[order] = {str(k): summarise(replay(ordered, limits, k, setup.block_k,
-                                               buffer_capacity(k, setup.block_k, setup.compaction_tile),
-                                               ties_enter=order == "reversed"), k)
-                      for k in setup.topks}
-    return out
+    orders = stream_orders(ordered_keys(scores[rows]), rows + 1, setup.block_k, rng)
+    return {order: {str(k): summarise(replay(keys, k, setup.block_k,
+                                             buffer_capacity(k, setup.block_k, setup.compaction_tile),
+                                             ties_enter=ties), k)
+                    for k in setup.topks}
+            for order, (keys, ties) in orders.items()}
 
 
 def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, progress: bool = True,
@@ -149,8 +159,8 @@ def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, pr
         scores = np.asarray(index_scores(act.q, act.k, act.w, act.k_scale)[0], np.float32)
         layers.append(layer_report(scores, setup, rng))
         if log:
-            log(f"layer {i}: inserted share (model order) "
-                + ", ".join(f"k={k} {layers[-1]['model'][str(k)].get('inserted_share', 0):.3f}" for k in setup.topks))
+            log(f"layer {i}: inserted share (the kernel's order) "
+                + ", ".join(f"k={k} {layers[-1]['kernel'][str(k)].get('inserted_share', 0):.3f}" for k in setup.topks))
     mean = {order: {str(k): {m: float(np.mean([lay[order][str(k)][m] for lay in layers]))
                              for m in ("inserted_share", "compactions_per_row", "stream_entries_per_key")}
                     for k in setup.topks} for order in ORDERS}

@@ -155,18 +155,27 @@ def test_position_order_gives_the_same_winners_by_position(block_sizes):
 
 
 def test_survivor_model_replays_the_buffer_policy():
-    """bench/survivors.py: increasing scores insert every key; decreasing ones stop at the first compaction."""
-    from sparse_index_jax.bench.survivors import buffer_capacity, replay
+    """bench/survivors.py: increasing scores insert every key; decreasing ones stop at the first compaction;
+    the kernel's order is the latest block first, aligned to the kernel's blocks."""
+    from sparse_index_jax.bench.survivors import INELIGIBLE, buffer_capacity, replay, stream_orders
 
     S, topk, bk = 1000, 20, 16
     cap = buffer_capacity(topk, bk, 16)
     assert cap == 64 and buffer_capacity(2048, 64, 256) == 4352  # 2k + bk rounded up to the compaction tile
     rising, falling = np.arange(S)[None], (S - np.arange(S))[None]
-    limits = np.array([S])
-    up = replay(rising, limits, topk, bk, cap)
+    up = replay(rising, topk, bk, cap)
     # 4 blocks fill 64 > 48 slots; then each 2 blocks: compactions before blocks 4, 6, ..., 62 and at the end
     assert up["inserted"][0] == S and up["compactions"][0] == 30 + 1
-    down = replay(falling, limits, topk, bk, cap)
+    down = replay(falling, topk, bk, cap)
     first = -(-(cap - bk + 1) // bk) * bk  # blocks inserted until a buffer holds more than cap - bk
     assert down["inserted"][0] == first and down["compactions"][0] == 1
-    assert replay(rising, np.array([topk - 3]), topk, bk, cap)["compactions"][0] == 0  # short row: all kept
+    short = np.where(np.arange(S) < topk - 3, rising, INELIGIBLE)
+    assert replay(short, topk, bk, cap)["compactions"][0] == 0  # a row shorter than k keeps everything
+    ties = np.full((1, S), 7)  # all equal: they enter only when ties do (the kernel's rule)
+    assert replay(ties, topk, bk, cap)["inserted"][0] == S
+    assert replay(ties, topk, bk, cap, ties_enter=False)["inserted"][0] == first
+
+    orders = stream_orders(rising, np.array([37]), bk, np.random.default_rng(0))
+    kernel, ties_enter = orders["kernel"]
+    assert ties_enter and (kernel[0, :11] == INELIGIBLE).all()  # positions 47..37 of the last block: past the row
+    assert list(kernel[0, 11:48]) == list(range(36, -1, -1)) and (kernel[0, 48:] == INELIGIBLE).all()

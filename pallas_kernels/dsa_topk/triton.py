@@ -3,8 +3,8 @@
 Two ways to select, chosen by ``DsaTritonBlockSizes.selection``:
 
 * ``"streaming"`` (default): one fused kernel, ``stream_select``. One program per block of ``bq``
-  queries (and, when there are few query blocks, per segment of keys) scores key blocks in position
-  order with one tensor-core dot each and feeds every query's scores straight into its candidate
+  queries (and, when there are few query blocks, per segment of keys) scores key blocks, latest first,
+  with one tensor-core dot each and feeds every query's scores straight into its candidate
   buffer (``streaming_topk_triton.py``): a key enters only if it beats the query's proven threshold,
   so no [T, S] array is ever written and memory is O(T * k). The survivors come out in the contract's
   order (ranked in the kernel); key segments, when there are several, are merged by a radix select
@@ -36,7 +36,7 @@ from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
-from sparse_index_jax.kernels.streaming_topk_triton import compact, rank_survivors
+from sparse_index_jax.kernels.streaming_topk_triton import FIRST_THRESHOLD, compact, rank_survivors
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -163,23 +163,26 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
             return put(count, c, topk), put(thr, c, tau), put(half, c, 1 - h)
         return jax.lax.fori_loop(0, (pick(state[0], c) > limit).astype(jnp.int32), run, state)
 
-    def block(j, state):
+    def block(step, state):
+        j = last - 1 - step  # latest block first: recent keys, which causal indexers favour, set the threshold
         # Room for a whole block in every buffer. Loops over the queries, not unrolled: one copy of the code.
         state = jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state)
         count, thr, half = state
         positions = j * bk + jax.lax.iota(jnp.int32, bk)
         scores = _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads)        # [bk, bq]
         keys = jnp.where(positions[:, None] < limits[None, :], ordered_keys(scores), INELIGIBLE_KEY)
-        take = keys > thr[None, :]
-        slots = jnp.where(take, count[None, :] + jnp.cumsum(take.astype(jnp.int32), axis=0) - 1, cap)
+        take = (keys >= thr[None, :]).astype(jnp.int32)
+        later = jnp.sum(take, axis=0)[None, :] - jnp.cumsum(take, axis=0)  # taken keys above in this block
+        slots = jnp.where(take > 0, count[None, :] + later, cap)          # descending positions, as the buffer
         query_rows = jnp.broadcast_to(i * bq + cols[None, :], (bk, bq))
         halves = jnp.broadcast_to(half[None, :], (bk, bq))
         buf_key_ref[b, query_rows, g, halves, slots] = keys
         buf_pos_ref[b, query_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
-        return count + jnp.sum(take.astype(jnp.int32), axis=0), thr, half
+        return count + jnp.sum(take, axis=0), thr, half
 
     zeros = jnp.zeros((bq,), jnp.int32)
-    state = jax.lax.fori_loop(first, last, block, (zeros, jnp.full((bq,), INELIGIBLE_KEY, jnp.int32), zeros))
+    state = jax.lax.fori_loop(0, jnp.maximum(last - first, 0), block,
+                              (zeros, jnp.full((bq,), FIRST_THRESHOLD, jnp.int32), zeros))
     out_lane = jax.lax.iota(jnp.int32, out_tile)
 
     def finish(c, state):

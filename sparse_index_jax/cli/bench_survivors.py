@@ -8,11 +8,12 @@ from sparse_index_jax.bench import Benchmark, survivors
 from sparse_index_jax.cli.arguments import lengths
 
 DESCRIPTION = (
-    "Replays the fused DSA kernel's candidate-buffer policy (a key enters only above the k-th largest key seen at "
-    "the last compaction; a compaction whenever the next block could overflow 2k + bk slots) on the scores of "
-    "SmolLM2-135M's DSA indexers over one held-out sequence, every layer, causal. Prints, per key order (the "
-    "model's, shuffled, increasing) and k, the share of scored keys inserted, compactions per row and buffer "
-    "entries moved per scored key. CPU only; about 5 minutes on 2 cores at the default 4K tokens.")
+    "Replays the fused DSA kernel's candidate-buffer policy (latest key block first; a key enters only if >= the "
+    "k-th largest key seen at the last compaction; a compaction whenever the next block could overflow 2k + bk "
+    "slots) on the scores of SmolLM2-135M's DSA indexers over one held-out sequence, every layer, causal. Prints, "
+    "per stream order (the kernel's, position order, shuffled, increasing) and k, the share of scored keys "
+    "inserted, compactions per row and buffer entries moved per scored key. CPU only; about 8 minutes on 2 cores "
+    "at the default 4K tokens.")
 
 
 def add_parser(sub, spec: Benchmark) -> None:
