@@ -14,7 +14,7 @@ timeout 240 python -m pytest -q -p no:cacheprovider tests/test_dsa_streaming.py 
     > "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"
 timeout 300 sparse-index bench speed --lengths 8K,32K,128K,256K --max-seconds 270 --repeats 3 --quiet \
-    --entries naive_xla,dsa,dsa_fp8,dsa_two_pass,dsa_scoring,dsa_scoring_fp8,dsa_decode,dsa_decode_fp8,key_cache_read,key_cache_read_fp8 \
+    --entries naive_xla,dsa,dsa_fp8,dsa_two_pass,dsa_sort_after,dsa_scoring,dsa_scoring_fp8,dsa_decode,dsa_decode_fp8,key_cache_read,key_cache_read_fp8 \
     --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
 echo "bench exit $?" >> "$OUT/speed.log"
 tail -n 40 "$OUT/tests.log" "$OUT/speed.log"

@@ -16,6 +16,8 @@ Entries (T = S = the length, batch 1, causal, unless said):
   the q scale folded into w, the k scale per key), as DeepGEMM's ``fp8_mqa_logits`` takes them.
 * ``dsa_two_pass``: ``dsa`` with ``DsaTritonBlockSizes(selection="two_pass")`` (scoring kernel, [T, S]
   keys, radix top-k, sort of k: the previous GPU path), whatever ``implementation`` says.
+* ``dsa_sort_after``: the streaming kernel without its in-kernel ranking (winners in position order), then
+  XLA's sort of k per row: what the kernel's k^2-comparison ranking is to beat.
 * ``dsa_scoring``, ``dsa_scoring_fp8``: the Triton DSA scoring kernel alone (causal key blocks, ranking
   keys written to a [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
 * ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt
@@ -59,15 +61,16 @@ from sparse_index_jax.kernels import misa_topk as misa_topk_op
 from sparse_index_jax.kernels import sparse_mla as sparse_mla_op
 from sparse_index_jax.kernels.block_pooling import pool_block_sums
 from sparse_index_jax.kernels.dsa_topk import dsa_topk
-from sparse_index_jax.kernels.dsa_topk.triton import kernel_layout, score_keys
+from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout, score_keys
 from sparse_index_jax.kernels.hisa_topk import HisaOptions, hisa_topk
 from sparse_index_jax.kernels.misa_topk import MisaHOptions, MisaOptions, misa_topk
+from sparse_index_jax.kernels.ranking import top_k_by_key
 from sparse_index_jax.kernels.sparse_mla import sparse_mla
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 from sparse_index_jax.layers.quantization import quantize_fp8
 
-INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_fp8", "dsa_two_pass", "dsa_scoring", "dsa_scoring_fp8", "hisa", "misa",
-                   "misa_h")
+INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_fp8", "dsa_two_pass", "dsa_sort_after", "dsa_scoring", "dsa_scoring_fp8",
+                   "hisa", "misa", "misa_h")
 MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
 DECODE_ENTRIES = ("dsa_decode", "dsa_decode_fp8", "key_cache_read", "key_cache_read_fp8", "sparse_mla_decode")
 FP8_ENTRIES = ("dsa_fp8", "dsa_scoring_fp8", "dsa_decode_fp8")  # their fraction of peak: of the fp8 matmul's
@@ -77,7 +80,8 @@ BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5 x forward (FlashAttention conventi
 
 # (ratio name, numerator entry, denominator entry): a speedup is numerator time / denominator time.
 SPEEDUPS = (("dsa_vs_naive_xla", "naive_xla", "dsa"), ("dsa_fp8_vs_naive_xla", "naive_xla", "dsa_fp8"),
-            ("streaming_vs_two_pass", "dsa_two_pass", "dsa"), ("hisa_vs_dsa", "dsa", "hisa"),
+            ("streaming_vs_two_pass", "dsa_two_pass", "dsa"), ("rank_in_kernel_vs_sort_after", "dsa_sort_after", "dsa"),
+            ("hisa_vs_dsa", "dsa", "hisa"),
             ("misa_vs_dsa", "dsa", "misa"), ("misa_h_vs_dsa", "dsa", "misa_h"),
             # not speedups: decode selection time over the time to read the key cache once (target <= 1.5)
             ("cache_reads_per_dsa_decode", "dsa_decode", "key_cache_read"),
@@ -311,6 +315,9 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
             fn = lambda q, k, w: dsa_topk(q, k, w, topk=s.topk, implementation="triton",
                                           block_sizes=DsaTritonBlockSizes(selection="two_pass"))
             return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
+        if entry == "dsa_sort_after":
+            fn = lambda q, k, w: _sort_after(q, k, w, s.topk)
+            return fn, (q, k, w), {**facts, "flops": dsa_flops(T, H, d)}
         if entry in ("dsa_scoring", "dsa_scoring_fp8"):
             args = (q, k, w) if entry == "dsa_scoring" else inputs.indexer_fp8()
             return _scoring_kernel(s, T), args, {**facts, "flops": dsa_flops(T, H, d)}
@@ -352,6 +359,16 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
         fn = lambda k: jnp.sum(k.astype(jnp.float32), axis=1)  # one pass over the cache, fused by XLA
         return fn, (k,), {"shapes": {"k": list(k.shape)}, "flops": 0, "bytes": k.size * k.dtype.itemsize}
     raise ValueError(f"bench speed: unknown entry {entry!r}")
+
+
+def _sort_after(q, k, w, topk: int):
+    """Streaming selection in position order, then ordered by key in XLA (a sort of k per row)."""
+    T, S = q.shape[1], k.shape[1]
+    positions = jnp.arange(T, dtype=jnp.int32)[None] + (S - T)
+    idx, _, keys = dsa_topk_triton(q, k, w, None, positions, jnp.full((1,), S, jnp.int32), topk=topk, query_chunk=0,
+                                   key_chunk=0, return_keys=True, position_order=True)
+    slot, valid = top_k_by_key(keys, topk)
+    return jnp.where(valid, jnp.take_along_axis(idx, jnp.maximum(slot, 0), axis=-1), -1), valid
 
 
 def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
