@@ -23,7 +23,7 @@ import numpy as np
 
 from sparse_index_jax.bench.reports import environment, save_json
 
-ORDERS = ("kernel", "position", "shuffled", "increasing")  # kernel: latest block first, ties enter
+ORDERS = ("kernel", "position", "probe", "shuffled", "increasing")  # kernel: latest block first, ties enter
 _PASSES = 9  # a compaction reads the buffer 8 times (4-bit radix digits) and once more to emit
 
 
@@ -62,15 +62,17 @@ def buffer_capacity(topk: int, block_k: int, tile: int) -> int:
 INELIGIBLE = np.iinfo(np.int64).min
 
 
-def replay(keys: np.ndarray, topk: int, block_k: int, cap: int, *, ties_enter: bool = True) -> dict[str, np.ndarray]:
+def replay(keys: np.ndarray, topk: int, block_k: int, cap: int, *, ties_enter: bool = True,
+           threshold: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The kernel's buffer policy on ranking ``keys`` [R, S] in stream order (``INELIGIBLE`` where a key
     is not eligible), all rows at once: per row, keys scored, inserted, compactions and compaction reads
     (buffer entries read). ``ties_enter``: a key equal to the threshold enters (the kernel: it streams
-    positions downwards, where such a key wins the tie); else only keys above it (position order)."""
+    positions downwards, where such a key wins the tie); else only keys above it (position order).
+    ``threshold`` [R]: a starting threshold (default: none)."""
     R, S = keys.shape
     low = INELIGIBLE
     count, inserted, compactions, reads = (np.zeros(R, np.int64) for _ in range(4))
-    thr = np.full(R, low, np.int64)
+    thr = np.full(R, low, np.int64) if threshold is None else threshold.astype(np.int64).copy()
 
     def compact(rows, end):
         for r in rows:  # the k-th largest key seen so far (a rejected key is never above it)
@@ -86,11 +88,13 @@ def replay(keys: np.ndarray, topk: int, block_k: int, cap: int, *, ties_enter: b
         count += take.sum(axis=1)
         inserted += take.sum(axis=1)
     compact(np.flatnonzero(count > topk), S)
-    return {"scored": np.sum(keys > low, axis=1), "inserted": inserted, "compactions": compactions, "reads": reads}
+    return {"scored": np.sum(keys > low, axis=1), "inserted": inserted, "compactions": compactions, "reads": reads,
+            "probed": np.zeros(R, np.int64)}
 
 
 def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
-    """Totals over the rows; buffer traffic in entries (8 bytes: key and position)."""
+    """Totals over the rows; buffer traffic in entries (8 bytes: key and position). A probe's keys are
+    scored twice (``probe_share``) and written once and read by 8 radix passes."""
     rows = stats["scored"] > topk  # rows shorter than k keep everything: nothing to select
     scored = float(stats["scored"][rows].sum())
     if not rows.any():
@@ -100,8 +104,9 @@ def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
             "compactions_per_row": float(stats["compactions"][rows].mean()),
             # streaming: inserts written once, compactions' reads and writes (k each); two-pass: every key written
             # once and read by >= 2 radix passes (counting, emitting), the fewest it can do
-            "stream_entries_per_key": float((stats["inserted"] + stats["reads"] + topk * stats["compactions"])
-                                            [rows].sum()) / scored,
+            "stream_entries_per_key": float((stats["inserted"] + stats["reads"] + topk * stats["compactions"]
+                                             + 9 * stats["probed"])[rows].sum()) / scored,
+            "probe_share": float(stats["probed"][rows].sum()) / scored,
             "two_pass_entries_per_key_at_least": 3.0}
 
 
@@ -123,16 +128,41 @@ def stream_orders(keys: np.ndarray, limits: np.ndarray, block_k: int, rng: np.ra
             "increasing": (per_row(lambda r, n: np.sort(r[:n])), False)}
 
 
+def probe_threshold(keys: np.ndarray, limits: np.ndarray, topk: int, block_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's probe, per row: (a proven starting threshold, the k-th largest of the row's last
+    ceil(2k / bk) key blocks minus one (keys equal to it still enter), or ``INELIGIBLE``; the keys the
+    probe put in the buffer). Rows of at most twice that many blocks are not probed, as in the kernel."""
+    thr, probed = np.full(len(keys), INELIGIBLE, np.int64), np.zeros(len(keys), np.int64)
+    span_blocks = -(-2 * topk // block_k)
+    for r, (row, n) in enumerate(zip(keys, limits)):
+        blocks = -(-n // block_k)
+        if blocks <= 2 * span_blocks:
+            continue
+        probe = row[(blocks - span_blocks) * block_k:n]
+        probed[r] = len(probe)
+        if len(probe) >= topk:
+            thr[r] = np.partition(probe, -topk)[-topk] - 1
+    return thr, probed
+
+
 def layer_report(scores: np.ndarray, setup: SurvivorSetup, rng: np.random.Generator) -> dict[str, Any]:
-    """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t)."""
+    """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t). ``probe``: position
+    order from a threshold found on the latest 2k keys first (their scoring counted apart)."""
     T = scores.shape[0]
     rows = np.arange(setup.query_stride - 1, T, setup.query_stride)
     orders = stream_orders(ordered_keys(scores[rows]), rows + 1, setup.block_k, rng)
-    return {order: {str(k): summarise(replay(keys, k, setup.block_k,
-                                             buffer_capacity(k, setup.block_k, setup.compaction_tile),
-                                             ties_enter=ties), k)
-                    for k in setup.topks}
-            for order, (keys, ties) in orders.items()}
+    out: dict[str, Any] = {}
+    for order in ORDERS:
+        keys, ties = orders["position" if order == "probe" else order]
+        out[order] = {}
+        for k in setup.topks:
+            thr, probed = probe_threshold(keys, rows + 1, k, setup.block_k) if order == "probe" else (None, None)
+            stats = replay(keys, k, setup.block_k, buffer_capacity(k, setup.block_k, setup.compaction_tile),
+                           ties_enter=ties, threshold=thr)
+            if order == "probe":
+                stats["probed"] = probed
+            out[order][str(k)] = summarise(stats, k)
+    return out
 
 
 def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, progress: bool = True,
@@ -162,7 +192,8 @@ def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, pr
             log(f"layer {i}: inserted share (the kernel's order) "
                 + ", ".join(f"k={k} {layers[-1]['kernel'][str(k)].get('inserted_share', 0):.3f}" for k in setup.topks))
     mean = {order: {str(k): {m: float(np.mean([lay[order][str(k)][m] for lay in layers]))
-                             for m in ("inserted_share", "compactions_per_row", "stream_entries_per_key")}
+                             for m in ("inserted_share", "compactions_per_row", "stream_entries_per_key",
+                                       "probe_share")}
                     for k in setup.topks} for order in ORDERS}
     return {"benchmark": "survivors", "environment": environment(), "setup": dataclasses.asdict(setup),
             "indexers": indexers, "layers": layers, "mean_over_layers": mean,
@@ -173,11 +204,12 @@ def format_table(report: dict[str, Any]) -> str:
     """Mean over layers, per key order and k: what share of scored keys the buffer takes, compactions per
     row, and buffer entries moved per scored key."""
     setup = report["setup"]
-    lines = [f"{'order':>10} {'k':>6} {'inserted / scored':>18} {'compactions/row':>16} {'entries moved/key':>18}"]
+    lines = [f"{'order':>10} {'k':>6} {'inserted / scored':>18} {'compactions/row':>16} {'entries moved/key':>18} "
+             f"{'probed / scored':>16}"]
     for order, per_k in report["mean_over_layers"].items():
         for k, m in per_k.items():
             lines.append(f"{order:>10} {k:>6} {m['inserted_share']:>18.3f} {m['compactions_per_row']:>16.2f} "
-                         f"{m['stream_entries_per_key']:>18.2f}")
+                         f"{m['stream_entries_per_key']:>18.2f} {m['probe_share']:>16.3f}")
     every = lambda n, what: f"every {what}" if n == 1 else f"every {n}th {what}"
     lines.append(f"(T = S = {setup['seq_len']}, causal, {every(setup['query_stride'], 'query')} of "
                  f"{every(setup['layer_stride'], 'layer')}; two-pass moves >= 3 entries per scored key: one write, "

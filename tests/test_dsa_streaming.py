@@ -179,3 +179,16 @@ def test_survivor_model_replays_the_buffer_policy():
     kernel, ties_enter = orders["kernel"]
     assert ties_enter and (kernel[0, :11] == INELIGIBLE).all()  # positions 47..37 of the last block: past the row
     assert list(kernel[0, 11:48]) == list(range(36, -1, -1)) and (kernel[0, 48:] == INELIGIBLE).all()
+
+
+def test_survivor_model_probe_matches_the_kernel_rule():
+    """The probe: the k-th largest of the last ceil(2k / bk) blocks, minus one; only rows of more than
+    twice that many blocks are probed."""
+    from sparse_index_jax.bench.survivors import INELIGIBLE, probe_threshold
+
+    topk, bk = 8, 4  # a probe of 4 blocks = 16 keys; probed rows have > 8 blocks
+    keys = np.arange(100)[None].repeat(2, axis=0)
+    thr, probed = probe_threshold(keys, np.array([37, 30]), topk, bk)
+    # row 0: 10 blocks; the last 4 hold positions 24..36 (13 keys), their 8th largest is 29
+    assert thr[0] == 29 - 1 and probed[0] == 13
+    assert thr[1] == INELIGIBLE and probed[1] == 0  # 8 blocks: not probed

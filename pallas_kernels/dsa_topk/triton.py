@@ -3,8 +3,9 @@
 Two ways to select, chosen by ``DsaTritonBlockSizes.selection``:
 
 * ``"streaming"`` (default): one fused kernel, ``stream_select``. One program per block of ``bq``
-  queries (and, when there are few query blocks, per segment of keys) scores key blocks, latest first,
-  with one tensor-core dot each and feeds every query's scores straight into its candidate
+  queries (and, when there are few query blocks, per segment of keys) scores key blocks in position
+  order (after a probe of the latest 2k keys that sets the starting threshold) with one tensor-core
+  dot each and feeds every query's scores straight into its candidate
   buffer (``streaming_topk_triton.py``): a key enters only if it beats the query's proven threshold,
   so no [T, S] array is ever written and memory is O(T * k). The survivors come out in the contract's
   order (ranked in the kernel); key segments, when there are several, are merged by a radix select
@@ -36,7 +37,7 @@ from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
-from sparse_index_jax.kernels.streaming_topk_triton import FIRST_THRESHOLD, compact, rank_survivors
+from sparse_index_jax.kernels.streaming_topk_triton import barrier, compact, kth_largest, rank_survivors
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -131,7 +132,8 @@ def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: 
 
 def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, buf_key_ref, buf_pos_ref, *,
                    bq: int, heads: int, bk: int, topk: int, cap: int, tile: int, rank_tile: int,
-                   blocks_per_segment: int, out_tile: int, out_len: int, ranked: bool, sync: bool):
+                   blocks_per_segment: int, probe_blocks: int, out_tile: int, out_len: int, ranked: bool,
+                   sync: bool):
     b, g = pl.program_id(0), pl.program_id(2)
     i = pl.num_programs(1) - 1 - pl.program_id(1)  # the last (causal: heaviest) query blocks go first
     rows = pl.ds(i * bq, bq)
@@ -163,26 +165,45 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
             return put(count, c, topk), put(thr, c, tau), put(half, c, 1 - h)
         return jax.lax.fori_loop(0, (pick(state[0], c) > limit).astype(jnp.int32), run, state)
 
-    def block(step, state):
-        j = last - 1 - step  # latest block first: recent keys, which causal indexers favour, set the threshold
-        # Room for a whole block in every buffer. Loops over the queries, not unrolled: one copy of the code.
-        state = jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state)
+    def insert(j, state):  # scores key block j and appends the keys above each query's threshold
         count, thr, half = state
         positions = j * bk + jax.lax.iota(jnp.int32, bk)
         scores = _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads)        # [bk, bq]
         keys = jnp.where(positions[:, None] < limits[None, :], ordered_keys(scores), INELIGIBLE_KEY)
-        take = (keys >= thr[None, :]).astype(jnp.int32)
-        later = jnp.sum(take, axis=0)[None, :] - jnp.cumsum(take, axis=0)  # taken keys above in this block
-        slots = jnp.where(take > 0, count[None, :] + later, cap)          # descending positions, as the buffer
+        take = keys > thr[None, :]
+        slots = jnp.where(take, count[None, :] + jnp.cumsum(take.astype(jnp.int32), axis=0) - 1, cap)
         query_rows = jnp.broadcast_to(i * bq + cols[None, :], (bk, bq))
         halves = jnp.broadcast_to(half[None, :], (bk, bq))
         buf_key_ref[b, query_rows, g, halves, slots] = keys
         buf_pos_ref[b, query_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
-        return count + jnp.sum(take, axis=0), thr, half
+        return count + jnp.sum(take.astype(jnp.int32), axis=0), thr, half
 
     zeros = jnp.zeros((bq,), jnp.int32)
-    state = jax.lax.fori_loop(0, jnp.maximum(last - first, 0), block,
-                              (zeros, jnp.full((bq,), FIRST_THRESHOLD, jnp.int32), zeros))
+    no_threshold = jnp.full((bq,), INELIGIBLE_KEY, jnp.int32)
+
+    # Probe: the latest 2k keys of the segment, when it holds more than twice as many, give each query a
+    # starting threshold, their k-th largest key (a lower bound on the row's; recent keys score high).
+    probe = jnp.where(last - first > 2 * probe_blocks, probe_blocks, 0)
+    count = jax.lax.fori_loop(0, probe, lambda s, st: insert(last - 1 - s, st), (zeros, no_threshold, zeros))[0]
+    barrier(sync)
+
+    def probe_threshold(c, thr):
+        n = pick(count, c)
+        lane = jax.lax.iota(jnp.int32, tile)
+        load = lambda t: (buffer(buf_key_ref, c)(0, t * tile + lane), t * tile + lane < n)
+
+        def found(_, thr):
+            return put(thr, c, kth_largest(load, (n + tile - 1) // tile, tile, jnp.int32(topk))[0] - 1)
+        return jax.lax.fori_loop(0, (n >= topk).astype(jnp.int32), found, thr)
+
+    thr = jax.lax.fori_loop(0, bq, probe_threshold, no_threshold)
+    barrier(sync)  # the probe's entries are read: the scan below overwrites them
+
+    def block(j, state):
+        # Room for a whole block in every buffer. Loops over the queries, not unrolled: one copy of the code.
+        return insert(j, jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state))
+
+    state = jax.lax.fori_loop(first, last, block, (zeros, thr, zeros))
     out_lane = jax.lax.iota(jnp.int32, out_tile)
 
     def finish(c, state):
@@ -222,7 +243,8 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
     blocks_per_segment = -(-width // bk // segments)
     kernel = functools.partial(
         _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
-        blocks_per_segment=blocks_per_segment, out_tile=out_tile, out_len=out_len, ranked=ranked,
+        blocks_per_segment=blocks_per_segment, probe_blocks=-(-2 * topk // bk), out_tile=out_tile, out_len=out_len,
+        ranked=ranked,
         sync=not interpret)
     buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
     out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
