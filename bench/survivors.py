@@ -1,16 +1,17 @@
 """How much the streaming DSA kernel's threshold prunes, on real indexer scores: a CPU model, no GPU needed.
 
-The fused kernel (``kernels/dsa_topk/triton.py`` with ``kernels/streaming_topk_triton.py``) scores keys in
-blocks of ``bk``, latest block first, and a key enters its query's buffer only if it is >= the threshold:
-the k-th largest key seen up to the last compaction. A compaction (radix select over the buffer: 8
-counting passes and one emitting pass) runs whenever the next block could overflow the buffer's
-``cap = 2k + bk`` slots (rounded up to the compaction tile). This module replays exactly that policy, per
-query, on the scores of SmolLM2-135M's DSA indexers (the shipped ones) over held-out CPython sources,
-and counts per query: keys scored, keys inserted, compactions, and the buffer entries the compactions
-read. The same scores streamed in other orders show what the order is worth: position order (the
-first version of the kernel, where a key had to be strictly above the threshold), a random order, and
-increasing scores (the threshold never prunes). What it predicts for a GPU: the selection work of the
-fused kernel, against the two-pass path, which writes every scored key and reads it in each radix pass.
+The fused kernel (``kernels/dsa_topk/triton.py`` with ``kernels/streaming_topk_triton.py``) first probes a
+long row's latest 2k keys for a starting threshold (their k-th largest key), then scores keys in blocks of
+``bk`` in position order, and a key enters its query's buffer only if it is above the threshold. A
+compaction (radix select over the buffer: 8 counting passes and one emitting pass) raises the threshold
+to the k-th largest key seen whenever the next block could overflow the buffer's ``cap = 2k + bk``
+slots (rounded up to the compaction tile). This module replays exactly that policy, per query, on the
+scores of SmolLM2-135M's DSA indexers (the shipped ones) over held-out CPython sources, and counts per
+query: keys scored, keys inserted, compactions, and the buffer entries the compactions and the probe
+move. The same scores streamed without the probe show what it is worth: in position order (the first
+version of the kernel), latest block first (the second), in a random order, and in increasing order
+(the threshold never prunes). What it predicts for a GPU: the selection work of the fused kernel,
+against the two-pass path, which writes every scored key and reads it in each radix pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 
 from sparse_index_jax.bench.reports import environment, save_json
 
-ORDERS = ("kernel", "position", "probe", "shuffled", "increasing")  # kernel: latest block first, ties enter
+# kernel: the probe, then position order; latest_first: no probe, latest block first (ties enter)
+ORDERS = ("kernel", "position", "latest_first", "shuffled", "increasing")
 _PASSES = 9  # a compaction reads the buffer 8 times (4-bit radix digits) and once more to emit
 
 
@@ -112,7 +114,7 @@ def summarise(stats: dict[str, np.ndarray], topk: int) -> dict[str, float]:
 
 def stream_orders(keys: np.ndarray, limits: np.ndarray, block_k: int, rng: np.random.Generator):
     """{order: (keys in that stream order [R, S], ties_enter)} for rows whose first ``limits`` are eligible.
-    ``kernel``: the kernel's blocks of ``block_k`` keys aligned to positions, latest block first (the
+    ``latest_first``: the kernel's blocks of ``block_k`` keys aligned to positions, latest block first (the
     partial causal block, padded with ineligible keys, comes first)."""
     S = keys.shape[1]
     keys = np.where(np.arange(S)[None, :] < limits[:, None], keys, INELIGIBLE)
@@ -122,7 +124,7 @@ def stream_orders(keys: np.ndarray, limits: np.ndarray, block_k: int, rng: np.ra
         return np.stack([np.concatenate([x, np.full(S - len(x), INELIGIBLE)]) for x in streams])
 
     width = lambda n: min(S, -(-n // block_k) * block_k)
-    return {"kernel": (per_row(lambda r, n: r[:width(n)][::-1]), True),
+    return {"latest_first": (per_row(lambda r, n: r[:width(n)][::-1]), True),
             "position": (keys, False),
             "shuffled": (per_row(lambda r, n: rng.permutation(r[:n])), False),
             "increasing": (per_row(lambda r, n: np.sort(r[:n])), False)}
@@ -146,20 +148,20 @@ def probe_threshold(keys: np.ndarray, limits: np.ndarray, topk: int, block_k: in
 
 
 def layer_report(scores: np.ndarray, setup: SurvivorSetup, rng: np.random.Generator) -> dict[str, Any]:
-    """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t). ``probe``: position
-    order from a threshold found on the latest 2k keys first (their scoring counted apart)."""
+    """All orders and k for one layer's scores [T, S] (causal: row t sees keys 0..t). ``kernel``: position
+    order from the probe's threshold (its keys counted apart)."""
     T = scores.shape[0]
     rows = np.arange(setup.query_stride - 1, T, setup.query_stride)
     orders = stream_orders(ordered_keys(scores[rows]), rows + 1, setup.block_k, rng)
     out: dict[str, Any] = {}
     for order in ORDERS:
-        keys, ties = orders["position" if order == "probe" else order]
+        keys, ties = orders["position" if order == "kernel" else order]
         out[order] = {}
         for k in setup.topks:
-            thr, probed = probe_threshold(keys, rows + 1, k, setup.block_k) if order == "probe" else (None, None)
+            thr, probed = probe_threshold(keys, rows + 1, k, setup.block_k) if order == "kernel" else (None, None)
             stats = replay(keys, k, setup.block_k, buffer_capacity(k, setup.block_k, setup.compaction_tile),
                            ties_enter=ties, threshold=thr)
-            if order == "probe":
+            if order == "kernel":
                 stats["probed"] = probed
             out[order][str(k)] = summarise(stats, k)
     return out

@@ -156,7 +156,7 @@ def test_position_order_gives_the_same_winners_by_position(block_sizes):
 
 def test_survivor_model_replays_the_buffer_policy():
     """bench/survivors.py: increasing scores insert every key; decreasing ones stop at the first compaction;
-    the kernel's order is the latest block first, aligned to the kernel's blocks."""
+    the latest-first order (the kernel's second version) is aligned to the kernel's blocks."""
     from sparse_index_jax.bench.survivors import INELIGIBLE, buffer_capacity, replay, stream_orders
 
     S, topk, bk = 1000, 20, 16
@@ -176,9 +176,9 @@ def test_survivor_model_replays_the_buffer_policy():
     assert replay(ties, topk, bk, cap, ties_enter=False)["inserted"][0] == first
 
     orders = stream_orders(rising, np.array([37]), bk, np.random.default_rng(0))
-    kernel, ties_enter = orders["kernel"]
-    assert ties_enter and (kernel[0, :11] == INELIGIBLE).all()  # positions 47..37 of the last block: past the row
-    assert list(kernel[0, 11:48]) == list(range(36, -1, -1)) and (kernel[0, 48:] == INELIGIBLE).all()
+    latest, ties_enter = orders["latest_first"]
+    assert ties_enter and (latest[0, :11] == INELIGIBLE).all()  # positions 47..37 of the last block: past the row
+    assert list(latest[0, 11:48]) == list(range(36, -1, -1)) and (latest[0, 48:] == INELIGIBLE).all()
 
 
 def test_survivor_model_probe_matches_the_kernel_rule():

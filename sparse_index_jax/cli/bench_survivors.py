@@ -8,12 +8,13 @@ from sparse_index_jax.bench import Benchmark, survivors
 from sparse_index_jax.cli.arguments import lengths
 
 DESCRIPTION = (
-    "Replays the fused DSA kernel's candidate-buffer policy (latest key block first; a key enters only if >= the "
-    "k-th largest key seen at the last compaction; a compaction whenever the next block could overflow 2k + bk "
-    "slots) on the scores of SmolLM2-135M's DSA indexers over one held-out sequence, every layer, causal. Prints, "
-    "per stream order (the kernel's, position order, shuffled, increasing) and k, the share of scored keys "
-    "inserted, compactions per row and buffer entries moved per scored key. CPU only; about 8 minutes on 2 cores "
-    "at the default 4K tokens.")
+    "Replays the fused DSA kernel's candidate-buffer policy (a probe of a long row's latest 2k keys sets the "
+    "starting threshold, their k-th largest key; then key blocks in position order, a key entering only above the "
+    "threshold; a compaction, raising it, whenever the next block could overflow 2k + bk slots) on the scores of "
+    "SmolLM2-135M's DSA indexers over one held-out sequence, every layer, causal. Also without the probe, in "
+    "position order, latest block first, shuffled and increasing. Prints, per order and k, the share of scored keys "
+    "inserted, compactions per row, buffer entries moved per scored key and the probe's share. CPU only; about 10 "
+    "minutes on 2 cores at the default 4K tokens.")
 
 
 def add_parser(sub, spec: Benchmark) -> None:
