@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sparse_index_jax.bench.reports import environment, save_json
+from sparse_index_jax.kernels.dsa_topk.triton import stream_buffer
 
 # kernel: the probe, then position order; latest_first: no probe, latest block first (ties enter)
 ORDERS = ("kernel", "position", "latest_first", "shuffled", "increasing")
@@ -56,9 +57,8 @@ def ordered_keys(scores: np.ndarray) -> np.ndarray:
 
 
 def buffer_capacity(topk: int, block_k: int, tile: int) -> int:
-    """The kernel's ``cap``: 2k + bk rounded up to the compaction tile (capped like the kernel's tile)."""
-    tile = min(tile, 1 << (2 * topk + block_k - 1).bit_length())
-    return -(-(2 * topk + block_k) // tile) * tile
+    """The kernel's ``cap`` (``dsa_topk.triton.stream_buffer``)."""
+    return stream_buffer(topk, block_k, tile)[1]
 
 
 INELIGIBLE = np.iinfo(np.int64).min

@@ -33,14 +33,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from sparse_index_jax.kernels.chunking import next_pow2, round_up
+from sparse_index_jax.kernels.chunking import round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
+from sparse_index_jax.kernels.radix_select import BINS, ROUNDS, digit_hits, narrow_prefix, output_columns, padding_slots
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
-
-_DIGIT_BITS = 4
-_BINS = 1 << _DIGIT_BITS
-_ROUNDS = 32 // _DIGIT_BITS
 
 
 def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile: int, out_tile: int,
@@ -49,34 +46,28 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
     n = limit_ref[b, t]
     n_tiles = (n + tile - 1) // tile
     lane = jax.lax.iota(jnp.int32, tile)
-    bins = jax.lax.iota(jnp.int32, _BINS)
 
     def load(j):
         key = keys_ref[b, t, pl.ds(j * tile, tile)]
         ok = (j * tile + lane < n) & (key != INELIGIBLE_KEY)
         return key, ok
 
-    # Radix select on the biased bits (key ^ INT32_MIN: unsigned order = key order). Shifts are
-    # arithmetic; digits are masked, and prefixes are compared after the same shift on both sides.
-    # Once the keys still matching the prefix number at most ``cap``, the next full pass also copies
-    # them to ``bucket_ref`` and the remaining passes read only that bucket.
+    # Radix select (``digit_hits``, ``narrow_prefix``). Once the keys still matching the prefix number at
+    # most ``cap``, the next full pass also copies them to ``bucket_ref`` and the remaining passes read
+    # only that bucket.
     prefix = jnp.int32(0)
     wanted = selected = jnp.int32(0)
     in_bucket = jnp.int32(0)          # keys in the bucket; 0 = not compacted (yet)
     matching = n                      # keys matching the prefix (an upper bound before round 0)
-    for r in range(_ROUNDS):
-        shift = 32 - _DIGIT_BITS * (r + 1)
+    for r in range(ROUNDS):
         compact = (r > 0) & (in_bucket == 0) & (matching <= cap) & (matching > 0)
         if barrier and r > 1:
             pl_triton.debug_barrier()  # bucket writes of the last pass are visible to every thread
 
-        def count_keys(key, ok, carry, shift=shift, prefix=prefix, r=r):
+        def count_keys(key, ok, carry, prefix=prefix, r=r):
             counts, n_ok = carry  # per lane: the cross-lane sums happen once per pass, not per tile
-            u = key ^ INELIGIBLE_KEY
-            match = ok if r == 0 else ok & ((u >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS)))
-            digit = jnp.where(match, (u >> shift) & (_BINS - 1), _BINS)
-            hit = digit[None, :] == bins[:, None]
-            return (counts + hit.astype(jnp.int32), n_ok + ok.astype(jnp.int32)), match
+            hits, match = digit_hits(key, ok, prefix, r)
+            return (counts + hits, n_ok + ok.astype(jnp.int32)), match
 
         def full_pass(j, carry, compact=compact, count_keys=count_keys):
             counts, n_ok, written = carry
@@ -93,7 +84,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
             (counts, n_ok), _ = count_keys(key, j * tile + lane < in_bucket, (counts, n_ok))
             return counts, n_ok, written
 
-        zeros = (jnp.zeros((_BINS, tile), jnp.int32), jnp.zeros((tile,), jnp.int32), jnp.int32(0))
+        zeros = (jnp.zeros((BINS, tile), jnp.int32), jnp.zeros((tile,), jnp.int32), jnp.int32(0))
         carry = jax.lax.fori_loop(0, jnp.where(in_bucket > 0, 0, n_tiles), full_pass, zeros)
         counts, n_ok, written = jax.lax.fori_loop(0, (in_bucket + tile - 1) // tile, bucket_pass, carry)
         in_bucket = jnp.where(compact, written, in_bucket)
@@ -101,12 +92,7 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
         if r == 0:
             wanted = jnp.minimum(n_ok, topk)
             selected = wanted
-        at_or_above = jnp.sum(counts) - jnp.cumsum(counts) + counts  # keys with digit >= v
-        digit = jnp.max(jnp.where(at_or_above >= wanted, bins, 0))
-        above = jnp.sum(jnp.where(bins > digit, counts, 0))
-        matching = jnp.sum(jnp.where(bins == digit, counts, 0))
-        wanted = wanted - above
-        prefix = prefix | (digit << shift)
+        prefix, wanted, matching = narrow_prefix(counts, wanted, prefix, r)
 
     threshold = prefix ^ INELIGIBLE_KEY  # the k-th largest key; ``wanted`` keys equal to it are still to take
 
@@ -123,10 +109,8 @@ def _select_kernel(limit_ref, keys_ref, out_ref, bucket_ref, *, topk: int, tile:
 
     # Slots past the selected count get -1; they are disjoint from the emitted ones, so the two writes
     # need no ordering. Lanes with nothing to write aim at the spare last column ``out_len - 1``.
-    out_lane = jax.lax.iota(jnp.int32, out_tile)
-    for j in range(out_len // out_tile):
-        slot = j * out_tile + out_lane
-        out_ref[b, t, jnp.where(slot >= selected, slot, out_len - 1)] = jnp.full((out_tile,), -1, jnp.int32)
+    for slots in padding_slots(selected, out_tile, out_len):
+        out_ref[b, t, slots] = jnp.full((out_tile,), -1, jnp.int32)
     jax.lax.fori_loop(0, n_tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
@@ -141,8 +125,7 @@ def radix_topk_rows(keys: jax.Array, limits: jax.Array, topk: int, *, tile: int 
     B, R, n = keys.shape
     if n % tile or tile & (tile - 1):
         raise ValueError(f"radix_topk_rows: row length {n} must be a multiple of tile={tile} (a power of two)")
-    out_tile = min(1024, next_pow2(topk + 1))
-    out_len = round_up(topk + 1, out_tile)  # >= topk + 1: one spare column for idle lanes
+    out_tile, out_len = output_columns(topk)
     interpret = triton_interpret(interpret)
     cap = round_up(bucket, tile)
     kernel = functools.partial(_select_kernel, topk=topk, tile=tile, out_tile=out_tile, out_len=out_len, cap=cap,

@@ -35,11 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pl_triton
 
+from sparse_index_jax.kernels.radix_select import BINS, ROUNDS, digit_hits, narrow_prefix
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY
-
-_DIGIT_BITS = 4
-_BINS = 1 << _DIGIT_BITS
-_ROUNDS = 32 // _DIGIT_BITS
 
 
 def barrier(enabled: bool) -> None:
@@ -50,28 +47,15 @@ def barrier(enabled: bool) -> None:
 
 def kth_largest(load, n_tiles, tile: int, wanted):
     """(tau, equal_wanted): the ``wanted``-th largest key (wanted >= 1) among the tiles ``load(j)`` ->
-    (key [tile], ok [tile]) for j < ``n_tiles``, and how many keys equal to tau the top ``wanted`` hold.
-
-    Radix select on the biased bits (key ^ INT32_MIN: unsigned order = key order), most significant
-    digit first; shifts are arithmetic, digits masked, prefixes compared after the same shift.
-    """
-    bins = jax.lax.iota(jnp.int32, _BINS)
+    (key [tile], ok [tile]) for j < ``n_tiles``, and how many keys equal to tau the top ``wanted`` hold:
+    the radix kernel's rounds (``digit_hits``, ``narrow_prefix``) over the buffer."""
     prefix = jnp.int32(0)
-    for r in range(_ROUNDS):
-        shift = 32 - _DIGIT_BITS * (r + 1)
+    for r in range(ROUNDS):
+        def count(j, counts, prefix=prefix, r=r):
+            return counts + digit_hits(*load(j), prefix, r)[0]  # per lane; summed once per round
 
-        def count(j, counts, shift=shift, prefix=prefix, r=r):
-            key, ok = load(j)
-            u = key ^ INELIGIBLE_KEY
-            match = ok if r == 0 else ok & ((u >> (shift + _DIGIT_BITS)) == (prefix >> (shift + _DIGIT_BITS)))
-            digit = jnp.where(match, (u >> shift) & (_BINS - 1), _BINS)
-            return counts + (digit[None, :] == bins[:, None]).astype(jnp.int32)  # per lane; summed once
-
-        counts = jnp.sum(jax.lax.fori_loop(0, n_tiles, count, jnp.zeros((_BINS, tile), jnp.int32)), axis=1)
-        at_or_above = jnp.sum(counts) - jnp.cumsum(counts) + counts  # keys with this digit or a higher one
-        digit = jnp.max(jnp.where(at_or_above >= wanted, bins, 0))
-        wanted = wanted - jnp.sum(jnp.where(bins > digit, counts, 0))
-        prefix = prefix | (digit << shift)
+        counts = jnp.sum(jax.lax.fori_loop(0, n_tiles, count, jnp.zeros((BINS, tile), jnp.int32)), axis=1)
+        prefix, wanted, _ = narrow_prefix(counts, wanted, prefix, r)
     return prefix ^ INELIGIBLE_KEY, wanted
 
 

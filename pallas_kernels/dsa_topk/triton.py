@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from sparse_index_jax.kernels.chunking import map_query_chunks, next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
+from sparse_index_jax.kernels.radix_select import output_columns, padding_slots
 from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
 from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
 from sparse_index_jax.kernels.streaming_topk_triton import barrier, compact, kth_largest, rank_survivors
@@ -204,8 +205,6 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
         return insert(j, jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state))
 
     state = jax.lax.fori_loop(first, last, block, (zeros, thr, zeros))
-    out_lane = jax.lax.iota(jnp.int32, out_tile)
-
     def finish(c, state):
         state = compact_if(c, state, topk)
         n, half = jnp.minimum(pick(state[0], c), topk), pick(state[2], c)
@@ -217,14 +216,19 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
             key_ref[b, row, g, slots] = keys
 
         rank_survivors(buffer(buf_key_ref, c), half, n, tile=rank_tile, ranked=ranked, emit=emit, sync=sync)
-        for jj in range(out_len // out_tile):  # slots past the survivors: padding (disjoint from the above)
-            slots = jj * out_tile + out_lane
-            slots = jnp.where(slots >= n, slots, out_len - 1)
+        for slots in padding_slots(n, out_tile, out_len):  # past the survivors (disjoint from the above)
             idx_ref[b, row, g, slots] = jnp.full((out_tile,), -1, jnp.int32)
             key_ref[b, row, g, slots] = jnp.full((out_tile,), INELIGIBLE_KEY, jnp.int32)
         return state
 
     jax.lax.fori_loop(0, bq, finish, state)
+
+
+def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
+    """(compaction tile, cap) of the streaming kernel's per-query buffer: ``cap = 2k + bk`` rounded up to
+    the tile, so after a compaction (k entries) a compaction comes at most every k + bk inserts."""
+    tile = min(radix_tile, next_pow2(2 * topk + bk))
+    return tile, round_up(2 * topk + bk, tile)
 
 
 def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int, ranked: bool,
@@ -236,16 +240,13 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
     B, T, H, _ = q.shape
     bs = block_sizes
     bk = min(bs.block_k, width)
-    tile = min(bs.radix_tile, next_pow2(2 * topk + bk))
-    cap = round_up(2 * topk + bk, tile)  # after a compaction k entries; a compaction every >= k + bk inserts
-    out_tile = min(1024, next_pow2(topk + 1))
-    out_len = round_up(topk + 1, out_tile)  # >= topk + 1: one spare column for idle lanes
+    tile, cap = stream_buffer(topk, bk, bs.radix_tile)
+    out_tile, out_len = output_columns(topk)
     blocks_per_segment = -(-width // bk // segments)
     kernel = functools.partial(
         _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
         blocks_per_segment=blocks_per_segment, probe_blocks=-(-2 * topk // bk), out_tile=out_tile, out_len=out_len,
-        ranked=ranked,
-        sync=not interpret)
+        ranked=ranked, sync=not interpret)
     buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
     out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
     idx, keys, _, _ = pl.pallas_call(
@@ -259,11 +260,10 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
     return idx[..., :topk], keys[..., :topk]
 
 
-def stream_bytes_per_query(topk: int, segments: int, block_sizes: DsaTritonBlockSizes) -> int:
+def stream_bytes_per_query(topk: int, segments: int, bk: int, block_sizes: DsaTritonBlockSizes) -> int:
     """Device memory of the streaming kernel per query row: buffers and outputs of every segment."""
-    bk, tile = block_sizes.block_k, block_sizes.radix_tile
-    cap = round_up(2 * topk + bk, min(tile, next_pow2(2 * topk + bk)))
-    return segments * 4 * (4 * (cap + 16) + 2 * round_up(topk + 1, min(1024, next_pow2(topk + 1))))
+    _, cap = stream_buffer(topk, bk, block_sizes.radix_tile)
+    return segments * 4 * (4 * (cap + 16) + 2 * output_columns(topk)[1])
 
 
 def key_segments(programs: int, n_blocks: int, topk: int, bk: int, min_programs: int) -> int:
@@ -273,6 +273,16 @@ def key_segments(programs: int, n_blocks: int, topk: int, bk: int, min_programs:
         return 1
     per_segment = max(-(-n_blocks * programs // min_programs), -(-2 * topk // bk), 1)
     return -(-n_blocks // per_segment)
+
+
+def winners_in_position_order(slots, keys, return_keys: bool, positions=None):
+    """A radix select's winners (``slots`` into ``keys``, position order, -1 padded) as (positions,
+    valid[, keys]); ``positions`` maps slots to key positions (None: the slots are the positions)."""
+    ok, at = slots >= 0, jnp.maximum(slots, 0)
+    chosen = slots if positions is None else jnp.where(ok, jnp.take_along_axis(positions, at, axis=-1), -1)
+    if not return_keys:
+        return chosen, ok
+    return chosen, ok, jnp.where(ok, jnp.take_along_axis(keys, at, axis=-1), INELIGIBLE_KEY)
 
 
 def merge_segments(positions, keys, topk: int, return_keys: bool, *, position_order: bool,
@@ -288,9 +298,7 @@ def merge_segments(positions, keys, topk: int, return_keys: bool, *, position_or
     slots = radix_topk_rows(keys, jnp.full((B, T), width, jnp.int32), topk, tile=tile,
                             bucket=block_sizes.radix_bucket, interpret=interpret)
     if position_order:  # the radix select emits candidates in candidate (= position) order
-        chosen = jnp.where(slots >= 0, jnp.take_along_axis(positions, jnp.maximum(slots, 0), axis=-1), -1)
-        sel = [jnp.where(slots >= 0, jnp.take_along_axis(keys, jnp.maximum(slots, 0), axis=-1), INELIGIBLE_KEY)]
-        return (chosen, chosen >= 0, *sel[:return_keys])
+        return winners_in_position_order(slots, keys, return_keys, positions)
     slot, valid, *sel = order_by_key(keys, slots, topk, return_keys)
     return (jnp.where(valid, jnp.take_along_axis(positions, jnp.maximum(slot, 0), axis=-1), -1), valid, *sel)
 
@@ -303,13 +311,11 @@ def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, que
     O(chunk * k); two-pass: [chunk, S] int32 keys) fits ``chunk_bytes``. ``block_sizes``: the kernels'
     tiles and selection (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the platform says
     (``dispatch.triton_interpret``). ``position_order``: the same winners in increasing position, -1
-    padding last (streaming only: MISA-H's candidates), instead of the contract's order."""
+    padding last (MISA-H's candidates), instead of the contract's order."""
     del query_chunk, key_chunk
-    block_sizes = block_sizes or DsaTritonBlockSizes()
-    if position_order and block_sizes.selection != "streaming":
-        raise ValueError("dsa_topk_triton: position_order needs DsaTritonBlockSizes(selection='streaming')")
     return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
-                            block_sizes=block_sizes, chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret),
+                            block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
+                            interpret=triton_interpret(interpret),
                             position_order=position_order)
 
 
@@ -333,7 +339,7 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
     if streaming:
         bk = min(bs.block_k, width)
         segments = key_segments(B * Tp // bq, width // bk, topk, bk, bs.min_programs)
-        chunk = max(bq, min(Tp, chunk_bytes // (B * stream_bytes_per_query(topk, segments, bs))) // bq * bq)
+        chunk = max(bq, min(Tp, chunk_bytes // (B * stream_bytes_per_query(topk, segments, bk, bs))) // bq * bq)
 
         def one_chunk(q_c, w_c, lim_c):
             idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
@@ -351,6 +357,8 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
             keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(bs.block_k, tile), bq=bq,
                               num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
             positions = radix_topk_rows(keys, lim_c, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
+            if position_order:
+                return winners_in_position_order(positions, keys, return_keys)
             return order_by_key(keys, positions, topk, return_keys)
 
     out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0))

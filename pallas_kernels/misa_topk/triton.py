@@ -17,7 +17,7 @@ from sparse_index_jax.kernels.candidate_topk_triton import refine_topk_triton
 from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.dispatch import triton_interpret
 from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_layout
-from sparse_index_jax.kernels.misa_topk.reference import candidates_in_position_order, routed_heads
+from sparse_index_jax.kernels.misa_topk.reference import routed_heads
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -46,10 +46,7 @@ def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
                              interpret=interpret)
     if candidates is None:
         return scan(topk=topk, return_keys=return_keys)
-    if block_sizes.selection == "streaming":  # the kernel hands the candidates over in position order
-        cand, _ = scan(topk=candidates, position_order=True)
-    else:
-        cand, _ = candidates_in_position_order(*scan(topk=candidates))
+    cand, _ = scan(topk=candidates, position_order=True)  # the re-rank's ties go to the lower position
     B, T = q.shape[:2]
     q, w, k, scale, _ = kernel_layout(q, w, k, k_scale, tile=1, min_heads=16)
     chunk = max(1, min(T, chunk_bytes // (B * 12 * candidates)))
