@@ -15,18 +15,25 @@ from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
 
 
-def gathered_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array | None,
-                    positions: jax.Array) -> jax.Array:
-    """Flat DSA scores of per-query key lists: q [B,T,H,d], w [B,T,H], k [B,S,d], k_scale [B,S] or None,
-    positions [B,T,C] (-1 allowed: scored as position 0, mask it yourself) -> [B,T,C] float32."""
+def gathered_logits(q: jax.Array, k: jax.Array, k_scale: jax.Array | None, positions: jax.Array):
+    """Per-head logits of per-query key lists and the keys' scales: q [B,T,H,d], k [B,S,d], k_scale [B,S] or
+    None, positions [B,T,C] (-1 allowed: scored as position 0, mask it yourself) -> (logits [B,T,H,C]
+    float32 before scaling, scales [B,T,C] float32)."""
     safe = jnp.maximum(positions, 0)
     rows = jax.vmap(lambda kb, p: kb[p])(k, safe)  # [B, T, C, d]
     dt = matmul_dtype(q, rows)
     logits = jnp.einsum("bchd,bcnd->bchn", q.astype(dt), rows.astype(dt), preferred_element_type=jnp.float32)
-    scores = jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w.astype(jnp.float32))
-    if k_scale is not None:
-        scores = scores * jax.vmap(lambda s, p: s[p])(k_scale.astype(jnp.float32), safe)
-    return scores
+    if k_scale is None:
+        return logits, jnp.ones(positions.shape, jnp.float32)
+    return logits, jax.vmap(lambda s, p: s[p])(k_scale.astype(jnp.float32), safe)
+
+
+def gathered_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array | None,
+                    positions: jax.Array) -> jax.Array:
+    """Flat DSA scores of per-query key lists: q [B,T,H,d], w [B,T,H], k [B,S,d], k_scale [B,S] or None,
+    positions [B,T,C] (-1 allowed: scored as position 0, mask it yourself) -> [B,T,C] float32."""
+    logits, scales = gathered_logits(q, k, k_scale, positions)
+    return jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w.astype(jnp.float32)) * scales
 
 
 def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array | None, cand_pos: jax.Array,

@@ -131,18 +131,21 @@ def order_by_key(keys: jax.Array, positions: jax.Array, topk: int, return_keys: 
     return (idx, valid, sel_keys) if return_keys else (idx, valid)
 
 
-def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, buf_key_ref, buf_pos_ref, *,
-                   bq: int, heads: int, bk: int, topk: int, cap: int, tile: int, rank_tile: int,
-                   blocks_per_segment: int, probe_blocks: int, out_tile: int, out_len: int, ranked: bool,
-                   sync: bool):
+NO_UNIT = jnp.iinfo(jnp.int32).max  # pads a listed kernel's per-query unit lists (after every real unit)
+
+
+def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, heads: int, bk: int, topk: int,
+                   cap: int, tile: int, rank_tile: int, blocks_per_segment: int, probe_blocks: int, out_tile: int,
+                   out_len: int, ranked: bool, unit: int, unit_slice: int, sync: bool):
+    units_ref, (idx_ref, key_ref, buf_key_ref, buf_pos_ref) = (refs[0], refs[1:]) if unit else (None, refs)
     b, g = pl.program_id(0), pl.program_id(2)
     i = pl.num_programs(1) - 1 - pl.program_id(1)  # the last (causal: heaviest) query blocks go first
     rows = pl.ds(i * bq, bq)
     q, w = _program_queries(q_ref, w_ref, b, rows, bq, heads)
     limits = limit_ref[b, rows]                                     # [bq]
-    first = g * blocks_per_segment
-    last = jnp.minimum(first + blocks_per_segment, (jnp.max(limits) + bk - 1) // bk)
+    n_blocks = (jnp.max(limits) + bk - 1) // bk
     cols = jax.lax.iota(jnp.int32, bq)
+    query_rows = i * bq + cols
 
     def pick(vec, c):  # element c of a [bq] state vector (a masked sum: no dynamic register indexing)
         return jnp.sum(jnp.where(cols == c, vec, 0))
@@ -166,45 +169,52 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
             return put(count, c, topk), put(thr, c, tau), put(half, c, 1 - h)
         return jax.lax.fori_loop(0, (pick(state[0], c) > limit).astype(jnp.int32), run, state)
 
-    def insert(j, state):  # scores key block j and appends the keys above each query's threshold
+    def insert(j, state, member=None):  # scores key block j and appends the keys above each query's threshold
         count, thr, half = state
         positions = j * bk + jax.lax.iota(jnp.int32, bk)
         scores = _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads)        # [bk, bq]
-        keys = jnp.where(positions[:, None] < limits[None, :], ordered_keys(scores), INELIGIBLE_KEY)
+        eligible = positions[:, None] < limits[None, :]
+        if member is not None:
+            eligible &= member
+        keys = jnp.where(eligible, ordered_keys(scores), INELIGIBLE_KEY)
         take = keys > thr[None, :]
         slots = jnp.where(take, count[None, :] + jnp.cumsum(take.astype(jnp.int32), axis=0) - 1, cap)
-        query_rows = jnp.broadcast_to(i * bq + cols[None, :], (bk, bq))
+        block_rows = jnp.broadcast_to(query_rows[None, :], (bk, bq))
         halves = jnp.broadcast_to(half[None, :], (bk, bq))
-        buf_key_ref[b, query_rows, g, halves, slots] = keys
-        buf_pos_ref[b, query_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
+        buf_key_ref[b, block_rows, g, halves, slots] = keys
+        buf_pos_ref[b, block_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
         return count + jnp.sum(take.astype(jnp.int32), axis=0), thr, half
+
+    def room(state):  # room for a whole block in every buffer; loops over the queries: one copy of the code
+        return jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state)
 
     zeros = jnp.zeros((bq,), jnp.int32)
     no_threshold = jnp.full((bq,), INELIGIBLE_KEY, jnp.int32)
+    if unit:
+        state = _listed_scan(units_ref, b, query_rows, n_blocks, bk, unit, unit_slice, room, insert,
+                             (zeros, no_threshold, zeros))
+    else:
+        first = g * blocks_per_segment
+        last = jnp.minimum(first + blocks_per_segment, n_blocks)
+        # Probe: the latest 2k keys of the segment, when it holds more than twice as many, give each query a
+        # starting threshold, their k-th largest key (a lower bound on the row's; recent keys score high).
+        probe = jnp.where(last - first > 2 * probe_blocks, probe_blocks, 0)
+        count = jax.lax.fori_loop(0, probe, lambda s, st: insert(last - 1 - s, st), (zeros, no_threshold, zeros))[0]
+        barrier(sync)
 
-    # Probe: the latest 2k keys of the segment, when it holds more than twice as many, give each query a
-    # starting threshold, their k-th largest key (a lower bound on the row's; recent keys score high).
-    probe = jnp.where(last - first > 2 * probe_blocks, probe_blocks, 0)
-    count = jax.lax.fori_loop(0, probe, lambda s, st: insert(last - 1 - s, st), (zeros, no_threshold, zeros))[0]
-    barrier(sync)
+        def probe_threshold(c, thr):
+            n = pick(count, c)
+            lane = jax.lax.iota(jnp.int32, tile)
+            load = lambda t: (buffer(buf_key_ref, c)(0, t * tile + lane), t * tile + lane < n)
 
-    def probe_threshold(c, thr):
-        n = pick(count, c)
-        lane = jax.lax.iota(jnp.int32, tile)
-        load = lambda t: (buffer(buf_key_ref, c)(0, t * tile + lane), t * tile + lane < n)
+            def found(_, thr):
+                return put(thr, c, kth_largest(load, (n + tile - 1) // tile, tile, jnp.int32(topk))[0] - 1)
+            return jax.lax.fori_loop(0, (n >= topk).astype(jnp.int32), found, thr)
 
-        def found(_, thr):
-            return put(thr, c, kth_largest(load, (n + tile - 1) // tile, tile, jnp.int32(topk))[0] - 1)
-        return jax.lax.fori_loop(0, (n >= topk).astype(jnp.int32), found, thr)
+        thr = jax.lax.fori_loop(0, bq, probe_threshold, no_threshold)
+        barrier(sync)  # the probe's entries are read: the scan below overwrites them
+        state = jax.lax.fori_loop(first, last, lambda j, st: insert(j, room(st)), (zeros, thr, zeros))
 
-    thr = jax.lax.fori_loop(0, bq, probe_threshold, no_threshold)
-    barrier(sync)  # the probe's entries are read: the scan below overwrites them
-
-    def block(j, state):
-        # Room for a whole block in every buffer. Loops over the queries, not unrolled: one copy of the code.
-        return insert(j, jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state))
-
-    state = jax.lax.fori_loop(first, last, block, (zeros, thr, zeros))
     def finish(c, state):
         state = compact_if(c, state, topk)
         n, half = jnp.minimum(pick(state[0], c), topk), pick(state[2], c)
@@ -224,6 +234,32 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, idx_ref, key_ref, 
     jax.lax.fori_loop(0, bq, finish, state)
 
 
+def _listed_scan(units_ref, b, query_rows, n_blocks, bk: int, unit: int, unit_slice: int, room, insert, state):
+    """The listed kernel's scan: each query may select only the keys of the units (runs of ``unit`` keys,
+    e.g. HISA's kept blocks; ``unit == 1``: single keys, MISA-H's candidates) in its sorted list
+    ``units_ref[b, t, :]``. Key blocks are visited in increasing position, only those holding a unit of
+    some query of the program (the union: a block is loaded once for all of them), by merging the
+    queries' lists as they go: each query has a pointer to its first unit not yet passed."""
+    lanes = jax.lax.iota(jnp.int32, unit_slice)
+    offsets = jax.lax.iota(jnp.int32, bk)
+
+    def next_block(ptr, j):  # the first key block from j on holding some query's next unit
+        head = jnp.min(units_ref[b, query_rows, ptr])
+        return jnp.maximum(j, jnp.where(head < NO_UNIT, head * unit // bk, n_blocks))
+
+    def body(carry):
+        j, ptr, state = carry
+        listed = units_ref[b, query_rows[:, None], ptr[:, None] + lanes[None, :]]   # [bq, unit_slice]
+        unit_of = (j * bk + offsets) // unit
+        hits = (unit_of[:, None, None] == listed[None, :, :]).astype(jnp.int32)
+        state = insert(j, room(state), jnp.sum(hits, axis=2) > 0)                 # [bk, bq] membership
+        passed = jnp.sum((listed < (j + 1) * bk // unit).astype(jnp.int32), axis=1)  # units ending in the block
+        return next_block(ptr + passed, j + 1), ptr + passed, state
+
+    ptr = jnp.zeros_like(query_rows)
+    return jax.lax.while_loop(lambda carry: carry[0] < n_blocks, body, (next_block(ptr, 0), ptr, state))[2]
+
+
 def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
     """(compaction tile, cap) of the streaming kernel's per-query buffer: ``cap = 2k + bk`` rounded up to
     the tile, so after a compaction (k entries) a compaction comes at most every k + bk inserts."""
@@ -232,21 +268,31 @@ def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
 
 
 def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int, ranked: bool,
-                  block_sizes: DsaTritonBlockSizes, interpret: bool):
+                  block_sizes: DsaTritonBlockSizes, interpret: bool, units=None, unit: int = 0):
     """(positions, keys), each [B, T, segments, topk] int32: every query's top ``topk`` keys among
     ``0 .. limits[b, t]`` within each of ``segments`` equal runs of key blocks, -1 / INELIGIBLE_KEY
     padded; in the contract's order if ``ranked``, else in position order (what ``merge_segments`` and
-    MISA-H's candidates take). Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``."""
+    MISA-H's candidates take). Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``.
+
+    ``units`` [B, T, L] int32 (one segment, no probe): each query selects only among the keys of the
+    units it lists, runs of ``unit`` keys (unit u holds keys ``u * unit .. (u + 1) * unit - 1``), listed
+    in increasing order and padded with ``NO_UNIT``: HISA's kept blocks, MISA-H's candidates (unit 1)."""
     B, T, H, _ = q.shape
     bs = block_sizes
     bk = min(bs.block_k, width)
     tile, cap = stream_buffer(topk, bk, bs.radix_tile)
     out_tile, out_len = output_columns(topk)
     blocks_per_segment = -(-width // bk // segments)
+    unit_slice = next_pow2(-(-(bk - 1) // unit) + 1) if unit else 0  # most units bk keys can touch
     kernel = functools.partial(
         _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
         blocks_per_segment=blocks_per_segment, probe_blocks=-(-2 * topk // bk), out_tile=out_tile, out_len=out_len,
-        ranked=ranked, sync=not interpret)
+        ranked=ranked, unit=unit, unit_slice=unit_slice, sync=not interpret)
+    listed = ()
+    if unit:
+        if segments != 1:
+            raise ValueError(f"stream_select: a units list takes one key segment, got segments={segments}")
+        listed = (pad_axis(units, 2, units.shape[2] + unit_slice, NO_UNIT),)  # a pointer's slice stays in bounds
     buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
     out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
     idx, keys, _, _ = pl.pallas_call(
@@ -255,8 +301,8 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
         grid=(B, T // bq, segments),
         compiler_params=triton_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="dsa_stream_topk",
-    )(limits, q, w, k, scale)
+        name="dsa_stream_topk" if not unit else "listed_stream_topk",
+    )(limits, q, w, k, scale, *listed)
     return idx[..., :topk], keys[..., :topk]
 
 
@@ -305,24 +351,32 @@ def merge_segments(positions, keys, topk: int, return_keys: bool, *, position_or
 
 def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, query_chunk: int, key_chunk: int,
                     return_keys: bool = False, block_sizes: DsaTritonBlockSizes | None = None,
-                    chunk_bytes: int = 1 << 30, interpret: bool | None = None, position_order: bool = False):
+                    chunk_bytes: int = 1 << 30, interpret: bool | None = None, position_order: bool = False,
+                    units: jax.Array | None = None, unit: int = 0):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
     reference's memory; here queries go in chunks whose device memory (streaming: candidate buffers,
     O(chunk * k); two-pass: [chunk, S] int32 keys) fits ``chunk_bytes``. ``block_sizes``: the kernels'
     tiles and selection (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the platform says
     (``dispatch.triton_interpret``). ``position_order``: the same winners in increasing position, -1
-    padding last (MISA-H's candidates), instead of the contract's order."""
+    padding last (MISA-H's candidates), instead of the contract's order.
+
+    ``units`` [B, T, L] int32 (streaming only): each query selects only among the keys of the units it
+    lists (runs of ``unit`` keys, increasing, ``NO_UNIT`` padded; see ``stream_select``): HISA's
+    refinement over its kept blocks, MISA-H's re-rank of its candidates."""
     del query_chunk, key_chunk
-    return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, topk=topk, return_keys=return_keys,
-                            block_sizes=block_sizes or DsaTritonBlockSizes(), chunk_bytes=chunk_bytes,
-                            interpret=triton_interpret(interpret),
-                            position_order=position_order)
+    block_sizes = block_sizes or DsaTritonBlockSizes()
+    if units is not None and (block_sizes.selection != "streaming" or unit < 1):
+        raise ValueError(f"dsa_topk_triton: units need selection='streaming' and unit >= 1, got "
+                         f"{block_sizes.selection!r} and unit={unit}")
+    return _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, topk=topk, return_keys=return_keys,
+                            block_sizes=block_sizes, chunk_bytes=chunk_bytes, interpret=triton_interpret(interpret),
+                            position_order=position_order, unit=unit)
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "return_keys", "block_sizes", "chunk_bytes", "interpret",
-                                             "position_order"))
-def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_keys, block_sizes, chunk_bytes,
-                     interpret, position_order):
+                                             "position_order", "unit"))
+def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, return_keys, block_sizes,
+                     chunk_bytes, interpret, position_order, unit):
     B, T, H, d = q.shape
     S = k.shape[1]
     bs = block_sizes
@@ -335,16 +389,18 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
+    listed = () if units is None else ((pad_axis(units, 1, Tp, NO_UNIT), NO_UNIT),)
 
     if streaming:
         bk = min(bs.block_k, width)
-        segments = key_segments(B * Tp // bq, width // bk, topk, bk, bs.min_programs)
-        chunk = max(bq, min(Tp, chunk_bytes // (B * stream_bytes_per_query(topk, segments, bk, bs))) // bq * bq)
+        segments = 1 if listed else key_segments(B * Tp // bq, width // bk, topk, bk, bs.min_programs)
+        per_query = stream_bytes_per_query(topk, segments, bk, bs) + (4 * units.shape[2] if listed else 0)
+        chunk = max(bq, min(Tp, chunk_bytes // (B * per_query)) // bq * bq)
 
-        def one_chunk(q_c, w_c, lim_c):
+        def one_chunk(q_c, w_c, lim_c, *units_c):
             idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
                                       ranked=segments == 1 and not position_order, block_sizes=bs,
-                                      interpret=interpret)
+                                      interpret=interpret, units=units_c[0] if units_c else None, unit=unit)
             if segments > 1:
                 return merge_segments(idx, keys, topk, return_keys, position_order=position_order, block_sizes=bs,
                                       interpret=interpret)
@@ -361,5 +417,5 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk, return_
                 return winners_in_position_order(positions, keys, return_keys)
             return order_by_key(keys, positions, topk, return_keys)
 
-    out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0))
+    out = map_query_chunks(one_chunk, chunk, (q, 0), (w, 0), (limits, 0), *listed)
     return jax.tree.map(lambda x: x[:, :T], out)

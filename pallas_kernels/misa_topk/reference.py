@@ -3,8 +3,9 @@
 Per query t (last eligible key ``L = min(t, kv_length - 1)``, own block ``L // B``):
 
 1. Router: ``E[t, h] = sum_b |w[t, h]| ReLU(q[t, h] . kbar[b])`` over the blocks fully before the own
-   block (block means) plus the own block's CAUSAL partial mean (keys ``own * B .. L`` only). MISA's
-   public code pools the whole own block during prefill, letting future keys steer routing; we don't.
+   block (block means) plus the own block's CAUSAL partial mean (keys ``own * B .. L`` only), taken as
+   ``ReLU(sum_s scale_s (q[t, h] . k[s]) / n)``. MISA's public code pools the whole own block during
+   prefill, letting future keys steer routing; we don't.
 2. The ``active_heads`` heads with the largest E are routed (ties: lower head index), then put back
    in increasing head order, so with ``active_heads == H`` the scan below is exactly DSA's.
 3. MISA: flat DSA scan with only the routed heads, top-k.
@@ -21,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_index_jax.kernels.block_pooling import block_means, dequantized, head_block_logits, last_eligible
-from sparse_index_jax.kernels.candidate_topk import refine_topk
+from sparse_index_jax.kernels.block_pooling import block_means, head_block_logits, last_eligible
+from sparse_index_jax.kernels.candidate_topk import gathered_logits, refine_topk
 from sparse_index_jax.kernels.chunking import map_query_chunks, to_shard
 from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
 from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
@@ -36,34 +37,44 @@ def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_
     are global, and the own block's partial sum is completed with a ``psum`` over ``axis_name`` (one
     shard holds the whole block, the others add exact zeros, so every shard routes identically).
     """
+    energy = map_query_chunks(
+        lambda q_c, w_c, pos_c: head_energies(q_c, w_c, k, k_scale, pos_c, kv_lengths, block_sums,
+                                              block_size=block_size, key_offset=key_offset, axis_name=axis_name),
+        query_chunk, (q, 0), (w, 0), (q_positions, -1))
+    return heads_by_energy(energy, active_heads)
+
+
+def head_energies(q_c, w_c, k, k_scale, pos_c, kv_lengths, block_sums, *, block_size: int, key_offset=0,
+                  axis_name: str | None = None) -> jax.Array:
+    """The router's energies [B, c, H] float32 of a chunk of queries (step 1 of the module docstring).
+
+    The own block's term is ``ReLU(q . mean)`` over its keys up to the query's last eligible one, computed
+    as ``sum_s scale_s (q . k_s) / n`` (the dot form: per-key products in the keys' dtype, as the
+    kernels compute them, and one division)."""
     S = k.shape[1]
     means, counts = block_means(block_sums, kv_lengths, block_size)
     M = means.shape[1]
     block_ids = jnp.arange(M, dtype=jnp.int32)
-    offsets = jnp.arange(block_size, dtype=jnp.int32)
+    last = last_eligible(pos_c, kv_lengths)                          # [B, c]
+    own = jnp.where(last >= 0, last // block_size, -1)
+    before = (block_ids < own[..., None]) & (counts[:, None, :] > 0)  # [B, c, M]
+    energy = jnp.einsum("bchm,bcm->bch", head_block_logits(q_c, means), before.astype(jnp.float32))
+    # The own block's causal partial mean: keys own*B .. last, gathered per query.
+    own_pos = jnp.maximum(own, 0)[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)  # [B, c, B]
+    mask = own_pos <= last[..., None]
+    local, in_shard = to_shard(own_pos, key_offset, S)
+    logits, scales = gathered_logits(q_c, k, k_scale, local)         # [B, c, H, B], [B, c, B]
+    partial = jnp.sum(jnp.where((mask & in_shard)[:, :, None, :], logits * scales[:, :, None, :], 0.0), axis=-1)
+    if axis_name is not None:
+        partial = jax.lax.psum(partial, axis_name)
+    own_logit = jax.nn.relu(partial / jnp.maximum(jnp.sum(mask, axis=-1), 1)[..., None].astype(jnp.float32))
+    return (energy + jnp.where((last >= 0)[..., None], own_logit, 0.0)) * jnp.abs(w_c.astype(jnp.float32))
 
-    def one_query_chunk(q_c, w_c, pos_c):
-        last = last_eligible(pos_c, kv_lengths)                          # [B, c]
-        own = jnp.where(last >= 0, last // block_size, -1)
-        before = (block_ids < own[..., None]) & (counts[:, None, :] > 0)  # [B, c, M]
-        energy = jnp.einsum("bchm,bcm->bch", head_block_logits(q_c, means), before.astype(jnp.float32))
-        # The own block's causal partial mean: keys own*B .. last, gathered per query.
-        own_pos = jnp.maximum(own, 0)[..., None] * block_size + offsets  # [B, c, B]
-        mask = own_pos <= last[..., None]
-        local, in_shard = to_shard(own_pos, key_offset, S)
-        here = mask & in_shard
-        rows = jax.vmap(lambda kb, p: kb[p])(k, local)  # gather first: never a dequantised copy of all keys
-        rows = dequantized(rows, None if k_scale is None else jax.vmap(lambda s, p: s[p])(k_scale, local))
-        partial = jnp.sum(jnp.where(here[..., None], rows, 0.0), axis=2)
-        if axis_name is not None:
-            partial = jax.lax.psum(partial, axis_name)
-        partial = partial / jnp.maximum(jnp.sum(mask, axis=-1), 1)[..., None]
-        own_logit = jax.nn.relu(jnp.einsum("bchd,bcd->bch", q_c.astype(jnp.float32), partial))
-        energy = (energy + jnp.where((last >= 0)[..., None], own_logit, 0.0)) * jnp.abs(w_c.astype(jnp.float32))
-        heads, _ = top_k_by_key(ranking_keys(energy, jnp.ones_like(energy, bool)), active_heads)
-        return jnp.sort(heads, axis=-1)
 
-    return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))
+def heads_by_energy(energy: jax.Array, active_heads: int) -> jax.Array:
+    """The ``active_heads`` heads of largest energy [B, T, H] (ties: lower head), in increasing order."""
+    heads, _ = top_k_by_key(ranking_keys(energy, jnp.ones_like(energy, bool)), active_heads)
+    return jnp.sort(heads, axis=-1)
 
 
 def routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing) -> tuple[jax.Array, jax.Array]:
