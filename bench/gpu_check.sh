@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# One prepared GPU run of the DSA selection work (about 8 minutes on an H100 / H200): the kernel tests,
-# compiled, then the speed benchmark of every DSA entry with its baselines (naive XLA, the two-pass path,
-# bf16 and fp8 matmul peaks, one read of the key cache) in one process. Writes under $OUT (default
-# bench/results/gpu_check): tests.log, speed.json, speed.png, speed.log.
+# One prepared GPU run (about 8 minutes on an H100 / H200), writing under $OUT (default bench/results/gpu_check):
 #
-#   bash bench/gpu_check.sh                 # from the repository root, on the GPU machine
+#   bash bench/gpu_check.sh            # dsa: the DSA kernel tests, compiled, then `bench speed` of every DSA entry
+#                                      #   with its baselines (naive XLA, two-pass, bf16/fp8 peaks, a key-cache read)
+#   bash bench/gpu_check.sh selectors  # the selector kernel tests, compiled, then `bench speed` of DSA, HISA, MISA,
+#                                      #   MISA-H at 16K-128K and `bench model` (a DeepSeek-V3.2-shaped stack)
+#
+# Files: install.log, device.csv, tests.log, speed.json/.png/.log (and model.json/.log for selectors).
 set -u
+MODE=${1:-dsa}
 OUT=${OUT:-bench/results/gpu_check}
 mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/install.log" 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/device.csv" 2>&1
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_dsa_streaming.py tests/test_pallas_selectors.py \
-    > "$OUT/tests.log" 2>&1
-echo "tests exit $?" >> "$OUT/tests.log"
-timeout 300 sparse-index bench speed --lengths 8K,32K,128K,256K --max-seconds 270 --repeats 3 --quiet \
-    --entries naive_xla,dsa,dsa_fp8,dsa_two_pass,dsa_sort_after,dsa_scoring,dsa_scoring_fp8,dsa_decode,dsa_decode_fp8,key_cache_read,key_cache_read_fp8 \
-    --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
-echo "bench exit $?" >> "$OUT/speed.log"
-tail -n 40 "$OUT/tests.log" "$OUT/speed.log"
+case "$MODE" in
+  dsa)
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/test_dsa_streaming.py tests/test_pallas_selectors.py \
+        > "$OUT/tests.log" 2>&1
+    echo "tests exit $?" >> "$OUT/tests.log"
+    timeout 300 sparse-index bench speed --lengths 8K,32K,128K,256K --max-seconds 270 --repeats 3 --quiet \
+        --entries naive_xla,dsa,dsa_fp8,dsa_two_pass,dsa_sort_after,dsa_scoring,dsa_scoring_fp8,dsa_decode,dsa_decode_fp8,key_cache_read,key_cache_read_fp8 \
+        --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
+    echo "bench exit $?" >> "$OUT/speed.log"
+    tail -n 40 "$OUT/tests.log" "$OUT/speed.log"
+    ;;
+  selectors)
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_listed_selection.py tests/test_pallas_selectors.py \
+        > "$OUT/tests.log" 2>&1
+    echo "tests exit $?" >> "$OUT/tests.log"
+    timeout 170 sparse-index bench speed --lengths 16K,32K,64K,128K --max-seconds 150 --repeats 3 --quiet \
+        --entries dsa,hisa,misa,misa_h --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
+    echo "bench exit $?" >> "$OUT/speed.log"
+    timeout 150 sparse-index bench model MODEL_ARGS --out "$OUT/model.json" > "$OUT/model.log" 2>&1
+    echo "model exit $?" >> "$OUT/model.log"
+    tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/model.log"
+    ;;
+  *)
+    echo "gpu_check.sh: unknown mode '$MODE'; use dsa (default) or selectors" >&2
+    exit 2
+    ;;
+esac
