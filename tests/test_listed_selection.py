@@ -1,6 +1,6 @@
-"""The selector kernels' own parts against their references: the units-listed walk of the streaming DSA kernel
-(HISA's refinement over kept blocks, MISA-H's re-rank of candidates), HISA's in-kernel block filter, and
-MISA's router kernel.
+"""The selector kernels' own parts against their references: the walks of the streaming DSA kernel over
+per-query unit lists (merged over whole key blocks: HISA's refinement over kept blocks; gathered rows:
+MISA-H's re-rank of candidates), HISA's in-kernel block filter, and MISA's router kernel.
 
 Inputs are small integers (bf16) and weights multiples of 1/4, so every score is exact in float32 whatever
 the summation order: any difference is a kernel bug. Tiny tiles (16-key blocks, 16-slot compaction steps)
@@ -58,8 +58,8 @@ def _listed_reference(q, k, w, k_scale, positions, lengths, units, unit, topk):
 
 
 @pytest.mark.parametrize("B,T,S,H,unit,L,topk", [
-    (2, 13, 200, 4, 1, 40, 8),      # single keys (MISA-H's candidates), k < list
-    (1, 9, 150, 3, 16, 5, 30),      # whole 16-key blocks (HISA), odd heads
+    (2, 13, 200, 4, 1, 40, 8),      # single keys (MISA-H's candidates: the gathered walk), k < list
+    (1, 9, 150, 3, 16, 5, 30),      # whole 16-key blocks (HISA: the merged walk), odd heads
     (2, 7, 170, 4, 8, 6, 12),       # units smaller than a key block: several per block
     (1, 5, 100, 4, 24, 3, 100),     # units straddling key blocks, k > every list
 ])
@@ -159,9 +159,9 @@ def test_misa_with_every_head_and_misa_h_with_every_candidate_are_dsa():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowering check for machines without a GPU")
 @pytest.mark.parametrize("method,kernels", [
-    ("hisa", {"dsa_stream_topk", "listed_stream_topk"}),           # block filter, walk of kept blocks
+    ("hisa", {"dsa_stream_topk", "merged_stream_topk"}),           # block filter, merged walk of kept blocks
     ("misa", {"misa_router", "dsa_stream_topk"}),                  # router, routed fused selection
-    ("misa_h", {"misa_router", "dsa_stream_topk", "listed_stream_topk"}),  # + walk of the candidates
+    ("misa_h", {"misa_router", "dsa_stream_topk", "gathered_stream_topk"}),  # + gathered walk of the candidates
 ])
 def test_selector_kernels_lower_for_cuda_at_production_shape(method, kernels):
     """A 16K prefill, H = 64, d = 128, k = 2048 (HISA: 64 blocks of 128; MISA: 8 of 64 heads, blocks of 1024)."""
@@ -179,5 +179,6 @@ def test_selector_kernels_lower_for_cuda_at_production_shape(method, kernels):
         fn = lambda *a: misa_topk_triton(*a, topk=2048, block_size=1024, active_heads=8, query_chunk=0, key_chunk=0,
                                          candidates=8192 if method == "misa_h" else None, interpret=False)
     text = lower_for_cuda(fn, q, k, w, None, pos, n, sums)
-    names = ("dsa_stream_topk", "listed_stream_topk", "misa_router", "radix_topk", "dsa_score_keys")
+    names = ("dsa_stream_topk", "merged_stream_topk", "gathered_stream_topk", "misa_router", "radix_topk",
+             "dsa_score_keys")
     assert {name for name in names if name in text} == kernels

@@ -45,13 +45,17 @@ from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 def _block_scores(k_ref, scale_ref, b, j, q, w, bk: int, bq: int, heads: int):
     """float32 scores [bk, bq] of key block ``j`` for the program's queries (q [bq*H, d], w [1, bq, H])."""
     keys = pl.ds(j * bk, bk)
+    return _scores(k_ref[b, keys, :], scale_ref[b, keys], q, w, bk, bq, heads)
+
+
+def _scores(k_blk, scale, q, w, bk: int, bq: int, heads: int):
+    """float32 scores [bk, bq] of ``bk`` key rows (k_blk [bk, d], their scales [bk])."""
     # Keys are the matmul's M and head queries its N: the sum over heads then runs along each
     # accumulator row (a few lanes apart), not across the register layout.
-    k_blk = k_ref[b, keys, :]
     logits = jax.lax.dot_general(k_blk, q.astype(k_blk.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
     logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
-    return jnp.sum(logits * w, axis=2) * scale_ref[b, keys][:, None]
+    return jnp.sum(logits * w, axis=2) * scale[:, None]
 
 
 def _program_queries(q_ref, w_ref, b, rows, bq: int, heads: int):
@@ -169,14 +173,9 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
             return put(count, c, topk), put(thr, c, tau), put(half, c, 1 - h)
         return jax.lax.fori_loop(0, (pick(state[0], c) > limit).astype(jnp.int32), run, state)
 
-    def insert(j, state, member=None):  # scores key block j and appends the keys above each query's threshold
+    def insert(positions, scores, eligible, state):  # appends the keys above each query's threshold
         count, thr, half = state
-        positions = j * bk + jax.lax.iota(jnp.int32, bk)
-        scores = _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads)        # [bk, bq]
-        eligible = positions[:, None] < limits[None, :]
-        if member is not None:
-            eligible &= member
-        keys = jnp.where(eligible, ordered_keys(scores), INELIGIBLE_KEY)
+        keys = jnp.where(eligible & (positions[:, None] < limits[None, :]), ordered_keys(scores), INELIGIBLE_KEY)
         take = keys > thr[None, :]
         slots = jnp.where(take, count[None, :] + jnp.cumsum(take.astype(jnp.int32), axis=0) - 1, cap)
         block_rows = jnp.broadcast_to(query_rows[None, :], (bk, bq))
@@ -185,13 +184,24 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
         buf_pos_ref[b, block_rows, g, halves, slots] = jnp.broadcast_to(positions[:, None], (bk, bq))
         return count + jnp.sum(take.astype(jnp.int32), axis=0), thr, half
 
+    def insert_block(j, state, member=True):  # scores key block j (all of it, or the ``member`` keys)
+        positions = j * bk + jax.lax.iota(jnp.int32, bk)
+        return insert(positions, _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads), member, state)
+
+    def insert_rows(positions, state):  # scores the key rows ``positions`` [bk] (gathered; bq == 1)
+        safe = jnp.maximum(positions, 0)
+        scores = _scores(k_ref[b, safe, :], scale_ref[b, safe], q, w, bk, bq, heads)
+        return insert(positions, scores, (positions >= 0)[:, None], state)
+
     def room(state):  # room for a whole block in every buffer; loops over the queries: one copy of the code
         return jax.lax.fori_loop(0, bq, lambda c, st: compact_if(c, st, cap - bk), state)
 
     zeros = jnp.zeros((bq,), jnp.int32)
     no_threshold = jnp.full((bq,), INELIGIBLE_KEY, jnp.int32)
-    if unit:
-        state = _listed_scan(units_ref, b, query_rows, n_blocks, bk, unit, unit_slice, room, insert,
+    if unit == 1:
+        state = _gathered_scan(units_ref, b, i, limits, bk, room, insert_rows, (zeros, no_threshold, zeros))
+    elif unit:
+        state = _merged_scan(units_ref, b, query_rows, n_blocks, bk, unit, unit_slice, room, insert_block,
                              (zeros, no_threshold, zeros))
     else:
         first = g * blocks_per_segment
@@ -199,7 +209,8 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
         # Probe: the latest 2k keys of the segment, when it holds more than twice as many, give each query a
         # starting threshold, their k-th largest key (a lower bound on the row's; recent keys score high).
         probe = jnp.where(last - first > 2 * probe_blocks, probe_blocks, 0)
-        count = jax.lax.fori_loop(0, probe, lambda s, st: insert(last - 1 - s, st), (zeros, no_threshold, zeros))[0]
+        count = jax.lax.fori_loop(0, probe, lambda s, st: insert_block(last - 1 - s, st),
+                                  (zeros, no_threshold, zeros))[0]
         barrier(sync)
 
         def probe_threshold(c, thr):
@@ -213,7 +224,7 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
 
         thr = jax.lax.fori_loop(0, bq, probe_threshold, no_threshold)
         barrier(sync)  # the probe's entries are read: the scan below overwrites them
-        state = jax.lax.fori_loop(first, last, lambda j, st: insert(j, room(st)), (zeros, thr, zeros))
+        state = jax.lax.fori_loop(first, last, lambda j, st: insert_block(j, room(st)), (zeros, thr, zeros))
 
     def finish(c, state):
         state = compact_if(c, state, topk)
@@ -234,12 +245,12 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
     jax.lax.fori_loop(0, bq, finish, state)
 
 
-def _listed_scan(units_ref, b, query_rows, n_blocks, bk: int, unit: int, unit_slice: int, room, insert, state):
-    """The listed kernel's scan: each query may select only the keys of the units (runs of ``unit`` keys,
-    e.g. HISA's kept blocks; ``unit == 1``: single keys, MISA-H's candidates) in its sorted list
-    ``units_ref[b, t, :]``. Key blocks are visited in increasing position, only those holding a unit of
-    some query of the program (the union: a block is loaded once for all of them), by merging the
-    queries' lists as they go: each query has a pointer to its first unit not yet passed."""
+def _merged_scan(units_ref, b, query_rows, n_blocks, bk: int, unit: int, unit_slice: int, room, insert_block,
+                 state):
+    """The merged walk (units of several keys: HISA's kept blocks): each query may select only the keys of
+    the units in its sorted list ``units_ref[b, t, :]``. Key blocks are visited in increasing position, only
+    those holding a unit of some query of the program (the union: a block is loaded once for all of them),
+    by merging the queries' lists as they go: each query has a pointer to its first unit not yet passed."""
     lanes = jax.lax.iota(jnp.int32, unit_slice)
     offsets = jax.lax.iota(jnp.int32, bk)
 
@@ -252,12 +263,30 @@ def _listed_scan(units_ref, b, query_rows, n_blocks, bk: int, unit: int, unit_sl
         listed = units_ref[b, query_rows[:, None], ptr[:, None] + lanes[None, :]]   # [bq, unit_slice]
         unit_of = (j * bk + offsets) // unit
         hits = (unit_of[:, None, None] == listed[None, :, :]).astype(jnp.int32)
-        state = insert(j, room(state), jnp.sum(hits, axis=2) > 0)                 # [bk, bq] membership
+        state = insert_block(j, room(state), jnp.sum(hits, axis=2) > 0)           # [bk, bq] membership
         passed = jnp.sum((listed < (j + 1) * bk // unit).astype(jnp.int32), axis=1)  # units ending in the block
         return next_block(ptr + passed, j + 1), ptr + passed, state
 
     ptr = jnp.zeros_like(query_rows)
     return jax.lax.while_loop(lambda carry: carry[0] < n_blocks, body, (next_block(ptr, 0), ptr, state))[2]
+
+
+def _gathered_scan(units_ref, b, i, limits, bk: int, room, insert_rows, state):
+    """The gathered walk (single keys: MISA-H's candidates; one query per program): the query's listed
+    positions, ``bk`` at a time in increasing order, their key rows gathered (each d contiguous values)
+    and scored with one dot. Candidates a few per key block would make the merged walk load nearly every
+    block (``bench/walk_sharing.py`` measures it); gathering scores only them."""
+    offsets = jax.lax.iota(jnp.int32, bk)
+
+    def tile(s):
+        positions = units_ref[b, i, s * bk + offsets]
+        return jnp.where(positions < limits[0], positions, -1)  # NO_UNIT padding and keys past the query
+
+    def body(carry):
+        s, state = carry
+        return s + 1, insert_rows(tile(s), room(state))
+
+    return jax.lax.while_loop(lambda carry: jnp.max(tile(carry[0])) >= 0, body, (jnp.int32(0), state))[1]
 
 
 def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
@@ -276,7 +305,8 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
 
     ``units`` [B, T, L] int32 (one segment, no probe): each query selects only among the keys of the
     units it lists, runs of ``unit`` keys (unit u holds keys ``u * unit .. (u + 1) * unit - 1``), listed
-    in increasing order and padded with ``NO_UNIT``: HISA's kept blocks, MISA-H's candidates (unit 1)."""
+    in increasing order and padded with ``NO_UNIT``: HISA's kept blocks (the merged walk over whole key
+    blocks), MISA-H's candidates (``unit == 1``: the gathered walk, ``bq == 1``)."""
     B, T, H, _ = q.shape
     bs = block_sizes
     bk = min(bs.block_k, width)
@@ -290,8 +320,9 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
         ranked=ranked, unit=unit, unit_slice=unit_slice, sync=not interpret)
     listed = ()
     if unit:
-        if segments != 1:
-            raise ValueError(f"stream_select: a units list takes one key segment, got segments={segments}")
+        if segments != 1 or (unit == 1 and bq != 1):
+            raise ValueError(f"stream_select: a units list takes one key segment (and single-key units one query "
+                             f"per program), got segments={segments}, unit={unit}, bq={bq}")
         listed = (pad_axis(units, 2, units.shape[2] + unit_slice, NO_UNIT),)  # a pointer's slice stays in bounds
     buf = jax.ShapeDtypeStruct((B, T, segments, 2, cap + 16), jnp.int32)  # two halves + spare slots
     out = jax.ShapeDtypeStruct((B, T, segments, out_len), jnp.int32)
@@ -301,7 +332,7 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
         grid=(B, T // bq, segments),
         compiler_params=triton_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="dsa_stream_topk" if not unit else "listed_stream_topk",
+        name={0: "dsa_stream_topk", 1: "gathered_stream_topk"}.get(unit, "merged_stream_topk"),
     )(limits, q, w, k, scale, *listed)
     return idx[..., :topk], keys[..., :topk]
 
@@ -382,10 +413,11 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, 
     bs = block_sizes
     streaming = bs.selection == "streaming"
     tile = min(bs.block_k if streaming else bs.radix_tile, max(16, next_pow2(S)))  # a dot needs M >= 16
-    q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile)
+    gathered = unit == 1  # the gathered walk: one query per program, its heads the dot's N (>= 16)
+    q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile, min_heads=16 if gathered else 1)
     Hp = q.shape[2]
     # Queries per program: enough head queries for the dot's N, no more than there are queries, N >= 16.
-    bq = min(query_block(Hp, bs.head_queries), max(next_pow2(T), -(-16 // Hp)))
+    bq = 1 if gathered else min(query_block(Hp, bs.head_queries), max(next_pow2(T), -(-16 // Hp)))
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)
