@@ -10,6 +10,9 @@ Two ways to select, chosen by ``DsaTritonBlockSizes.selection``:
   so no [T, S] array is ever written and memory is O(T * k). The survivors come out in the contract's
   order (ranked in the kernel); key segments, when there are several, are merged by a radix select
   over their k winners each. The heaviest (latest, causal) query blocks are scheduled first.
+  With per-query unit lists (``units``), the same kernel scores only what each query lists: the
+  merged walk (HISA's kept blocks: each key block some query of the program needs, loaded once for
+  all) or the gathered walk (MISA-H's candidates: one query per program, its candidate rows gathered).
 * ``"two_pass"`` (the measured H100 baseline): ``score_keys`` writes every query's int32 ranking keys
   for a chunk of queries ([chunk, S], sized to ``chunk_bytes``), ``radix_topk_rows``
   (``radix_topk_triton.py``) selects each row's top k, and a sort of k per row orders them.
