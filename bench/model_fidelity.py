@@ -82,6 +82,24 @@ def dense_layer_outputs(model, tokens):
         yield attn
 
 
+def heldout_indexer_activations(seq_len: int, indexers: str = "shipped", *, layer_stride: int = 1,
+                                progress: bool = True):
+    """Yields (layer, the layer's indexer activations) of SmolLM2-135M + ``indexers`` run densely over the first
+    ``seq_len`` held-out tokens, for every ``layer_stride``-th layer: the real activations the CPU models of the
+    kernels (``survivors``, ``walk_sharing``) replay."""
+    from sparse_index_jax.models.retrofit import smollm2
+    from sparse_index_jax.training.data import python_stdlib_files, read_tokens
+
+    model, tokenizer = smollm2(indexers, progress=progress)
+    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
+    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
+    if len(held) < seq_len:
+        raise ValueError(f"the held-out files hold {len(held):,} tokens, fewer than seq_len={seq_len}")
+    for i, attn in enumerate(dense_layer_outputs(model, np.asarray(held[:seq_len])[None])):
+        if i % layer_stride == 0:
+            yield i, attn.indexer
+
+
 def shared_topk_mass(probs: jax.Array, topk: int) -> jax.Array:
     """[B, T] the ceiling: attention mass of the best ``topk`` keys all heads share (probs [B, T, S])."""
     return jnp.sum(jax.lax.top_k(probs, min(topk, probs.shape[-1]))[0], axis=-1)

@@ -170,24 +170,14 @@ def layer_report(scores: np.ndarray, setup: SurvivorSetup, rng: np.random.Genera
 def run(setup: SurvivorSetup = SurvivorSetup(), indexers: str = "shipped", *, progress: bool = True,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Replays the policy on every layer of SmolLM2-135M (+ ``indexers``) over one held-out sequence."""
-    from sparse_index_jax.bench.model_fidelity import dense_layer_outputs
+    from sparse_index_jax.bench.model_fidelity import heldout_indexer_activations
     from sparse_index_jax.kernels.dsa_topk import index_scores
-    from sparse_index_jax.models.retrofit import smollm2
-    from sparse_index_jax.training.data import python_stdlib_files, read_tokens
 
     start = time.perf_counter()
-    model, tokenizer = smollm2(indexers, progress=progress)
-    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
-    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
-    if len(held) < setup.seq_len:
-        raise ValueError(f"the held-out files hold {len(held):,} tokens, fewer than seq_len={setup.seq_len}")
-    tokens = np.asarray(held[: setup.seq_len])[None]
     rng = np.random.default_rng(setup.seed)
     layers = []  # every ``layer_stride``-th layer
-    for i, attn in enumerate(dense_layer_outputs(model, tokens)):
-        if i % setup.layer_stride:
-            continue
-        act = attn.indexer
+    for i, act in heldout_indexer_activations(setup.seq_len, indexers, layer_stride=setup.layer_stride,
+                                              progress=progress):
         scores = np.asarray(index_scores(act.q, act.k, act.w, act.k_scale)[0], np.float32)
         layers.append(layer_report(scores, setup, rng))
         if log:

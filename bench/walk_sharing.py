@@ -144,22 +144,13 @@ def layer_report(act, setup: WalkSetup) -> dict[str, Any]:
 def run(setup: WalkSetup = WalkSetup(), indexers: str = "shipped", *, progress: bool = True,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The counts above on every ``layer_stride``-th layer of SmolLM2-135M (+ ``indexers``), one held-out sequence."""
-    from sparse_index_jax.bench.model_fidelity import dense_layer_outputs
-    from sparse_index_jax.models.retrofit import smollm2
-    from sparse_index_jax.training.data import python_stdlib_files, read_tokens
+    from sparse_index_jax.bench.model_fidelity import heldout_indexer_activations
 
     start = time.perf_counter()
-    model, tokenizer = smollm2(indexers, progress=progress)
-    eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
-    held = read_tokens(python_stdlib_files("heldout"), tokenizer=tokenizer, eos_id=eos)
-    if len(held) < setup.seq_len:
-        raise ValueError(f"the held-out files hold {len(held):,} tokens, fewer than seq_len={setup.seq_len}")
-    tokens = np.asarray(held[: setup.seq_len])[None]
     layers = {}
-    for i, attn in enumerate(dense_layer_outputs(model, tokens)):
-        if i % setup.layer_stride:
-            continue
-        layers[str(i)] = layer_report(attn.indexer, setup)
+    for i, act in heldout_indexer_activations(setup.seq_len, indexers, layer_stride=setup.layer_stride,
+                                              progress=progress):
+        layers[str(i)] = layer_report(act, setup)
         if log:
             log(f"layer {i}: " + ", ".join(f"{m} walk/dsa {r['walk_over_dsa']:.3f}" for m, r in layers[str(i)].items()))
     first = next(iter(layers.values()))
