@@ -4,7 +4,8 @@ Each benchmark is a module with ``run(...) -> report`` (a JSON-able dict with it
 ``format_table(report)`` and ``save(report, path)``; ``BENCHMARKS`` lists them and the command line
 (``sparse-index bench NAME``) runs them. They share one timer (``timing.time_call``), one way to write
 reports (``reports``) and the plots (``plots``). ``demo`` holds the measurements ``sparse-index demo``
-prints. Results of GPU / TPU runs are kept in ``bench/results/``.
+prints; ``model_speed`` times a whole model stack (``sparse-index bench model``). Results of GPU / TPU runs
+are kept in ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -30,4 +31,10 @@ BENCHMARKS = {b.name: b for b in (
               "(SmolLM2-135M, about 10 minutes on 2 CPU cores)", "bench/results/smollm2_selector_sweep.json"),
     Benchmark("survivors", "how many keys the streaming DSA kernel's threshold lets into its buffer, on "
               "SmolLM2's real indexer scores (a CPU model)", "bench/results/streaming_survivors_smollm2.json"),
+    Benchmark("model", "prefill and decode time of a DeepSeek-V3.2-shaped stack under DSA / HISA / MISA / MISA-H "
+              "and IndexCache 1/2, 1/4, with the selection / attention / rest shares",
+              "bench/results/model_{device}.json"),
+    Benchmark("walk", "how much the HISA / MISA-H walks of the streaming kernel share between neighbouring "
+              "queries, on SmolLM2's real indexer activations (a CPU FLOP model)",
+              "bench/results/walk_sharing_smollm2.json"),
 )}

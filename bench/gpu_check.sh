@@ -25,13 +25,13 @@ case "$MODE" in
     tail -n 40 "$OUT/tests.log" "$OUT/speed.log"
     ;;
   selectors)
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_listed_selection.py tests/test_pallas_selectors.py \
+    timeout 110 python -m pytest -q -p no:cacheprovider tests/test_listed_selection.py tests/test_pallas_selectors.py \
         > "$OUT/tests.log" 2>&1
     echo "tests exit $?" >> "$OUT/tests.log"
-    timeout 170 sparse-index bench speed --lengths 16K,32K,64K,128K --max-seconds 150 --repeats 3 --quiet \
+    timeout 150 sparse-index bench speed --lengths 128K,64K,32K,16K --max-seconds 120 --repeats 3 --quiet \
         --entries dsa,hisa,misa,misa_h --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
     echo "bench exit $?" >> "$OUT/speed.log"
-    timeout 150 sparse-index bench model MODEL_ARGS --out "$OUT/model.json" > "$OUT/model.log" 2>&1
+    timeout 195 sparse-index bench model --lengths 128K,32K --repeats 1 --max-seconds 170 --out "$OUT/model.json" > "$OUT/model.log" 2>&1
     echo "model exit $?" >> "$OUT/model.log"
     tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/model.log"
     ;;

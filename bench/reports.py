@@ -1,4 +1,5 @@
-"""What every benchmark report carries: the environment it ran in, and how it is written to disk."""
+"""What every benchmark report carries: the environment it ran in, how a failed measurement is recorded
+(one line; ``oom`` or ``skipped``), and how the report is written to disk."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def environment() -> dict[str, Any]:
 def device_slug() -> str:
     """The device kind as a file-name part (``nvidia-h100-80gb-hbm3``)."""
     return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-") or jax.default_backend()
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as the one line a report records for a measurement it could not make."""
+    text = f"{type(err).__name__}: {str(err).strip()}"
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` says the device (or host) ran out of memory."""
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(err, MemoryError)
 
 
 def save_json(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:

@@ -34,7 +34,8 @@ FLOPs (2 per multiply-add, dot products only; the head-weighted sums, softmax an
 * DSA, ``dsa_scoring`` (and ``naive_xla``): the causal work ``2*H*d*T*(T+1)/2``; ``flops_square = 2*T*S*H*d`` (the
   "effective TFLOP/s" of the whole square) is reported too.
 * HISA: per query t: ``2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)``.
-* MISA: per query t: ``2*H*d*(blocks before t's + 1)`` for the router, ``2*A*d*(t+1)`` for the routed scan;
+* MISA: per query t: ``2*H*d*(blocks before t's + own-block keys up to t)`` for the router, ``2*A*d*(t+1)`` for
+  the routed scan;
   MISA-H adds ``2*H*d*min(candidates, t+1)`` for the re-ranking.
 * sparse MLA forward: ``2*Hq*k*(Dk+v_dim)`` per query; forward+backward: 3.5x that (backward = 2.5x
   forward, the FlashAttention convention).
@@ -53,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_index_jax.bench.plots import pyplot, save_figure
-from sparse_index_jax.bench.reports import environment, save_json
+from sparse_index_jax.bench.reports import environment, error_line, is_oom, save_json
 from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels import dsa_topk as dsa_topk_op
 from sparse_index_jax.kernels import hisa_topk as hisa_topk_op
@@ -145,7 +146,7 @@ def hisa_flops(T: int, H: int, d: int, block: int, num_blocks: int) -> int:
 
 def misa_flops(T: int, H: int, d: int, block: int, active: int, candidates: int | None) -> int:
     t = np.arange(T, dtype=np.int64)
-    work = 2 * H * d * np.sum(t // block + 1) + 2 * active * d * np.sum(t + 1)
+    work = 2 * H * d * np.sum(t // block + t % block + 1) + 2 * active * d * np.sum(t + 1)  # router + routed scan
     if candidates is not None:
         work += 2 * H * d * np.sum(np.minimum(candidates, t + 1))
     return int(work)
@@ -188,16 +189,6 @@ def free_memory_bytes() -> int | None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB"
-
-
-def _one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {str(err).strip()}"
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def _is_oom(err: BaseException) -> bool:
-    text = str(err)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(err, MemoryError)
 
 
 def matmul_peak(n: int, repeats: int, seed: int = 0, dtype=jnp.bfloat16) -> dict[str, Any]:
@@ -393,7 +384,7 @@ def _backends(setup: SpeedSetup) -> dict[str, dict[str, str | None]]:
             backend = backend_for(setup.implementation)
             out[op] = {"name": backend.name, "reason": backend.reason}
         except ValueError as err:
-            out[op] = {"name": None, "reason": _one_line(err)}
+            out[op] = {"name": None, "reason": error_line(err)}
     return out
 
 
@@ -417,7 +408,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
         try:
             peaks[name] = matmul_peak(setup.matmul_size, setup.repeats, setup.seed, dtype)
         except Exception as err:  # noqa: BLE001  (recorded, the rest still runs)
-            peaks[name] = {"n": setup.matmul_size, "status": "skipped", "reason": _one_line(err)}
+            peaks[name] = {"n": setup.matmul_size, "status": "skipped", "reason": error_line(err)}
     peak = peaks["bf16"]
     if bar is not None:
         bar.update()
@@ -455,7 +446,8 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
             "all": "2 FLOPs per multiply-add of the dot products; head-weighted sums, softmax, top-k not counted",
             "naive_xla, dsa, dsa_scoring": "causal work 2*H*d*T*(T+1)/2; flops_square = 2*T*S*H*d (the whole square)",
             "hisa": "per query t: 2*H*d*(blocks fully before t's block + candidate tokens <= t in the kept blocks)",
-            "misa": "per query t: 2*H*d*(t//block + 1) router + 2*active_heads*d*(t+1) routed scan",
+            "misa": "per query t: 2*H*d*(t//block + t%block + 1) router (block means before t's block, own block "
+                    "keys up to t) + 2*active_heads*d*(t+1) routed scan",
             "misa_h": "misa + 2*H*d*min(candidates, t+1) re-ranking",
             "sparse_mla": "2*Hq*k*(Dk+v_dim) per query",
             "sparse_mla_fwd_bwd": f"{1 + BACKWARD_FACTOR} x forward (backward = {BACKWARD_FACTOR} x forward)",
@@ -486,7 +478,7 @@ def _run_entry(entry: str, setup: SpeedSetup, inputs: _Inputs, peak: dict[str, A
         fn, args, facts = _prepare(entry, setup, inputs)
         row = time_call(fn, args, setup.repeats)[0].as_dict()
     except Exception as err:  # noqa: BLE001  (one line recorded; the other entries still run)
-        return {"status": "oom" if _is_oom(err) else "skipped", "reason": _one_line(err)}
+        return {"status": "oom" if is_oom(err) else "skipped", "reason": error_line(err)}
     cell = {"status": "ok", **row, **facts, "tflops": facts["flops"] / row["median_ms"] / 1e9}
     if "bytes" in facts:
         cell["gb_per_s"] = facts["bytes"] / row["median_ms"] / 1e6

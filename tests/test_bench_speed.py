@@ -98,9 +98,9 @@ def test_flop_counts_match_their_formulas():
     # Every block kept (num_blocks * block >= T): HISA scores every causal token plus the block means.
     assert bench_speed.hisa_flops(T, H, d, 100, 10) == bench_speed.dsa_flops(T, H, d) + sum(
         2 * H * d * (t // 100) for t in range(T))
-    # All heads routed: MISA's scan is DSA's, plus the router.
+    # All heads routed: MISA's scan is DSA's, plus the router (block means before t's block, own-block keys to t).
     assert bench_speed.misa_flops(T, H, d, 100, H, None) == bench_speed.dsa_flops(T, H, d) + sum(
-        2 * H * d * (t // 100 + 1) for t in range(T))
+        2 * H * d * (t // 100 + t % 100 + 1) for t in range(T))
 
 
 def test_help_explains_the_benchmark(capsys):

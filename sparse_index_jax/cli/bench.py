@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from sparse_index_jax.bench import BENCHMARKS
-from sparse_index_jax.cli import bench_fidelity, bench_roofline, bench_speed, bench_survivors, bench_sweep
+from sparse_index_jax.cli import (
+    bench_fidelity,
+    bench_model,
+    bench_roofline,
+    bench_speed,
+    bench_survivors,
+    bench_sweep,
+    bench_walk,
+)
 
 _COMMANDS = {"speed": bench_speed, "fidelity": bench_fidelity, "roofline": bench_roofline,
-             "selector-sweep": bench_sweep, "survivors": bench_survivors}
+             "selector-sweep": bench_sweep, "survivors": bench_survivors, "model": bench_model,
+             "walk": bench_walk}
 
 
 def add_parser(sub) -> None:
