@@ -53,9 +53,11 @@ def test_dsa_pallas_matches_reference(B, T, S, H, d, topk):
 
 
 def test_dsa_pallas_small_query_chunks_and_keys():
-    """Several query chunks (a tiny memory budget) and the keys returned for a context-parallel merge."""
-    from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
+    """Several query chunks (a tiny memory budget; one program is enough for a launch here) and the keys
+    returned for a context-parallel merge."""
     from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
+    from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton
+    from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
     rng = np.random.default_rng(7)
     B, T, S, H, d = 1, 40, 90, 16, 16
@@ -63,7 +65,7 @@ def test_dsa_pallas_small_query_chunks_and_keys():
     positions = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
     lengths = jnp.full((B,), S, jnp.int32)
     got = dsa_topk_triton(q, k, w, None, positions, lengths, topk=12, query_chunk=0, key_chunk=0,
-                          return_keys=True, chunk_bytes=4 * 128 * 16)
+                          return_keys=True, chunk_bytes=4 * 128 * 16, block_sizes=DsaTritonBlockSizes(min_programs=1))
     want = dsa_topk_reference(q, k, w, None, positions, lengths, topk=12, query_chunk=8, key_chunk=32,
                               return_keys=True)
     _assert_same(got, want)

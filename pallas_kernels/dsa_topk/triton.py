@@ -389,7 +389,8 @@ def dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, *, topk: int, que
                     units: jax.Array | None = None, unit: int = 0):
     """Same contract and result as ``dsa_topk_reference``. ``query_chunk``/``key_chunk`` shape the
     reference's memory; here queries go in chunks whose device memory (streaming: candidate buffers,
-    O(chunk * k); two-pass: [chunk, S] int32 keys) fits ``chunk_bytes``. ``block_sizes``: the kernels'
+    O(chunk * k), but at least ``min_programs`` programs a launch; two-pass: [chunk, S] int32 keys) fits
+    ``chunk_bytes``. ``block_sizes``: the kernels'
     tiles and selection (None: ``DsaTritonBlockSizes()``). ``interpret``: None = as the platform says
     (``dispatch.triton_interpret``). ``position_order``: the same winners in increasing position, -1
     padding last (MISA-H's candidates), instead of the contract's order.
@@ -430,7 +431,9 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, 
         bk = min(bs.block_k, width)
         segments = 1 if listed else key_segments(B * Tp // bq, width // bk, topk, bk, bs.min_programs)
         per_query = stream_bytes_per_query(topk, segments, bk, bs) + (4 * units.shape[2] if listed else 0)
-        chunk = max(bq, min(Tp, chunk_bytes // (B * per_query)) // bq * bq)
+        # At least min_programs programs a launch (a GPU needs them), even past chunk_bytes for a large k
+        # (MISA-H's 8,192 candidates: ~400 KB of buffers a query).
+        chunk = max(bq * min(bs.min_programs, Tp // bq), min(Tp, chunk_bytes // (B * per_query)) // bq * bq)
 
         def one_chunk(q_c, w_c, lim_c, *units_c):
             idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
