@@ -86,7 +86,14 @@ import numpy as np
 from flax import nnx
 
 from sparse_index_jax.bench.plots import pyplot, save_figure
-from sparse_index_jax.bench.reports import environment, error_line, is_oom, save_json
+from sparse_index_jax.bench.reports import (
+    backend_choices,
+    environment,
+    error_line,
+    failed_cell,
+    length_label,
+    save_json,
+)
 from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels import dsa_topk as dsa_topk_op
 from sparse_index_jax.kernels import hisa_topk as hisa_topk_op
@@ -399,7 +406,7 @@ class _Run:
         try:
             timing_, result = self.time_call(fn, args, **timing)
         except Exception as err:  # noqa: BLE001  (recorded in one line; the rest of the run goes on)
-            cell = {"status": "oom" if is_oom(err) else "skipped", "reason": error_line(err)}
+            cell = failed_cell(err)
             self.log(f"{what}: {cell['status']}: {cell['reason']}")
             return cell, None
         cell = {"status": "ok", **timing_.as_dict()}
@@ -416,8 +423,7 @@ class _Run:
 
     def fail_length(self, T: int, err: BaseException | dict[str, str]) -> None:
         """Records ``err`` (or a cell) in every cell of length T not measured yet."""
-        cell = err if isinstance(err, dict) else {"status": "oom" if is_oom(err) else "skipped",
-                                                  "reason": error_line(err)}
+        cell = err if isinstance(err, dict) else failed_cell(err)
         self.log(f"T={T}: {cell['status']}: {cell['reason']}")
         cells = [res[mode] for res in self.results.values() for mode in MODES]
         cells += [c for mode in MODES for c in (*self.components[mode]["selection"].values(),
@@ -510,17 +516,10 @@ class _Run:
 
 def _backends() -> dict[str, dict[str, str]]:
     """The implementation each op serves this benchmark's calls with (``auto``), and why."""
-    choices = {"dsa_topk": lambda: dsa_topk_op.backend_for(), "hisa_topk": lambda: hisa_topk_op.backend_for(),
-               "misa_topk": lambda: misa_topk_op.backend_for(),
-               "sparse_mla": lambda: sparse_mla_op.backend_for(q_dtype=jnp.bfloat16)}
-    out = {}
-    for op, backend_for in choices.items():
-        try:
-            backend = backend_for()
-            out[op] = {"name": backend.name, "reason": backend.reason}
-        except ValueError as err:
-            out[op] = {"name": None, "reason": error_line(err)}
-    return out
+    return backend_choices({"dsa_topk": lambda: dsa_topk_op.backend_for(),
+                            "hisa_topk": lambda: hisa_topk_op.backend_for(),
+                            "misa_topk": lambda: misa_topk_op.backend_for(),
+                            "sparse_mla": lambda: sparse_mla_op.backend_for(q_dtype=jnp.bfloat16)})
 
 
 def layer_shares(stack_ms: float, selection_ms: float, attention_ms: float, f_layers: int,
@@ -620,10 +619,6 @@ def run(setup: ModelSpeedSetup, log: Callable[[str], None] | None = None) -> dic
 
 # ------------------------------------------------------------------------------------------------ output
 
-def _length_label(T: int) -> str:
-    return f"{T // 1024}K" if T % 1024 == 0 else str(T)
-
-
 def format_table(report: dict[str, Any]) -> str:
     setup, env = report["setup"], report["environment"]
     lengths = [str(T) for T in setup["lengths"]]
@@ -637,7 +632,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"layers, hidden {model['hidden_size']}, MLA {model['mla']['heads']} heads, indexer {indexer['heads']} x "
              f"{indexer['head_dim']} top-{indexer['topk']}, {ffn_text}, {setup['dtypes']['activations']}; prefill "
              f"batch 1, decode batch {setup['decode_batch']}, {setup['repeats']} repeats"]
-    head = [*[_length_label(int(T)) for T in lengths]]
+    head = [*[length_label(int(T)) for T in lengths]]
     results = report["results"]
 
     def name(config):
@@ -693,14 +688,14 @@ def format_table(report: dict[str, Any]) -> str:
         for mode in MODES:
             for T, c in res[mode].items():
                 if c.get("status") != "ok":
-                    reasons.setdefault((f"{config} {mode}", c["reason"]), []).append(_length_label(int(T)))
+                    reasons.setdefault((f"{config} {mode}", c["reason"]), []).append(length_label(int(T)))
     for mode in MODES:
         comp = report["components"][mode]
         for label, cells in [*[(f"selection {m} {mode}", c) for m, c in comp["selection"].items()],
                              (f"attention {mode}", comp["attention"])]:
             for T, c in cells.items():
                 if c.get("status") != "ok":
-                    reasons.setdefault((label, c["reason"]), []).append(_length_label(int(T)))
+                    reasons.setdefault((label, c["reason"]), []).append(length_label(int(T)))
     if reasons:
         lines.append("")
         lines += [f"not timed: {what} at {', '.join(Ts)}: {reason}" for (what, reason), Ts in reasons.items()]
@@ -737,7 +732,7 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
 
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.set_xticks(lengths, [_length_label(T) for T in lengths])
+        ax.set_xticks(lengths, [length_label(T) for T in lengths])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         low, high = ax.get_ylim()
         if ax.get_yscale() == "log" and high < 10 * low:  # less than a decade: no major tick, label the minor ones

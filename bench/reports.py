@@ -9,7 +9,7 @@ import math
 import pathlib
 import platform
 import re
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -41,6 +41,29 @@ def is_oom(err: BaseException) -> bool:
     """Whether ``err`` says the device (or host) ran out of memory."""
     text = str(err)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(err, MemoryError)
+
+
+def failed_cell(err: BaseException) -> dict[str, str]:
+    """A measurement's report cell when it raised: ``oom`` or ``skipped``, and the one-line reason."""
+    return {"status": "oom" if is_oom(err) else "skipped", "reason": error_line(err)}
+
+
+def backend_choices(choices: Mapping[str, Callable[[], Any]]) -> dict[str, dict[str, str | None]]:
+    """Per op, the implementation its ``backend_for`` (a call of no arguments) picks and why; a refusal's
+    reason where it picks none."""
+    out = {}
+    for op, backend_for in choices.items():
+        try:
+            backend = backend_for()
+            out[op] = {"name": backend.name, "reason": backend.reason}
+        except ValueError as err:
+            out[op] = {"name": None, "reason": error_line(err)}
+    return out
+
+
+def length_label(T: int) -> str:
+    """A length as the tables and plots print it: 4K for 4096, else the number."""
+    return f"{T // 1024}K" if T % 1024 == 0 else str(T)
 
 
 def save_json(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:

@@ -54,7 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_index_jax.bench.plots import pyplot, save_figure
-from sparse_index_jax.bench.reports import environment, error_line, is_oom, save_json
+from sparse_index_jax.bench.reports import (
+    backend_choices,
+    environment,
+    error_line,
+    failed_cell,
+    length_label,
+    save_json,
+)
 from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels import dsa_topk as dsa_topk_op
 from sparse_index_jax.kernels import hisa_topk as hisa_topk_op
@@ -374,18 +381,12 @@ def _scoring_kernel(s: "SpeedSetup", T: int) -> Callable:
 
 def _backends(setup: SpeedSetup) -> dict[str, dict[str, str | None]]:
     """The implementation each op serves this benchmark's calls with (bf16 q), and why."""
-    choices = {"dsa_topk": lambda impl: dsa_topk_op.backend_for(impl),
-               "hisa_topk": lambda impl: hisa_topk_op.backend_for(impl, block_size=setup.hisa_block),
-               "misa_topk": lambda impl: misa_topk_op.backend_for(impl),
-               "sparse_mla": lambda impl: sparse_mla_op.backend_for(impl, q_dtype=jnp.bfloat16)}
-    out = {}
-    for op, backend_for in choices.items():
-        try:
-            backend = backend_for(setup.implementation)
-            out[op] = {"name": backend.name, "reason": backend.reason}
-        except ValueError as err:
-            out[op] = {"name": None, "reason": error_line(err)}
-    return out
+    impl = setup.implementation
+    return backend_choices({
+        "dsa_topk": lambda: dsa_topk_op.backend_for(impl),
+        "hisa_topk": lambda: hisa_topk_op.backend_for(impl, block_size=setup.hisa_block),
+        "misa_topk": lambda: misa_topk_op.backend_for(impl),
+        "sparse_mla": lambda: sparse_mla_op.backend_for(impl, q_dtype=jnp.bfloat16)})
 
 
 def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
@@ -478,7 +479,7 @@ def _run_entry(entry: str, setup: SpeedSetup, inputs: _Inputs, peak: dict[str, A
         fn, args, facts = _prepare(entry, setup, inputs)
         row = time_call(fn, args, setup.repeats)[0].as_dict()
     except Exception as err:  # noqa: BLE001  (one line recorded; the other entries still run)
-        return {"status": "oom" if is_oom(err) else "skipped", "reason": error_line(err)}
+        return failed_cell(err)
     cell = {"status": "ok", **row, **facts, "tflops": facts["flops"] / row["median_ms"] / 1e9}
     if "bytes" in facts:
         cell["gb_per_s"] = facts["bytes"] / row["median_ms"] / 1e6
@@ -504,14 +505,10 @@ def ratios(results: dict[str, dict[str, Any]], peak: dict[str, Any]) -> dict[str
 
 # ------------------------------------------------------------------------------------------------ output
 
-def _length_label(T: int) -> str:
-    return f"{T // 1024}K" if T % 1024 == 0 else str(T)
-
-
 def format_table(report: dict[str, Any]) -> str:
     lengths = report["setup"]["lengths"]
     env = report["environment"]
-    head = ["median ms", *[_length_label(T) for T in lengths]]
+    head = ["median ms", *[length_label(T) for T in lengths]]
 
     def peak_text(peak):
         return (f"{peak['tflops']:.3g} TFLOP/s ({peak['dtype']} {peak['n']}^3)" if "tflops" in peak
@@ -541,7 +538,7 @@ def format_table(report: dict[str, Any]) -> str:
     for entry, cells in report["results"].items():
         for T, c in cells.items():
             if c.get("status") != "ok":
-                reasons.setdefault((entry, c["reason"]), []).append(_length_label(int(T)))
+                reasons.setdefault((entry, c["reason"]), []).append(length_label(int(T)))
     if reasons:
         lines.append("")
         lines += [f"not timed: {entry} at {', '.join(Ts)}: {reason}" for (entry, reason), Ts in reasons.items()]
@@ -582,7 +579,7 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
     lengths = sorted(int(T) for T in report["setup"]["lengths"])
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
-        ax.set_xticks(lengths, [_length_label(T) for T in lengths])
+        ax.set_xticks(lengths, [length_label(T) for T in lengths])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2 if ax is right else 1)

@@ -77,19 +77,15 @@ def key_blocks(positions: np.ndarray, limits: np.ndarray, block_k: int, bq: int)
 
 def hisa_positions(act, setup: WalkSetup) -> np.ndarray:
     """Each query's candidate positions [T, m * B] (the kept blocks' keys, -1 padding), as the reference keeps."""
-    from sparse_index_jax.kernels.block_pooling import block_means, head_block_logits, pool_block_sums
-    from sparse_index_jax.kernels.hisa_topk.reference import block_candidates, block_ranking_keys, kept_blocks
-    from sparse_index_jax.kernels.ranking import ordered_keys
+    from sparse_index_jax.kernels.block_pooling import block_means, pool_block_sums
+    from sparse_index_jax.kernels.hisa_topk.reference import candidate_positions
 
     T, S = act.q.shape[1], act.k.shape[1]
     lengths = jnp.full((1,), S, jnp.int32)
     means, counts = block_means(pool_block_sums(act.k, act.k_scale, lengths, setup.hisa_block), lengths,
                                 setup.hisa_block)
-    last = jnp.arange(T, dtype=jnp.int32)[None]
-    scores = jnp.einsum("bchm,bch->bcm", head_block_logits(act.q, means), act.w.astype(jnp.float32))
-    kept = kept_blocks(block_ranking_keys(ordered_keys(scores), last // setup.hisa_block, counts),
-                       min(setup.hisa_blocks, means.shape[1]))
-    positions, ok = block_candidates(kept, last, means.shape[1], setup.hisa_block)
+    positions, ok = candidate_positions(act.q, act.w, means, counts, jnp.arange(T, dtype=jnp.int32)[None],
+                                        block_size=setup.hisa_block, num_blocks=min(setup.hisa_blocks, means.shape[1]))
     return np.asarray(jnp.where(ok, positions, -1))[0]
 
 

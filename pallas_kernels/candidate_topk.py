@@ -2,8 +2,8 @@
 
 Each query lists the key positions it may select (``cand_pos``, in increasing position, so that
 ``lax.top_k``'s lower-index-wins tie rule is the contract's lower-position-wins rule); they are scored
-with the flat DSA formula and the best ``topk`` kept. The kernels walk the same lists instead
-(``units`` of ``dsa_topk.triton.stream_select``): whole key blocks, no gathered rows.
+with the flat DSA formula and the best ``topk`` kept. The kernels walk the same lists inside the
+streaming DSA kernel (``units`` of ``dsa_topk.triton.stream_select``).
 """
 
 from __future__ import annotations

@@ -111,6 +111,12 @@ def query_block(heads: int, head_queries: int = DsaTritonBlockSizes.head_queries
     return max(1, head_queries // heads)
 
 
+def program_queries(heads: int, T: int, head_queries: int) -> int:
+    """Queries per program for T queries of ``heads`` (padded) heads: enough head queries for the dot's N,
+    no more than there are queries, and N >= 16 (a tensor-core dot's least)."""
+    return min(query_block(heads, head_queries), max(next_pow2(T), -(-16 // heads)))
+
+
 def kernel_layout(q, w, k, k_scale, *, tile: int, min_heads: int = 1):
     """Pads heads and head dim to powers of two (zero weights / zeros: scores unchanged; at least
     ``min_heads`` heads), keys to a multiple of ``tile``, and casts the matmul operands to one dtype:
@@ -267,8 +273,8 @@ def _merged_scan(units_ref, b, query_rows, n_blocks, bk: int, unit: int, unit_sl
         unit_of = (j * bk + offsets) // unit
         hits = (unit_of[:, None, None] == listed[None, :, :]).astype(jnp.int32)
         state = insert_block(j, room(state), jnp.sum(hits, axis=2) > 0)           # [bk, bq] membership
-        passed = jnp.sum((listed < (j + 1) * bk // unit).astype(jnp.int32), axis=1)  # units ending in the block
-        return next_block(ptr + passed, j + 1), ptr + passed, state
+        ptr = ptr + jnp.sum((listed < (j + 1) * bk // unit).astype(jnp.int32), axis=1)  # past units ending here
+        return next_block(ptr, j + 1), ptr, state
 
     ptr = jnp.zeros_like(query_rows)
     return jax.lax.while_loop(lambda carry: carry[0] < n_blocks, body, (next_block(ptr, 0), ptr, state))[2]
@@ -281,15 +287,15 @@ def _gathered_scan(units_ref, b, i, limits, bk: int, room, insert_rows, state):
     block (``bench/walk_sharing.py`` measures it); gathering scores only them."""
     offsets = jax.lax.iota(jnp.int32, bk)
 
-    def tile(s):
+    def tile(s):  # the s-th bk listed positions; -1 for NO_UNIT padding and keys past the query
         positions = units_ref[b, i, s * bk + offsets]
-        return jnp.where(positions < limits[0], positions, -1)  # NO_UNIT padding and keys past the query
+        return jnp.where(positions < limits[0], positions, -1)
 
-    def body(carry):
-        s, state = carry
-        return s + 1, insert_rows(tile(s), room(state))
+    def body(carry):  # the loaded tile rides in the carry: each tile is loaded once
+        s, positions, state = carry
+        return s + 1, tile(s + 1), insert_rows(positions, room(state))
 
-    return jax.lax.while_loop(lambda carry: jnp.max(tile(carry[0])) >= 0, body, (jnp.int32(0), state))[1]
+    return jax.lax.while_loop(lambda carry: jnp.max(carry[1]) >= 0, body, (jnp.int32(0), tile(0), state))[2]
 
 
 def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
@@ -420,8 +426,7 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, 
     gathered = unit == 1  # the gathered walk: one query per program, its heads the dot's N (>= 16)
     q, w, k, scale, width = kernel_layout(q, w, k, k_scale, tile=tile, min_heads=16 if gathered else 1)
     Hp = q.shape[2]
-    # Queries per program: enough head queries for the dot's N, no more than there are queries, N >= 16.
-    bq = 1 if gathered else min(query_block(Hp, bs.head_queries), max(next_pow2(T), -(-16 // Hp)))
+    bq = 1 if gathered else program_queries(Hp, T, bs.head_queries)
     limits = jnp.clip(jnp.minimum(q_positions + 1, kv_lengths[:, None]), 0, S).astype(jnp.int32)
     Tp = round_up(T, bq)  # padded query rows have limit 0: nothing eligible, pure padding
     q, w, limits = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp), pad_axis(limits, 1, Tp)

@@ -44,15 +44,21 @@ def hisa_topk_reference(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *
     m = min(num_blocks, M)
 
     def one_query_chunk(q_c, w_c, pos_c):
-        last = last_eligible(pos_c, kv_lengths)                     # [B, c]
-        own = jnp.where(last >= 0, last // block_size, -1)
-        scores = jnp.einsum("bchm,bch->bcm", head_block_logits(q_c, means), w_c.astype(jnp.float32))
-        kept = kept_blocks(block_ranking_keys(ordered_keys(scores), own, counts), m)
-        cand_pos, cand_ok = block_candidates(kept, last, M, block_size)
+        cand_pos, cand_ok = candidate_positions(q_c, w_c, means, counts, last_eligible(pos_c, kv_lengths),
+                                                block_size=block_size, num_blocks=m)
         return refine_topk(q_c, w_c, k, k_scale, cand_pos, cand_ok, topk, key_offset=key_offset,
                            return_keys=return_keys)
 
     return map_query_chunks(one_query_chunk, query_chunk, (q, 0), (w, 0), (q_positions, -1))
+
+
+def candidate_positions(q_c, w_c, means, counts, last, *, block_size: int, num_blocks: int):
+    """Steps 1-2 for a chunk of queries: their candidate positions [B,c,num_blocks*block_size] (increasing)
+    and which are candidates; ``means``/``counts`` from ``block_means``, ``last`` [B,c] the last eligible keys."""
+    own = jnp.where(last >= 0, last // block_size, -1)
+    scores = jnp.einsum("bchm,bch->bcm", head_block_logits(q_c, means), w_c.astype(jnp.float32))
+    kept = kept_blocks(block_ranking_keys(ordered_keys(scores), own, counts), num_blocks)
+    return block_candidates(kept, last, means.shape[1], block_size)
 
 
 def block_ranking_keys(block_keys: jax.Array, own: jax.Array, counts: jax.Array) -> jax.Array:

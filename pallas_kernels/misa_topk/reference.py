@@ -77,11 +77,15 @@ def heads_by_energy(energy: jax.Array, active_heads: int) -> jax.Array:
     return jnp.sort(heads, axis=-1)
 
 
+def gather_heads(q: jax.Array, w: jax.Array, heads: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The queries [B,T,A,d] and head weights [B,T,A] of the heads ``heads`` [B,T,A] of each query."""
+    return jnp.take_along_axis(q, heads[..., None], axis=2), jnp.take_along_axis(w, heads, axis=2)
+
+
 def routed_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing) -> tuple[jax.Array, jax.Array]:
     """The queries and head weights of each query's routed heads: q [B,T,active_heads,d], w [B,T,active_heads]
     (``routing``: ``route_heads``' keyword arguments). Every implementation scans these."""
-    heads = route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing)
-    return jnp.take_along_axis(q, heads[..., None], axis=2), jnp.take_along_axis(w, heads, axis=2)
+    return gather_heads(q, w, route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, **routing))
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "active_heads", "candidates", "query_chunk",

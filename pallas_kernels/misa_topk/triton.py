@@ -8,9 +8,9 @@
    ``active_heads`` routed query heads, so only routed work and k winners are paid; with few heads a
    program takes more queries (N = 256 head queries).
 3. MISA-H: the routed scan keeps ``candidates`` keys in position order, and the same streaming kernel
-   re-ranks them with ALL heads by walking each query's candidates (``units`` of one key): a program
-   loads every key block holding a candidate of one of its queries, once and contiguous, scores it for
-   all of them, and each query keeps its own candidates.
+   re-ranks them with ALL heads by its gathered walk (``units`` of one key): one query per program, its
+   candidate rows gathered 64 at a time straight into its buffer (candidates touch most key blocks, so
+   loading whole blocks would score nearly DSA's work: ``bench/walk_sharing.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from sparse_index_jax.kernels.block_pooling import block_means, last_eligible
 from sparse_index_jax.kernels.chunking import next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
-from sparse_index_jax.kernels.dsa_topk.triton import NO_UNIT, dsa_topk_triton, kernel_layout, query_block
-from sparse_index_jax.kernels.misa_topk.reference import heads_by_energy
+from sparse_index_jax.kernels.dsa_topk.triton import NO_UNIT, dsa_topk_triton, kernel_layout, program_queries
+from sparse_index_jax.kernels.misa_topk.reference import gather_heads, heads_by_energy
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -48,8 +48,7 @@ def _misa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, block_sums, *, 
                       candidates, return_keys, block_sizes, chunk_bytes, interpret):
     energy = head_energies_triton(q, w, k, k_scale, q_positions, kv_lengths, block_sums, block_size=block_size,
                                   block_sizes=block_sizes, interpret=interpret)
-    heads = heads_by_energy(energy, active_heads)
-    q_routed, w_routed = jnp.take_along_axis(q, heads[..., None], axis=2), jnp.take_along_axis(w, heads, axis=2)
+    q_routed, w_routed = gather_heads(q, w, heads_by_energy(energy, active_heads))
     select = functools.partial(dsa_topk_triton, k=k, k_scale=k_scale, q_positions=q_positions,
                                kv_lengths=kv_lengths, query_chunk=0, key_chunk=0, block_sizes=block_sizes,
                                chunk_bytes=chunk_bytes, interpret=interpret)
@@ -109,7 +108,7 @@ def head_energies_triton(q, w, k, k_scale, q_positions, kv_lengths, block_sums, 
     Hp, dp = q.shape[2:]
     bm = min(bs.block_k, max(16, next_pow2(M)))
     means = pad_axis(pad_axis(means, 1, round_up(M, bm)), 2, dp)
-    bq = min(query_block(Hp, bs.head_queries), max(next_pow2(T), -(-16 // Hp)))
+    bq = program_queries(Hp, T, bs.head_queries)
     Tp = round_up(T, bq)
     last = pad_axis(last_eligible(q_positions, kv_lengths), 1, Tp, -1)
     q, w = pad_axis(q, 1, Tp), pad_axis(w, 1, Tp)
