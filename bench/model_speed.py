@@ -92,6 +92,7 @@ from sparse_index_jax.bench.reports import (
     error_line,
     failed_cell,
     length_label,
+    not_timed_lines,
     save_json,
 )
 from sparse_index_jax.bench.timing import time_call
@@ -683,22 +684,11 @@ def format_table(report: dict[str, Any]) -> str:
         for label, cells in [*rows, (f"{mode} attention", comp["attention"])]:
             lines.append(" | ".join([label, *[f"{cells[T]['median_ms']:.3f}" if cells.get(T, {}).get("status") == "ok"
                                               else cells.get(T, {}).get("status", "-") for T in lengths]]))
-    reasons: dict[tuple[str, str], list[str]] = {}
-    for config, res in results.items():
-        for mode in MODES:
-            for T, c in res[mode].items():
-                if c.get("status") != "ok":
-                    reasons.setdefault((f"{config} {mode}", c["reason"]), []).append(length_label(int(T)))
-    for mode in MODES:
-        comp = report["components"][mode]
-        for label, cells in [*[(f"selection {m} {mode}", c) for m, c in comp["selection"].items()],
-                             (f"attention {mode}", comp["attention"])]:
-            for T, c in cells.items():
-                if c.get("status") != "ok":
-                    reasons.setdefault((label, c["reason"]), []).append(length_label(int(T)))
-    if reasons:
-        lines.append("")
-        lines += [f"not timed: {what} at {', '.join(Ts)}: {reason}" for (what, reason), Ts in reasons.items()]
+    stack_rows = [(f"{config} {mode}", res[mode]) for config, res in results.items() for mode in MODES]
+    component_rows = [row for mode in MODES for row in (
+        *[(f"selection {m} {mode}", c) for m, c in report["components"][mode]["selection"].items()],
+        (f"attention {mode}", report["components"][mode]["attention"]))]
+    lines += not_timed_lines([*stack_rows, *component_rows])
     return "\n".join(lines)
 
 

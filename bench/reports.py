@@ -66,6 +66,18 @@ def length_label(T: int) -> str:
     return f"{T // 1024}K" if T % 1024 == 0 else str(T)
 
 
+def not_timed_lines(rows) -> list[str]:
+    """The table's closing lines for the cells of ``rows`` ((label, {length: cell}) pairs) that hold no timing:
+    one line per label and reason, with the lengths it applies to; none when every cell is timed."""
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for label, cells in rows:
+        for T, c in cells.items():
+            if c.get("status") != "ok":
+                reasons.setdefault((label, c["reason"]), []).append(length_label(int(T)))
+    return ["", *[f"not timed: {label} at {', '.join(Ts)}: {reason}" for (label, reason), Ts in reasons.items()]
+            ] if reasons else []
+
+
 def save_json(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
     """Writes ``report`` as indented JSON (numpy scalars as numbers, non-finite floats as null)."""
     out = pathlib.Path(path)

@@ -60,6 +60,7 @@ from sparse_index_jax.bench.reports import (
     error_line,
     failed_cell,
     length_label,
+    not_timed_lines,
     save_json,
 )
 from sparse_index_jax.bench.timing import time_call
@@ -534,14 +535,7 @@ def format_table(report: dict[str, Any]) -> str:
         if values:
             lines.append(" | ".join([f"% of peak {entry}", *[f"{100 * values[str(T)]:.1f}%" if str(T) in values
                                                               else "-" for T in lengths]]))
-    reasons = {}
-    for entry, cells in report["results"].items():
-        for T, c in cells.items():
-            if c.get("status") != "ok":
-                reasons.setdefault((entry, c["reason"]), []).append(length_label(int(T)))
-    if reasons:
-        lines.append("")
-        lines += [f"not timed: {entry} at {', '.join(Ts)}: {reason}" for (entry, reason), Ts in reasons.items()]
+    lines += not_timed_lines(report["results"].items())
     return "\n".join(lines)
 
 
