@@ -155,7 +155,8 @@ class LlamaAttention(nnx.Module):
                 selection = (selector or cfg.indexer.selector).select(act.q, act.k, act.w, q_positions=positions,
                                                                       k_scale=act.k_scale,
                                                                       implementation=self.implementation)
-            out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid, **options)
+            out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid,
+                                              implementation=self.implementation, **options)
         out = self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim))
         return DSAOutput(out, selection, None, probs, act if capture else None)
 
