@@ -5,8 +5,12 @@
 #                                      #   with its baselines (naive XLA, two-pass, bf16/fp8 peaks, a key-cache read)
 #   bash bench/gpu_check.sh selectors  # the selector kernel tests, compiled, then `bench speed` of DSA, HISA, MISA,
 #                                      #   MISA-H at 16K-128K and `bench model` (a DeepSeek-V3.2-shaped stack)
+#   bash bench/gpu_check.sh attention  # the sparse MLA / GQA kernel tests, compiled; `bench speed` of the attention
+#                                      #   kernels and their XLA references at 4K-128K, the forward (and fwd+bwd)
+#                                      #   at 256K, then the sparse MLA tile sweep at 32K (bench/attention_sweep.py)
 #
-# Files: install.log, device.csv, tests.log, speed.json/.png/.log (and model.json/.log for selectors).
+# Files: install.log, device.csv, tests.log, speed.json/.png/.log (and model.json/.log for selectors;
+# speed_256k.json/.log and sweep.json/.log for attention).
 set -u
 MODE=${1:-dsa}
 OUT=${OUT:-bench/results/gpu_check}
@@ -35,8 +39,24 @@ case "$MODE" in
     echo "model exit $?" >> "$OUT/model.log"
     tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/model.log"
     ;;
+  attention)
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_sparse_mla_pallas.py tests/test_sparse_gqa_pallas.py \
+        > "$OUT/tests.log" 2>&1
+    echo "tests exit $?" >> "$OUT/tests.log"
+    timeout 200 sparse-index bench speed --lengths 4K,32K,128K --max-seconds 180 --repeats 3 --quiet \
+        --entries sparse_mla,sparse_mla_fwd_bwd,sparse_gqa,sparse_gqa_fwd_bwd,sparse_mla_xla,sparse_gqa_xla,sparse_mla_fwd_bwd_xla \
+        --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
+    echo "bench exit $?" >> "$OUT/speed.log"
+    timeout 70 sparse-index bench speed --lengths 256K --max-seconds 50 --repeats 2 --quiet \
+        --entries sparse_mla,sparse_mla_fwd_bwd --out "$OUT/speed_256k.json" > "$OUT/speed_256k.log" 2>&1
+    echo "bench exit $?" >> "$OUT/speed_256k.log"
+    timeout 90 python -m sparse_index_jax.bench.attention_sweep --length 32768 --repeats 3 --out "$OUT/sweep.json" \
+        > "$OUT/sweep.log" 2>&1
+    echo "sweep exit $?" >> "$OUT/sweep.log"
+    tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/speed_256k.log" "$OUT/sweep.log"
+    ;;
   *)
-    echo "gpu_check.sh: unknown mode '$MODE'; use dsa (default) or selectors" >&2
+    echo "gpu_check.sh: unknown mode '$MODE'; use dsa (default), selectors or attention" >&2
     exit 2
     ;;
 esac

@@ -22,6 +22,11 @@ Entries (T = S = the length, batch 1, causal, unless said):
   keys written to a [T, S] int32 buffer, no top-k), whatever ``implementation`` says (interpreted on CPU).
 * ``sparse_mla``, ``sparse_mla_fwd_bwd``: sparse MLA prefill forward, and ``jax.grad`` of its sum wrt
   q and kv; indices random in [0, t] per query (duplicates for t < k), every slot valid.
+  ``sparse_mla_xla``, ``sparse_mla_fwd_bwd_xla``: the same with ``implementation="xla"`` (the gather-based
+  reference in query chunks): the baseline the kernels are compared with in the same process.
+* ``sparse_gqa``, ``sparse_gqa_fwd_bwd``, ``sparse_gqa_xla``: sparse GQA (the Llama retrofit's attention) on a
+  Llama-3-8B-shaped layer (``gqa_heads`` 32 query heads over ``gqa_kv_heads`` 8 KV heads of ``gqa_head_dim``
+  128), the same indices; ``_xla`` is the reference.
 * ``dsa_decode``, ``dsa_decode_fp8``, ``sparse_mla_decode``: one new token for each of ``decode_batch``
   sequences, each with its own length drawn in [S/2, S].
 * ``key_cache_read``, ``key_cache_read_fp8``: one read of the decode key cache [decode_batch, S, d] (a sum
@@ -38,7 +43,7 @@ FLOPs (2 per multiply-add, dot products only; the head-weighted sums, softmax an
   the routed scan;
   MISA-H adds ``2*H*d*min(candidates, t+1)`` for the re-ranking.
 * sparse MLA forward: ``2*Hq*k*(Dk+v_dim)`` per query; forward+backward: 3.5x that (backward = 2.5x
-  forward, the FlashAttention convention).
+  forward, the FlashAttention convention). Sparse GQA: ``2*Hq*k*2d`` per query, the same 3.5x.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels import dsa_topk as dsa_topk_op
 from sparse_index_jax.kernels import hisa_topk as hisa_topk_op
 from sparse_index_jax.kernels import misa_topk as misa_topk_op
+from sparse_index_jax.kernels import sparse_gqa as sparse_gqa_op
 from sparse_index_jax.kernels import sparse_mla as sparse_mla_op
 from sparse_index_jax.kernels.block_pooling import pool_block_sums
 from sparse_index_jax.kernels.dsa_topk import dsa_topk
@@ -74,13 +80,15 @@ from sparse_index_jax.kernels.dsa_topk.triton import dsa_topk_triton, kernel_lay
 from sparse_index_jax.kernels.hisa_topk import HisaOptions, hisa_topk
 from sparse_index_jax.kernels.misa_topk import MisaHOptions, MisaOptions, misa_topk
 from sparse_index_jax.kernels.ranking import top_k_by_key
+from sparse_index_jax.kernels.sparse_gqa import sparse_gqa
 from sparse_index_jax.kernels.sparse_mla import sparse_mla
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 from sparse_index_jax.layers.quantization import quantize_fp8
 
 INDEXER_ENTRIES = ("naive_xla", "dsa", "dsa_fp8", "dsa_two_pass", "dsa_sort_after", "dsa_scoring", "dsa_scoring_fp8",
                    "hisa", "misa", "misa_h")
-MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd")
+MLA_ENTRIES = ("sparse_mla", "sparse_mla_fwd_bwd", "sparse_mla_xla", "sparse_mla_fwd_bwd_xla", "sparse_gqa",
+               "sparse_gqa_fwd_bwd", "sparse_gqa_xla")
 DECODE_ENTRIES = ("dsa_decode", "dsa_decode_fp8", "key_cache_read", "key_cache_read_fp8", "sparse_mla_decode")
 FP8_ENTRIES = ("dsa_fp8", "dsa_scoring_fp8", "dsa_decode_fp8")  # their fraction of peak: of the fp8 matmul's
 ENTRIES = INDEXER_ENTRIES + MLA_ENTRIES + DECODE_ENTRIES
@@ -91,6 +99,9 @@ BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5 x forward (FlashAttention conventi
 SPEEDUPS = (("dsa_vs_naive_xla", "naive_xla", "dsa"), ("dsa_fp8_vs_naive_xla", "naive_xla", "dsa_fp8"),
             ("streaming_vs_two_pass", "dsa_two_pass", "dsa"), ("rank_in_kernel_vs_sort_after", "dsa_sort_after", "dsa"),
             ("hisa_vs_dsa", "dsa", "hisa"),
+            ("sparse_mla_vs_xla", "sparse_mla_xla", "sparse_mla"),
+            ("sparse_mla_fwd_bwd_vs_xla", "sparse_mla_fwd_bwd_xla", "sparse_mla_fwd_bwd"),
+            ("sparse_gqa_vs_xla", "sparse_gqa_xla", "sparse_gqa"),
             ("misa_vs_dsa", "dsa", "misa"), ("misa_h_vs_dsa", "dsa", "misa_h"),
             # not speedups: decode selection time over the time to read the key cache once (target <= 1.5)
             ("cache_reads_per_dsa_decode", "dsa_decode", "key_cache_read"),
@@ -112,6 +123,9 @@ class SpeedSetup:
     mla_heads: int = 128
     mla_dk: int = 576
     mla_v_dim: int = 512
+    gqa_heads: int = 32
+    gqa_kv_heads: int = 8
+    gqa_head_dim: int = 128
     decode_batch: int = 64
     implementation: str = "auto"
     repeats: int | None = None  # None: 5 on an accelerator, 2 on CPU
@@ -130,6 +144,9 @@ class SpeedSetup:
             raise ValueError(f"bench speed: misa_heads={self.misa_heads} exceeds heads={self.heads}")
         if self.mla_v_dim > self.mla_dk:
             raise ValueError(f"bench speed: mla_v_dim={self.mla_v_dim} exceeds mla_dk={self.mla_dk}")
+        if self.gqa_heads % self.gqa_kv_heads:
+            raise ValueError(f"bench speed: gqa_heads={self.gqa_heads} is not a multiple of "
+                             f"gqa_kv_heads={self.gqa_kv_heads}")
 
     def resolved(self) -> "SpeedSetup":
         """The setup with the platform-dependent defaults filled in."""
@@ -162,6 +179,10 @@ def misa_flops(T: int, H: int, d: int, block: int, active: int, candidates: int 
 
 def mla_flops(queries: int, setup: SpeedSetup) -> int:
     return 2 * queries * setup.mla_heads * setup.topk * (setup.mla_dk + setup.mla_v_dim)
+
+
+def gqa_flops(queries: int, setup: SpeedSetup) -> int:
+    return 2 * queries * setup.gqa_heads * setup.topk * 2 * setup.gqa_head_dim
 
 
 # ------------------------------------------------------------------------------------------ the baseline
@@ -267,6 +288,19 @@ class _Inputs:
         limit = jnp.arange(1, self.length + 1, dtype=jnp.int32)[None, :, None]
         return self._mla("mla", 1, self.length, limit)
 
+    def gqa(self):
+        """Prefill of a GQA layer: q [1,T,Hq,d], k and v [1,S,Hkv,d] bf16, the prefill MLA entries' indices."""
+        s, S = self.setup, self.length
+        _, _, idx, valid = self.mla()
+
+        def make(key):
+            kq, kk, kv = jax.random.split(key, 3)
+            q = jax.random.normal(kq, (1, S, s.gqa_heads, s.gqa_head_dim), jnp.bfloat16)
+            k = jax.random.normal(kk, (1, S, s.gqa_kv_heads, s.gqa_head_dim), jnp.bfloat16)
+            v = jax.random.normal(kv, (1, S, s.gqa_kv_heads, s.gqa_head_dim), jnp.bfloat16)
+            return q, k, v, idx, valid
+        return self._get("gqa", make)
+
     def decode_lengths(self):
         s, S = self.setup, self.length
         return self._get("lengths", lambda key: jax.random.randint(key, (s.decode_batch,), max(S // 2, 1), S + 1))
@@ -332,18 +366,22 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
                                              implementation=impl)
         return fn, (q, k, w, sums), {**facts, "flops": misa_flops(T, H, d, s.misa_block, s.misa_heads, candidates)}
 
-    if entry in ("sparse_mla", "sparse_mla_fwd_bwd", "sparse_mla_decode"):
+    if entry.startswith("sparse_mla"):
         q, kv, idx, valid = inputs.decode_mla() if entry == "sparse_mla_decode" else inputs.mla()
+        mla_impl = "xla" if entry.endswith("_xla") else impl
         attend = lambda q, kv, idx, valid: sparse_mla(q, kv, idx, valid, scale=scale, v_dim=s.mla_v_dim,
-                                                      implementation=impl)
+                                                      implementation=mla_impl)
         facts = {"shapes": {"q": list(q.shape), "kv": list(kv.shape), "indices": list(idx.shape)},
-                 "flops": mla_flops(q.shape[0] * q.shape[1], s)}
-        if entry == "sparse_mla_fwd_bwd":
-            loss = lambda q, kv, idx, valid: jnp.sum(attend(q, kv, idx, valid).astype(jnp.float32))
-            fn = jax.grad(loss, argnums=(0, 1))
-            facts["flops"] = int(facts["flops"] * (1 + BACKWARD_FACTOR))
-            return fn, (q, kv, idx, valid), facts
-        return attend, (q, kv, idx, valid), facts
+                 "flops": mla_flops(q.shape[0] * q.shape[1], s), "implementation": mla_impl}
+        return _with_backward(entry, attend, (q, kv, idx, valid), facts)
+    if entry.startswith("sparse_gqa"):
+        q, k, v, idx, valid = inputs.gqa()
+        gqa_impl = "xla" if entry.endswith("_xla") else impl
+        attend = lambda q, k, v, idx, valid: sparse_gqa(q, k, v, idx, valid, scale=s.gqa_head_dim ** -0.5,
+                                                        implementation=gqa_impl)[0]
+        facts = {"shapes": {"q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "indices": list(idx.shape)},
+                 "flops": gqa_flops(q.shape[1], s), "implementation": gqa_impl}
+        return _with_backward(entry, attend, (q, k, v, idx, valid), facts)
 
     if entry in ("dsa_decode", "dsa_decode_fp8"):
         q, k, w, *scale, lengths = inputs.decode_indexer() if entry == "dsa_decode" else inputs.decode_indexer_fp8()
@@ -358,6 +396,16 @@ def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, 
         fn = lambda k: jnp.sum(k.astype(jnp.float32), axis=1)  # one pass over the cache, fused by XLA
         return fn, (k,), {"shapes": {"k": list(k.shape)}, "flops": 0, "bytes": k.size * k.dtype.itemsize}
     raise ValueError(f"bench speed: unknown entry {entry!r}")
+
+
+def _with_backward(entry: str, attend: Callable, args: tuple, facts: dict[str, Any]):
+    """(fn, args, facts) of an attention entry: the forward, or for ``*_fwd_bwd*`` the gradient of its sum wrt
+    the float inputs (all but the last two: indices and valid), with the FLOPs scaled to forward + backward."""
+    if "_fwd_bwd" not in entry:
+        return attend, args, facts
+    n = len(args) - 2
+    fn = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=tuple(range(n)))
+    return fn, args, {**facts, "flops": int(facts["flops"] * (1 + BACKWARD_FACTOR))}
 
 
 def _sort_after(q, k, w, topk: int):
@@ -387,7 +435,8 @@ def _backends(setup: SpeedSetup) -> dict[str, dict[str, str | None]]:
         "dsa_topk": lambda: dsa_topk_op.backend_for(impl),
         "hisa_topk": lambda: hisa_topk_op.backend_for(impl, block_size=setup.hisa_block),
         "misa_topk": lambda: misa_topk_op.backend_for(impl),
-        "sparse_mla": lambda: sparse_mla_op.backend_for(impl, q_dtype=jnp.bfloat16)})
+        "sparse_mla": lambda: sparse_mla_op.backend_for(impl, q_dtype=jnp.bfloat16),
+        "sparse_gqa": lambda: sparse_gqa_op.backend_for(impl, q_dtype=jnp.bfloat16)})
 
 
 def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
@@ -440,7 +489,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
         "environment": environment(),
         "setup": {**dataclasses.asdict(setup),
                   "dtypes": {"q": "bfloat16", "k": "bfloat16", "w": "float32", "mla_q": "bfloat16",
-                             "mla_kv": "bfloat16", "block_sums": "float32",
+                             "mla_kv": "bfloat16", "gqa_q, k, v": "bfloat16", "block_sums": "float32",
                              "fp8 entries": "q, k float8_e4m3fn (one scale per vector), k_scale and w float32"},
                   "batch": 1, "causal": True},
         "backends": _backends(setup),
@@ -453,6 +502,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
             "misa_h": "misa + 2*H*d*min(candidates, t+1) re-ranking",
             "sparse_mla": "2*Hq*k*(Dk+v_dim) per query",
             "sparse_mla_fwd_bwd": f"{1 + BACKWARD_FACTOR} x forward (backward = {BACKWARD_FACTOR} x forward)",
+            "sparse_gqa": "2*Hq*k*2*d per query; sparse_gqa_fwd_bwd: the same 3.5 x",
             "dsa_decode": "2*H*d*sum(kv_lengths); sparse_mla_decode: 2*Hq*k*(Dk+v_dim) per sequence",
         },
         "matmul_peak": peak,

@@ -21,7 +21,10 @@ q/k, fp32 head weights):
   misa_h              their pooled block sums computed before the timed region.
   dsa_scoring         the Triton DSA scoring kernel alone ([T,S] int32 ranking keys, no top-k).
   sparse_mla          sparse MLA forward over k random causal indices per query;
-  sparse_mla_fwd_bwd  jax.grad of its sum wrt q and kv.
+  sparse_mla_fwd_bwd  jax.grad of its sum wrt q and kv; *_xla: the same with the gather-based
+                      reference (the baseline, same process).
+  sparse_gqa,         sparse GQA (the Llama retrofit) on a Llama-3-8B-shaped layer (--gqa-heads
+  sparse_gqa_fwd_bwd  over --gqa-kv-heads of --gqa-head-dim), same indices; sparse_gqa_xla.
   dsa_decode,         one new token for each of --decode-batch sequences with lengths drawn in
   sparse_mla_decode   [S/2, S].
   matmul_peak         a bf16 NxN matmul (--matmul-size), the peak every TFLOP/s is divided by.
@@ -37,8 +40,10 @@ FLOPs (2 per multiply-add of the dot products; head sums, softmax, top-k not cou
   misa            per query t: 2*H*d*(t//block + 1) routing + 2*A*d*(t+1) routed scan;
   misa_h          + 2*H*d*min(candidates, t+1) re-ranking.
   sparse_mla      2*Hq*k*(Dk+v_dim) per query; fwd_bwd = 3.5x (backward = 2.5x forward).
-Ratios from the same run: speedup of dsa over naive_xla, of hisa/misa/misa_h over dsa
-(baseline ms / entry ms), and every entry's fraction of the matmul peak.
+  sparse_gqa      2*Hq*k*2d per query; fwd_bwd = 3.5x.
+Ratios from the same run: speedup of dsa over naive_xla, of hisa/misa/misa_h over dsa, of the
+attention kernels over their *_xla references (baseline ms / entry ms), and every entry's
+fraction of the matmul peak.
 
 Output: a table (rows: entries, columns: lengths, cells: median ms; then the ratios), a JSON
 report (--out, default bench/results/speed_<device-kind>.json: environment, setup, backend
@@ -72,6 +77,12 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--mla-dk", **positive(default=d.mla_dk, help=f"sparse MLA row width Dk (default {d.mla_dk})"))
     p.add_argument("--mla-v-dim", **positive(default=d.mla_v_dim,
                                              help=f"sparse MLA value width (default {d.mla_v_dim})"))
+    p.add_argument("--gqa-heads", **positive(default=d.gqa_heads,
+                                             help=f"sparse GQA query heads (default {d.gqa_heads})"))
+    p.add_argument("--gqa-kv-heads", **positive(default=d.gqa_kv_heads,
+                                                help=f"sparse GQA KV heads (default {d.gqa_kv_heads})"))
+    p.add_argument("--gqa-head-dim", **positive(default=d.gqa_head_dim,
+                                                help=f"sparse GQA head dim (default {d.gqa_head_dim})"))
     p.add_argument("--decode-batch", **positive(default=d.decode_batch,
                                                 help=f"decode sequences (default {d.decode_batch})"))
     p.add_argument("--repeats", **positive(default=None, help="timed runs (default 5; 2 on CPU)"))
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         topk=args.topk, heads=args.heads, head_dim=args.head_dim, hisa_block=args.hisa_block,
         hisa_blocks=args.hisa_blocks, misa_block=args.misa_block, misa_heads=args.misa_heads,
         misa_candidates=args.misa_candidates, mla_heads=args.mla_heads, mla_dk=args.mla_dk, mla_v_dim=args.mla_v_dim,
+        gqa_heads=args.gqa_heads, gqa_kv_heads=args.gqa_kv_heads, gqa_head_dim=args.gqa_head_dim,
         decode_batch=args.decode_batch, implementation=args.implementation, repeats=args.repeats,
         matmul_size=args.matmul_size,
         memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30),

@@ -1,0 +1,67 @@
+"""Sparse MLA Triton tile sweep: every ``candidate_block_sizes()`` entry, forward and forward + backward.
+
+One process, DeepSeek's shape (Hq = 128, Dk = 576, v_dim = 512, k = 2048, bf16, indices random in [0, t]),
+at one length (default 32K): per candidate the median ms of the forward and of ``jax.grad`` of the output
+sum, their TFLOP/s and fraction of the bf16 matmul peak measured in the same run, and any failure
+(a configuration that does not fit shared memory fails to compile on the GPU: recorded, the rest go on).
+What the defaults of ``MlaTritonBlockSizes`` are chosen from; GPU only (on CPU the kernels interpret).
+
+    python -m sparse_index_jax.bench.attention_sweep --length 32768 --out bench/results/mla_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparse_index_jax.bench.reports import environment, failed_cell, save_json
+from sparse_index_jax.bench.speed import BACKWARD_FACTOR, SpeedSetup, matmul_peak, mla_flops
+from sparse_index_jax.bench.timing import time_call
+from sparse_index_jax.kernels.sparse_mla.triton import candidate_block_sizes, sparse_mla_triton
+
+
+def run(length: int, repeats: int = 3, matmul_size: int = 8192) -> dict:
+    setup = SpeedSetup(lengths=(length,))
+    key_q, key_kv, key_i = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(key_q, (1, length, setup.mla_heads, setup.mla_dk), jnp.bfloat16)
+    kv = jax.random.normal(key_kv, (1, length, setup.mla_dk), jnp.bfloat16)
+    limit = jnp.arange(1, length + 1, dtype=jnp.int32)[None, :, None]
+    idx = jax.random.randint(key_i, (1, length, setup.topk), 0, jnp.iinfo(jnp.int32).max) % limit
+    valid = jnp.ones(idx.shape, bool)
+    peak = matmul_peak(matmul_size, repeats)
+    flops = mla_flops(length, setup)
+    rows = []
+    for bs in candidate_block_sizes():
+        attend = lambda q, kv, idx, valid, bs=bs: sparse_mla_triton(q, kv, idx, valid, scale=setup.mla_dk ** -0.5,
+                                                                    v_dim=setup.mla_v_dim, block_sizes=bs)
+        grad = jax.grad(lambda *a, f=attend: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1))
+        row = {"block_sizes": dataclasses.asdict(bs)}
+        for name, fn, work in (("forward", attend, flops), ("forward_backward", grad, flops * (1 + BACKWARD_FACTOR))):
+            try:
+                t = time_call(fn, (q, kv, idx, valid), repeats)[0].as_dict()
+                tflops = work / t["median_ms"] / 1e9
+                row[name] = {**t, "tflops": tflops, "fraction_of_peak": tflops / peak["tflops"]}
+            except Exception as err:  # noqa: BLE001  (recorded; the other candidates still run)
+                row[name] = failed_cell(err)
+        rows.append(row)
+        print(row, flush=True)
+    return {"benchmark": "sparse MLA Triton tile sweep", "environment": environment(), "length": length,
+            "shape": {"heads": setup.mla_heads, "dk": setup.mla_dk, "v_dim": setup.mla_v_dim, "topk": setup.topk,
+                      "dtype": "bfloat16"}, "matmul_peak": peak, "candidates": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=32768, help="T = S (default 32768)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results/mla_sweep.json")
+    args = p.parse_args()
+    print(f"wrote {save_json(run(args.length, args.repeats), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
