@@ -10,7 +10,7 @@
 #                                      #   at 256K, then the sparse MLA tile sweep at 32K (bench/attention_sweep.py)
 #
 # Files: install.log, device.csv, tests.log, speed.json/.png/.log (and model.json/.log for selectors;
-# speed_256k.json/.log and sweep.json/.log for attention).
+# speed_256k.json/.log, mosaic_probe.json and sweep.json/.log for attention).
 set -u
 MODE=${1:-dsa}
 OUT=${OUT:-bench/results/gpu_check}
@@ -50,10 +50,11 @@ case "$MODE" in
     timeout 70 sparse-index bench speed --lengths 256K --max-seconds 50 --repeats 2 --quiet \
         --entries sparse_mla,sparse_mla_fwd_bwd --out "$OUT/speed_256k.json" > "$OUT/speed_256k.log" 2>&1
     echo "bench exit $?" >> "$OUT/speed_256k.log"
+    timeout 30 python -m sparse_index_jax.bench.mosaic_gpu_gather_probe > "$OUT/mosaic_probe.json" 2>&1
     timeout 90 python -m sparse_index_jax.bench.attention_sweep --length 32768 --repeats 3 --out "$OUT/sweep.json" \
         > "$OUT/sweep.log" 2>&1
     echo "sweep exit $?" >> "$OUT/sweep.log"
-    tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/speed_256k.log" "$OUT/sweep.log"
+    tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/speed_256k.log" "$OUT/mosaic_probe.json" "$OUT/sweep.log"
     ;;
   *)
     echo "gpu_check.sh: unknown mode '$MODE'; use dsa (default), selectors or attention" >&2
