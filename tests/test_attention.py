@@ -327,6 +327,35 @@ def test_chunked_prefill_equals_one_shot():
     np.testing.assert_allclose(f64(d1.out), f64(d2.out), rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_chunk_equals_all_at_once_with_probs_and_gradients():
+    """MLAConfig.prefill_chunk = 5 over T = 12 (a ragged last chunk): the same output, selection, probabilities
+    (capture) and parameter gradients as the whole prefill at once; with a cache too."""
+    B, T, K = 2, 12, 4
+    cfg = make_cfg(topk=K)
+    whole, chunked = make_layer(cfg), make_layer(dataclasses.replace(
+        cfg, mla=dataclasses.replace(cfg.mla, prefill_chunk=5)))
+    x = jnp.asarray(make_x(B, T, seed=6))
+
+    def run(layer):
+        res = nnx.jit(lambda m, x: m(x, capture=True))(layer, x)
+
+        def loss(m):
+            return jnp.sum(m(x).out ** 2)
+        grads = nnx.jit(nnx.grad(loss))(layer)
+        return res, grads
+
+    (a, ga), (b, gb) = run(whole), run(chunked)
+    np.testing.assert_allclose(f64(b.out), f64(a.out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(b.probs), f64(a.probs), rtol=1e-5, atol=1e-6)
+    check_selection_equal(b.selection, a.selection)
+    for (path, x_a), (_, x_b) in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves_with_path(gb)):
+        np.testing.assert_allclose(f64(x_b), f64(x_a), rtol=1e-4, atol=1e-5, err_msg=str(path))
+    cached = call(chunked, x, cache=chunked.init_cache(B, 16))
+    np.testing.assert_allclose(f64(cached.out), f64(a.out), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        dataclasses.replace(cfg.mla, prefill_chunk=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # (5) ragged batch
 # --------------------------------------------------------------------------------------------------

@@ -218,6 +218,12 @@ class MLAConfig:
     ``apply_rotary_pos_emb_interleave``), whatever the indexer uses. ``latent_norm_eps`` is the eps of
     ``q_a_layernorm`` and ``kv_a_layernorm``: 1e-6 in the official code and in HF for both families,
     whatever the model's ``rms_norm_eps`` (GLM-5: 1e-5) says.
+
+    ``query_chunk``: queries per step of the sparse MLA op (its xla implementation and the Triton
+    backward). ``prefill_chunk``: when set, the layer runs its query side (query projections, the absorbed
+    query, sparse MLA, the output projection) ``prefill_chunk`` queries at a time, so a long prefill
+    holds the [T, heads, 576] absorbed query and its outputs for one chunk only (DeepSeek's shape at 256K
+    tokens: 72 GiB all at once); the keys, the cache rows and the selection are still built for all T.
     """
 
     hidden_size: int
@@ -230,9 +236,12 @@ class MLAConfig:
     latent_norm_eps: float = 1e-6
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     query_chunk: int = 64
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         cls = MLAConfig
+        _require(self.prefill_chunk is None or (isinstance(self.prefill_chunk, int) and self.prefill_chunk > 0), cls,
+                 "prefill_chunk", f"must be None or a positive int, got {self.prefill_chunk!r}")
         for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim", "query_chunk"):
             value = getattr(self, name)

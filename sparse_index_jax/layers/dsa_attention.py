@@ -17,6 +17,7 @@ from flax import nnx
 
 from sparse_index_jax.kernels import sparse_mla as _sparse_mla
 from sparse_index_jax.kernels.block_pooling import append_block_sums, num_blocks_for
+from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.kernels.inputs import concrete
 from sparse_index_jax.layers.config import DSAConfig
 from sparse_index_jax.layers.context_parallel_attention import sparse_mla_context_parallel
@@ -186,14 +187,11 @@ class DSAAttention(nnx.Module):
         elif positions.shape != (B, T):
             raise ValueError(f"DSAAttention: positions must be [B, T] = {(B, T)}, got {positions.shape}")
 
-        # MLA projections; the per-head query is [nope | rope], the MLA rope pairing is interleaved.
+        # MLA projections: the cache rows here, the per-head query in ``_attend`` (query-chunked on request).
         qr = self.q_a_layernorm(self.q_a_proj(x)) if m.q_lora_rank else x
-        q = (self.q_b_proj(qr) if m.q_lora_rank else self.q_proj(x)).reshape(B, T, m.num_heads, m.qk_head_dim)
-        q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
         kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., : m.kv_lora_rank])
         cos, sin = rotary_cos_sin(m.rope, positions, m.qk_rope_head_dim)
-        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], "interleaved")
         k_rope = apply_rope(kv[..., m.kv_lora_rank:], cos, sin, "interleaved")
         rows = jnp.concatenate([latent, k_rope], axis=-1)
 
@@ -223,21 +221,39 @@ class DSAAttention(nnx.Module):
                                             kv_lengths=kv_lengths, block_sums=block_sums,
                                             implementation=self.implementation)
 
-        # Absorb W_UK into the query, attend over latent rows, expand with W_UV.
+        def attend(x, qr, cos, sin, indices, valid):
+            return self._attend(x, qr, cos, sin, all_rows, indices, valid, context=context, capture=capture)
+
+        chunk = m.prefill_chunk
+        args = ((x, 0), (qr, 0), (cos, 0), (sin, 0), (selection.indices, -1), (selection.valid, False))
+        if chunk is None or chunk >= T or context is not None:
+            out, probs = attend(*(a for a, _ in args))
+        else:  # one chunk of queries at a time; the last one padded with queries that select nothing
+            out, probs = map_query_chunks(attend, chunk, *args)
+        return DSAOutput(out, selection, cache, probs, keys if capture else None)
+
+    def _attend(self, x, qr, cos, sin, rows, indices, valid, *, context, capture: bool):
+        """The query side for queries x [B, Tq, hidden] over the cache ``rows``: (out [B, Tq, hidden], probs).
+
+        The per-head query is [nope | rope] (interleaved MLA rope); W_UK is absorbed into it, sparse MLA
+        attends over the latent rows, W_UV and o_proj map the result back."""
+        m = self.cfg.mla
+        B, T = x.shape[:2]
+        q = (self.q_b_proj(qr) if m.q_lora_rank else self.q_proj(x)).reshape(B, T, m.num_heads, m.qk_head_dim)
+        q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], "interleaved")
         w_kv_b = self.kv_b_proj.kernel[...].reshape(m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
         w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
         q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
         if context is not None:
-            attended = sparse_mla_context_parallel(q_full, all_rows, selection, scale=m.softmax_scale,
+            attended = sparse_mla_context_parallel(q_full, rows, Selection(indices, valid), scale=m.softmax_scale,
                                                    v_dim=m.kv_lora_rank, mesh=context, query_chunk=m.query_chunk,
                                                    return_probs=capture)
         else:
-            attended = _sparse_mla.sparse_mla(q_full, all_rows, selection.indices,
-                                              selection.valid, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
-                                              implementation=self.implementation, query_chunk=m.query_chunk,
-                                              return_probs=capture)
+            attended = _sparse_mla.sparse_mla(q_full, rows, indices, valid, scale=m.softmax_scale,
+                                              v_dim=m.kv_lora_rank, implementation=self.implementation,
+                                              query_chunk=m.query_chunk, return_probs=capture)
         out_latent, probs = attended if capture else (attended, None)
         out = jnp.einsum("bthc,chv->bthv", out_latent, w_uv.astype(out_latent.dtype))
-        out = self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim))
-        return DSAOutput(out, selection, cache, probs, keys if capture else None)
+        return self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim)), probs
