@@ -1,4 +1,5 @@
-"""Sparse MLA Triton tile sweep: every ``candidate_block_sizes()`` entry, forward and forward + backward.
+"""Sparse MLA Triton tile sweep: every ``candidate_block_sizes()`` entry (and the backward's query chunk),
+forward and forward + backward.
 
 One process, DeepSeek's shape (Hq = 128, Dk = 576, v_dim = 512, k = 2048, bf16, indices random in [0, t]),
 at one length (default 32K): per candidate the median ms of the forward and of ``jax.grad`` of the output
@@ -34,11 +35,14 @@ def run(length: int, repeats: int = 3, matmul_size: int = 8192) -> dict:
     peak = matmul_peak(matmul_size, repeats)
     flops = mla_flops(length, setup)
     rows = []
-    for bs in candidate_block_sizes():
-        attend = lambda q, kv, idx, valid, bs=bs: sparse_mla_triton(q, kv, idx, valid, scale=setup.mla_dk ** -0.5,
-                                                                    v_dim=setup.mla_v_dim, block_sizes=bs)
+    # Every candidate with the backward in chunks of 64 queries (the entry's default), then the default tiles
+    # with chunks of 256 (fewer sorts and launches per call, 4x the chunk buffers).
+    configs = [(bs, 64) for bs in candidate_block_sizes()] + [(candidate_block_sizes()[0], 256)]
+    for bs, chunk in configs:
+        attend = lambda q, kv, idx, valid, bs=bs, chunk=chunk: sparse_mla_triton(
+            q, kv, idx, valid, scale=setup.mla_dk ** -0.5, v_dim=setup.mla_v_dim, block_sizes=bs, query_chunk=chunk)
         grad = jax.grad(lambda *a, f=attend: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1))
-        row = {"block_sizes": dataclasses.asdict(bs)}
+        row = {"block_sizes": dataclasses.asdict(bs), "query_chunk": chunk}
         for name, fn, work in (("forward", attend, flops), ("forward_backward", grad, flops * (1 + BACKWARD_FACTOR))):
             try:
                 t = time_call(fn, (q, kv, idx, valid), repeats)[0].as_dict()
