@@ -10,4 +10,5 @@ padding, chunking and input checks every op shares.
     hisa_topk    HISA: block filter, then token refinement      hisa_topk(..., block_size=, num_blocks=)
     misa_topk    MISA / MISA-H: routed heads (+ all-head re-rank)  misa_topk(..., active_heads=, candidates=)
     sparse_mla   attention over selected latent rows (MLA)     sparse_mla(q, kv, indices, valid, ...)
+    sparse_gqa   attention over selected keys (GQA, Llama)     sparse_gqa(q, k, v, indices, valid, ...)
 """

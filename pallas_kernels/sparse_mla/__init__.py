@@ -1,9 +1,10 @@
 """Sparse MLA attention over selected cache rows: the entry point over its implementations.
 
 Implementations (names: ``dispatch.py``): ``xla`` (``reference.py``, gather-based), ``triton``
-(``triton.py``: forward kernel with an online softmax over gathered rows, custom-VJP backward kernel; q in
-bfloat16, float16 or float32), ``mosaic_tpu`` (``mosaic_tpu.py``: row DMAs driven by scalar-prefetched
-ids + online softmax; the backward is the reference's; no ``return_probs``). ``auto`` skips an
+(``triton.py``: forward kernel with an online softmax over gathered rows, custom-VJP backward of three
+kernels, deterministic, dq in q's dtype; q in bfloat16, float16 or float32), ``mosaic_tpu``
+(``mosaic_tpu.py``: row DMAs driven by scalar-prefetched ids + online softmax; the backward is the
+reference's; no ``return_probs``). ``auto`` skips an
 implementation that cannot serve the call and says so in ``backend_for``'s reason. Tile sizes:
 ``block_sizes=MlaTritonBlockSizes(...)`` (triton) or ``MlaTpuBlockSizes(...)`` (mosaic_tpu).
 """
