@@ -26,7 +26,7 @@ from sparse_index_jax.kernels.sparse_mla import triton
 from sparse_index_jax.kernels.sparse_mla.triton import MlaTritonBlockSizes, sparse_mla_triton
 from sparse_index_jax.kernels.sparse_mla.reference import sparse_mla_reference
 
-SMALL = MlaTritonBlockSizes(block_h=16, block_k=16, bwd_block_h=16, bwd_block_k=16)
+SMALL = MlaTritonBlockSizes(block_h=16, block_k=16, bwd_block_h=16, bwd_block_k=16, dkv_block_h=16, dkv_block_k=16)
 SCALE = 0.3
 
 
