@@ -36,8 +36,12 @@ def run(length: int, repeats: int = 3, matmul_size: int = 8192) -> dict:
     flops = mla_flops(length, setup)
     rows = []
     # Every candidate with the backward in chunks of 64 queries (the entry's default), then the default tiles
-    # with chunks of 256 (fewer sorts and launches per call, 4x the chunk buffers).
-    configs = [(bs, 64) for bs in candidate_block_sizes()] + [(candidate_block_sizes()[0], 256)]
+    # with chunks of 256 (fewer sorts and launches per call, 4x the chunk buffers), then a probe: 64-row tiles
+    # double-buffered, over ``smem_estimate``'s forward formula (245,760 bytes) but perhaps not over the limit
+    # (on sm_90 Triton may keep p, the value product's A operand, in registers). A compile failure answers it.
+    default = candidate_block_sizes()[0]
+    configs = [(bs, 64) for bs in candidate_block_sizes()]
+    configs += [(default, 256), (dataclasses.replace(default, num_stages=2), 64)]
     for bs, chunk in configs:
         attend = lambda q, kv, idx, valid, bs=bs, chunk=chunk: sparse_mla_triton(
             q, kv, idx, valid, scale=setup.mla_dk ** -0.5, v_dim=setup.mla_v_dim, block_sizes=bs, query_chunk=chunk)
