@@ -24,15 +24,16 @@ from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels.sparse_mla.triton import candidate_block_sizes, sparse_mla_triton
 
 
-def run(length: int, repeats: int = 3, matmul_size: int = 8192) -> dict:
-    setup = SpeedSetup(lengths=(length,))
+def run(length: int, repeats: int = 3, matmul_size: int = 8192, setup: SpeedSetup | None = None) -> dict:
+    """The sweep's report; ``setup`` sets the shape (default ``SpeedSetup()``'s: DeepSeek's)."""
+    setup = dataclasses.replace(setup or SpeedSetup(), lengths=(length,))
     key_q, key_kv, key_i = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(key_q, (1, length, setup.mla_heads, setup.mla_dk), jnp.bfloat16)
     kv = jax.random.normal(key_kv, (1, length, setup.mla_dk), jnp.bfloat16)
     limit = jnp.arange(1, length + 1, dtype=jnp.int32)[None, :, None]
     idx = jax.random.randint(key_i, (1, length, setup.topk), 0, jnp.iinfo(jnp.int32).max) % limit
     valid = jnp.ones(idx.shape, bool)
-    peak = matmul_peak(matmul_size, repeats)
+    peak = matmul_peak(matmul_size, repeats, dtype=jnp.bfloat16)
     flops = mla_flops(length, setup)
     rows = []
     # Every candidate with the backward in chunks of 64 queries (the entry's default), then the default tiles

@@ -7,7 +7,7 @@
 #                                      #   MISA-H at 16K-128K and `bench model` (a DeepSeek-V3.2-shaped stack)
 #   bash bench/gpu_check.sh attention  # the sparse MLA / GQA kernel tests, compiled; `bench speed` of the attention
 #                                      #   kernels and their XLA references at 4K-128K, the forward (and fwd+bwd)
-#                                      #   at 256K, then the sparse MLA tile sweep at 16K (bench/attention_sweep.py)
+#                                      #   at 256K, then the sparse MLA tile sweep at 8K (bench/attention_sweep.py)
 #
 # Files: install.log, device.csv, tests.log, speed.json/.png/.log (and model.json/.log for selectors;
 # speed_256k.json/.log, mosaic_probe.json and sweep.json/.log for attention).
@@ -51,7 +51,7 @@ case "$MODE" in
         --entries sparse_mla,sparse_mla_fwd_bwd --out "$OUT/speed_256k.json" > "$OUT/speed_256k.log" 2>&1
     echo "bench exit $?" >> "$OUT/speed_256k.log"
     timeout 30 python -m sparse_index_jax.bench.mosaic_gpu_gather_probe > "$OUT/mosaic_probe.json" 2>&1
-    timeout 100 python -m sparse_index_jax.bench.attention_sweep --length 16384 --repeats 3 --out "$OUT/sweep.json" \
+    timeout 110 python -m sparse_index_jax.bench.attention_sweep --length 8192 --repeats 3 --out "$OUT/sweep.json" \
         > "$OUT/sweep.log" 2>&1
     echo "sweep exit $?" >> "$OUT/sweep.log"
     tail -n 30 "$OUT/tests.log" "$OUT/speed.log" "$OUT/speed_256k.log" "$OUT/mosaic_probe.json" "$OUT/sweep.log"

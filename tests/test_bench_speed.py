@@ -10,7 +10,8 @@ from sparse_index_jax.bench import speed as bench_speed
 from sparse_index_jax.cli import main
 
 TINY = dict(topk=16, heads=4, head_dim=16, hisa_block=16, hisa_blocks=4, misa_block=16, misa_heads=2,
-            mla_heads=4, mla_dk=64, mla_v_dim=32, decode_batch=2, repeats=1, matmul_size=128)
+            mla_heads=4, mla_dk=64, mla_v_dim=32, gqa_heads=4, gqa_kv_heads=2, gqa_head_dim=16, decode_batch=2,
+            repeats=1, matmul_size=128)
 TINY_ARGS = ["--topk", "16", "--heads", "4", "--head-dim", "16", "--hisa-block", "16", "--hisa-blocks", "4",
              "--misa-block", "16", "--misa-heads", "2", "--mla-heads", "4", "--mla-dk", "64", "--mla-v-dim", "32",
              "--decode-batch", "2", "--repeats", "1", "--matmul-size", "128", "--quiet"]
@@ -26,7 +27,7 @@ def test_every_entry_runs_and_the_report_is_complete(tmp_path):
     assert env["platform"] == "cpu" and env["device_kind"] and env["jax"] and env["jaxlib"] and env["timestamp"]
     assert saved["setup"]["topk"] == 16 and saved["setup"]["lengths"] == [128] and saved["setup"]["repeats"] == 1
     assert saved["setup"]["dtypes"]["q"] == "bfloat16" and saved["setup"]["misa_candidates"] == 64
-    assert set(saved["backends"]) == {"dsa_topk", "hisa_topk", "misa_topk", "sparse_mla"}
+    assert set(saved["backends"]) == {"dsa_topk", "hisa_topk", "misa_topk", "sparse_mla", "sparse_gqa"}
     assert all(b["reason"] for b in saved["backends"].values())
     assert saved["matmul_peak"]["tflops"] > 0 and saved["flop_convention"]
     assert saved["matmul_peak_fp8"]["dtype"] == "float8_e4m3fn" and saved["matmul_peak_fp8"]["tflops"] > 0
@@ -44,6 +45,8 @@ def test_every_entry_runs_and_the_report_is_complete(tmp_path):
     assert res["dsa"]["128"]["flops"] == 4 * 16 * 128 * 129  # 2*H*d*T*(T+1)/2
     assert res["dsa"]["128"]["flops_square"] == 2 * 128 * 128 * 4 * 16
     assert res["sparse_mla_fwd_bwd"]["128"]["flops"] == 3.5 * res["sparse_mla"]["128"]["flops"]
+    assert res["sparse_gqa"]["128"]["flops"] == 2 * 128 * 4 * 16 * 2 * 16  # 2*Hq*k*2d per query
+    assert res["sparse_mla_xla"]["128"]["implementation"] == "xla"
     assert res["hisa"]["128"]["flops"] < res["dsa"]["128"]["flops"]  # 4 blocks of 16 < 128 keys: it prunes
 
     for name, *_ in bench_speed.SPEEDUPS:
@@ -119,3 +122,21 @@ def test_bad_lengths_and_entries_are_rejected(capsys):
             main(["bench", "speed", *bad])
         assert done.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_attention_sweep_times_every_tile_candidate_or_says_why_not(monkeypatch):
+    """bench/attention_sweep.py on a tiny shape (CPU: the kernels interpret; one candidate, to stay quick): one
+    row per configuration, each with a timed forward and forward + backward or a one-line failure."""
+    from sparse_index_jax.bench import attention_sweep
+    from sparse_index_jax.kernels.sparse_mla.triton import MlaTritonBlockSizes
+
+    monkeypatch.setattr(attention_sweep, "candidate_block_sizes", lambda: [MlaTritonBlockSizes()])
+    small = bench_speed.SpeedSetup(topk=16, mla_heads=4, mla_dk=48, mla_v_dim=32)
+    report = attention_sweep.run(24, repeats=1, matmul_size=64, setup=small)
+    rows = report["candidates"]
+    assert len(rows) == 3 and report["shape"]["heads"] == 4
+    assert [r["query_chunk"] for r in rows[-2:]] == [256, 64] and rows[-1]["block_sizes"]["num_stages"] == 2
+    for row in rows:
+        for name in ("forward", "forward_backward"):
+            cell = row[name]
+            assert ("median_ms" in cell and cell["fraction_of_peak"] > 0) or cell.get("reason"), (row, name)
