@@ -22,7 +22,8 @@ __all__ = ["CausalLMOutput", "CheckpointError", "DSAForCausalLM", "ModelConfig",
 
 
 def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress: bool = True,
-                    index_pattern: str | None = None, selector: Selector | dict | None = None) -> DSAForCausalLM:
+                    index_pattern: str | None = None, selector: Selector | dict | None = None,
+                    prefill_chunk: int | None = None) -> DSAForCausalLM:
     """Loads a DeepSeek-V3.2 (``deepseek_v32``) or GLM-5 (``glm_moe_dsa``) model.
 
     ``path`` is an HF checkpoint folder (config.json + safetensors, single or sharded, bf16/fp32 or FP8 with
@@ -36,6 +37,10 @@ def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress
     (HF checkpoints only: a converted folder keeps what it was converted with; any model also takes
     ``selector=`` per call).
 
+    ``prefill_chunk``: every layer runs its query side (query projections, sparse MLA, output projection)
+    that many queries at a time (``MLAConfig.prefill_chunk``), so a long prefill never holds the absorbed
+    query [T, heads, 576] whole; None: all at once.
+
     ``mesh`` (``sparse_index_jax.layers.sharding.make_mesh``): every parameter is placed on its shards as
     it is read, by the logical-axis rules of ``sparse_index_jax.layers.sharding``; no device ever holds the
     whole model unless the rules replicate it.
@@ -45,9 +50,9 @@ def from_pretrained(path: str | pathlib.Path, dtype=None, *, mesh=None, progress
         if index_pattern is not None or selector is not None:
             raise ValueError(f"{path} is a converted folder: index_pattern / selector apply when loading an HF "
                              f"checkpoint (convert again, or call the model with index_pattern=...)")
-        return load_converted(path, dtype=dtype, sharding=sharding)
+        return load_converted(path, dtype=dtype, sharding=sharding, prefill_chunk=prefill_chunk)
     return load_hf_checkpoint(path, dtype=dtype or jnp.bfloat16, sharding=sharding, progress=progress,
-                              index_pattern=index_pattern, selector=selector)
+                              index_pattern=index_pattern, selector=selector, prefill_chunk=prefill_chunk)
 
 
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.bfloat16, progress: bool = True,

@@ -68,6 +68,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     selector: Selector | None = None  # the F layers' selector; None: DSA top-``index_topk``
+    prefill_chunk: int | None = None  # MLAConfig.prefill_chunk of every layer: queries per step of the query side
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -146,7 +147,7 @@ class ModelConfig:
         mla = MLAConfig(hidden_size=self.hidden_size, num_heads=self.num_attention_heads,
                         q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
                         qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-                        v_head_dim=self.v_head_dim, rope=self.rope)
+                        v_head_dim=self.v_head_dim, rope=self.rope, prefill_chunk=self.prefill_chunk)
         return DSAConfig(mla=mla, indexer=self.indexer if self.indexer_types[layer] == "full" else None)
 
     @classmethod

@@ -99,6 +99,9 @@ def test_logits_match_transformers(checkpoints, form):
     np.testing.assert_allclose(np.asarray(out.logits), reference, atol=1e-4, rtol=0)
     # the indexer really prunes: late queries see index_topk of their > index_topk keys
     assert int(out.selections[0].counts()[0, -1]) == COMMON["index_topk"]
+    if form == "fp32":  # every layer's query side in chunks of 5 queries (a ragged last chunk): the same logits
+        chunked = models.from_pretrained(folders[form], dtype=jnp.float32, progress=False, prefill_chunk=5)
+        np.testing.assert_allclose(np.asarray(chunked(jnp.asarray(IDS)).logits), reference, atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_matches_transformers(checkpoints):

@@ -8,6 +8,7 @@ every checkpoint tensor must be used (the MTP layers past ``num_hidden_layers`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -82,7 +83,8 @@ def _progress(items, enabled: bool, desc: str):
 
 
 def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding=None, progress: bool = True,
-                       index_pattern: str | None = None, selector: dict | None = None) -> DSAForCausalLM:
+                       index_pattern: str | None = None, selector: dict | None = None,
+                       prefill_chunk: int | None = None) -> DSAForCausalLM:
     """Loads an HF safetensors checkpoint (single file or sharded; bf16, fp32, or FP8 + block scales).
 
     ``sharding(path, shape) -> jax.sharding.Sharding | None`` places each parameter as it is read
@@ -91,7 +93,7 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
     """
     path = pathlib.Path(path)
     checkpoint_cfg = ModelConfig.from_pretrained(path)
-    cfg = checkpoint_cfg.with_index_cache(index_pattern, selector)
+    cfg = dataclasses.replace(checkpoint_cfg.with_index_cache(index_pattern, selector), prefill_chunk=prefill_chunk)
     dropped = {i for i, (new, old) in enumerate(zip(cfg.index_pattern, checkpoint_cfg.index_pattern)) if new != old}
     reader = CheckpointReader(path)
     graphdef, state = nnx.split(_abstract_model(cfg, dtype))
@@ -150,14 +152,15 @@ def save_converted(model: DSAForCausalLM, hf_dir: str | pathlib.Path, out_dir: s
     return out
 
 
-def load_converted(path: str | pathlib.Path, *, dtype=None, sharding=None) -> DSAForCausalLM:
+def load_converted(path: str | pathlib.Path, *, dtype=None, sharding=None,
+                   prefill_chunk: int | None = None) -> DSAForCausalLM:
     """Restores a folder written by ``save_converted``, in ``dtype`` (default: the dtype it was saved in),
-    each parameter straight onto ``sharding(path, shape)`` when given."""
+    each parameter straight onto ``sharding(path, shape)`` when given; ``prefill_chunk``: ``ModelConfig``'s."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
     info = json.loads((path / ORBAX_MARKER).read_text())
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = dataclasses.replace(ModelConfig.from_pretrained(path), prefill_chunk=prefill_chunk)
     graphdef, abstract = nnx.split(_abstract_model(cfg, dtype or jnp.dtype(info["dtype"])))
     if sharding is not None:
         abstract = nnx.from_flat_state([
