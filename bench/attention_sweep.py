@@ -37,12 +37,15 @@ def run(length: int, repeats: int = 3, matmul_size: int = 8192, setup: SpeedSetu
     flops = mla_flops(length, setup)
     rows = []
     # Every candidate with the backward in chunks of 64 queries (the entry's default), then the default tiles
-    # with chunks of 256 (fewer sorts and launches per call, 4x the chunk buffers), then a probe: 64-row tiles
-    # double-buffered, over ``smem_estimate``'s forward formula (245,760 bytes) but perhaps not over the limit
-    # (on sm_90 Triton may keep p, the value product's A operand, in registers). A compile failure answers it.
+    # with chunks of 256 (fewer sorts and launches per call, 4x the chunk buffers), then two probes of overlap:
+    # 64-row tiles double-buffered, over ``smem_estimate``'s forward formula (245,760 bytes) but perhaps not
+    # over the limit (on sm_90 Triton may keep p, the value product's A operand, in registers; a compile
+    # failure answers it), and 32 heads x 32 rows x 4 warps (~80 KB of shared memory, 128 accumulator
+    # registers per thread): small enough for two programs per SM, whose gathers and products can interleave.
     default = candidate_block_sizes()[0]
     configs = [(bs, 64) for bs in candidate_block_sizes()]
-    configs += [(default, 256), (dataclasses.replace(default, num_stages=2), 64)]
+    configs += [(default, 256), (dataclasses.replace(default, num_stages=2), 64),
+                (dataclasses.replace(default, block_h=32, block_k=32, num_warps=4), 64)]
     for bs, chunk in configs:
         attend = lambda q, kv, idx, valid, bs=bs, chunk=chunk: sparse_mla_triton(
             q, kv, idx, valid, scale=setup.mla_dk ** -0.5, v_dim=setup.mla_v_dim, block_sizes=bs, query_chunk=chunk)

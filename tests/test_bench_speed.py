@@ -134,8 +134,9 @@ def test_attention_sweep_times_every_tile_candidate_or_says_why_not(monkeypatch)
     small = bench_speed.SpeedSetup(topk=16, mla_heads=4, mla_dk=48, mla_v_dim=32)
     report = attention_sweep.run(24, repeats=1, matmul_size=64, setup=small)
     rows = report["candidates"]
-    assert len(rows) == 3 and report["shape"]["heads"] == 4
-    assert [r["query_chunk"] for r in rows[-2:]] == [256, 64] and rows[-1]["block_sizes"]["num_stages"] == 2
+    assert len(rows) == 4 and report["shape"]["heads"] == 4
+    assert [r["query_chunk"] for r in rows[1:]] == [256, 64, 64] and rows[2]["block_sizes"]["num_stages"] == 2
+    assert rows[3]["block_sizes"]["block_h"] == 32
     for row in rows:
         for name in ("forward", "forward_backward"):
             cell = row[name]
