@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_index_jax.bench.reports import environment, failed_cell, save_json
-from sparse_index_jax.bench.speed import BACKWARD_FACTOR, SpeedSetup, matmul_peak, mla_flops
+from sparse_index_jax.bench.speed import BACKWARD_FACTOR, SpeedInputs, SpeedSetup, matmul_peak, mla_flops
 from sparse_index_jax.bench.timing import time_call
 from sparse_index_jax.kernels.sparse_mla.triton import candidate_block_sizes, sparse_mla_triton
 
@@ -27,12 +27,7 @@ from sparse_index_jax.kernels.sparse_mla.triton import candidate_block_sizes, sp
 def run(length: int, repeats: int = 3, matmul_size: int = 8192, setup: SpeedSetup | None = None) -> dict:
     """The sweep's report; ``setup`` sets the shape (default ``SpeedSetup()``'s: DeepSeek's)."""
     setup = dataclasses.replace(setup or SpeedSetup(), lengths=(length,))
-    key_q, key_kv, key_i = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(key_q, (1, length, setup.mla_heads, setup.mla_dk), jnp.bfloat16)
-    kv = jax.random.normal(key_kv, (1, length, setup.mla_dk), jnp.bfloat16)
-    limit = jnp.arange(1, length + 1, dtype=jnp.int32)[None, :, None]
-    idx = jax.random.randint(key_i, (1, length, setup.topk), 0, jnp.iinfo(jnp.int32).max) % limit
-    valid = jnp.ones(idx.shape, bool)
+    q, kv, idx, valid = SpeedInputs(setup, length).mla()  # bench speed's sparse_mla inputs
     peak = matmul_peak(matmul_size, repeats, dtype=jnp.bfloat16)
     flops = mla_flops(length, setup)
     rows = []

@@ -232,7 +232,7 @@ def matmul_peak(n: int, repeats: int, seed: int = 0, dtype=jnp.bfloat16) -> dict
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-class _Inputs:
+class SpeedInputs:
     """Random inputs of one length, made on first use and shared by the entries of that length."""
 
     def __init__(self, setup: SpeedSetup, length: int):
@@ -326,7 +326,7 @@ def _as_fp8(q, k, w):
     return jax.block_until_ready((q8, k8, w * q_scale, k_scale))
 
 
-def _prepare(entry: str, setup: SpeedSetup, inputs: _Inputs) -> tuple[Callable, tuple, dict[str, Any]]:
+def _prepare(entry: str, setup: SpeedSetup, inputs: SpeedInputs) -> tuple[Callable, tuple, dict[str, Any]]:
     """(function to jit, its arguments, FLOPs/shape facts) for one entry at one length."""
     s, T = setup, inputs.length
     impl, H, d = s.implementation, s.heads, s.head_dim
@@ -466,7 +466,7 @@ def run(setup: SpeedSetup, progress: bool = True) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {e: {} for e in setup.entries}
     for T in setup.lengths:
-        inputs = _Inputs(setup, T)
+        inputs = SpeedInputs(setup, T)
         for entry in setup.entries:
             step(f"{entry} T={T}")
             elapsed = time.perf_counter() - started
@@ -525,7 +525,7 @@ def _naive_too_big(setup: SpeedSetup, T: int) -> str | None:
     return f"not run: estimated {_gib(need)} ([T,S,H] fp32 x2) exceeds {what}, {_gib(budget)}"
 
 
-def _run_entry(entry: str, setup: SpeedSetup, inputs: _Inputs, peak: dict[str, Any]) -> dict[str, Any]:
+def _run_entry(entry: str, setup: SpeedSetup, inputs: SpeedInputs, peak: dict[str, Any]) -> dict[str, Any]:
     try:
         fn, args, facts = _prepare(entry, setup, inputs)
         row = time_call(fn, args, setup.repeats)[0].as_dict()

@@ -107,12 +107,15 @@ def check_context_parallel_model():
         rng = np.random.default_rng(5)
         ids, targets = (jnp.asarray(rng.integers(0, 96, (2, 32))) for _ in range(2))
         plain = model(ids)
+        chunked = models.from_pretrained(folder, dtype=jnp.float32, progress=False, prefill_chunk=12)
         with activation_sharding(make_mesh(context=8)):
             parallel = model(ids)
+            parallel_chunked = chunked(ids)  # the query side 12 queries at a time (a ragged last chunk)
             cp_losses = {stage: distill_losses(model, ids, targets, "FSF", stage)[1] for stage in ("dense", "sparse")}
         for a, b in zip(parallel.selections, plain.selections):
             np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
         np.testing.assert_allclose(np.asarray(parallel.logits), np.asarray(plain.logits), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(parallel_chunked.logits), np.asarray(plain.logits), atol=2e-5)
         for stage, got in cp_losses.items():
             want = distill_losses(model, ids, targets, "FSF", stage)[1]
             for key in ("indexer_kl", "lm_loss"):

@@ -548,8 +548,9 @@ def _attend_bwd(g, query_chunk, res, cotangents):
     def one_chunk(c, carry):
         dq, dkv = carry
         start = c * chunk
-        dq, p, ds = _bwd_dq(jnp.reshape(start, (1,)), q, rows, idx, do, lse, delta, dq, g, chunk)
-        dslot = _bwd_slots(jnp.reshape(start, (1,)), q, do, p, ds, g)
+        first = jnp.reshape(start, (1,))  # the chunk's first query, as the kernels read it
+        dq, p, ds = _bwd_dq(first, q, rows, idx, do, lse, delta, dq, g, chunk)
+        dslot = _bwd_slots(first, q, do, p, ds, g)
         segments = _row_segments(jax.lax.dynamic_slice_in_dim(idx_tail, start, chunk, axis=1), rows.shape[1])
         return dq, _bwd_reduce(*segments, dslot, dkv, g)
 

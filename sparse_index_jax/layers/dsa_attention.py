@@ -226,7 +226,7 @@ class DSAAttention(nnx.Module):
 
         chunk = m.prefill_chunk
         args = ((x, 0), (qr, 0), (cos, 0), (sin, 0), (selection.indices, -1), (selection.valid, False))
-        if chunk is None or chunk >= T or context is not None:
+        if chunk is None or chunk >= T:
             out, probs = attend(*(a for a, _ in args))
         else:  # one chunk of queries at a time; the last one padded with queries that select nothing
             out, probs = map_query_chunks(attend, chunk, *args)
