@@ -61,13 +61,16 @@ def param_logical_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim  # norms, router, biases: small, replicated
 
 
-def partition_spec(path: Sequence, shape: Sequence[int], mesh: Mesh,
+def partition_spec(path: Sequence, shape: Sequence[int], mesh: Mesh | Mapping[str, int],
                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
+    """Where one parameter's dimensions go. ``mesh`` is a Mesh or just its axis sizes ({"tensor": 8, ...}),
+    so a memory plan can ask for meshes larger than the machine it runs on."""
     axes = param_logical_axes(path, len(shape))
+    sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else {a: mesh.get(a, 1) for a in MESH_AXES}
     spec = []
     for logical, size in zip(axes, shape):
         mesh_axis = rules.get(logical) if logical else None
-        if mesh_axis is None or mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]:
+        if mesh_axis is None or sizes[mesh_axis] == 1 or size % sizes[mesh_axis]:
             spec.append(None)
         else:
             spec.append(mesh_axis)
