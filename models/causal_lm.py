@@ -18,7 +18,7 @@ from sparse_index_jax.layers.config import IndexerWeights
 from sparse_index_jax.layers.dsa_attention import DSACache, DSAOutput
 from sparse_index_jax.layers.index_cache import check_pattern
 from sparse_index_jax.layers.sharding import constrain
-from sparse_index_jax.selection.contract import Selection, causal_selection
+from sparse_index_jax.selection.contract import Selection
 from sparse_index_jax.selection.methods import Selector
 
 
@@ -88,11 +88,12 @@ class CausalLM(nnx.Module):
 
     def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
                    caches: tuple | None = None, index_pattern: str | None = None, selector: Selector | None = None,
-                   dense: bool = False, capture: bool = False) -> LayersOutput:
+                   dense: bool = False, capture: bool = False, remat: bool = False) -> LayersOutput:
         """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
         (needed when layer ``start`` is S); ``selector`` the F layers' (default: their config's). ``dense``
         makes every layer attend to all causal keys (the dense baseline and the warm-up stage of indexer
-        training; no caches)."""
+        training; no caches). ``remat``: each layer under ``nnx.remat``, so a backward pass keeps only the
+        layers' inputs and recomputes one layer's activations at a time (training at length)."""
         pattern = self.check_pattern(index_pattern)
         name = type(self).__name__
         if caches is not None and len(caches) != len(self.layers) - start:
@@ -101,15 +102,14 @@ class CausalLM(nnx.Module):
             raise ValueError(f"{name}: dense attention runs without caches")
         if pattern[start] == "S" and selection is None and not dense:
             raise ValueError(f"layer {start} is S: pass the selection of the F layer before it")
-        B, T, _ = x.shape
-        if dense:
-            selection = causal_selection(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), T)
         attention, new_caches = [], []
         for i in range(start, len(self.layers)):
-            handed = selection if (pattern[i] == "S" or dense) else None
+            handed = selection if (pattern[i] == "S" and not dense) else None
             cache = None if caches is None else caches[i - start]
-            x, attn = self.layers[i](x, cache=cache, selection=handed, selector=selector, capture=capture,
-                                     dense=dense)
+            def call(layer, x, handed, cache):
+                return layer(x, cache=cache, selection=handed, selector=selector, capture=capture, dense=dense)
+
+            x, attn = (nnx.remat(call) if remat else call)(self.layers[i], x, handed, cache)
             x = constrain(x, ("batch", "seq", "embed"))
             selection = attn.selection
             attention.append(attn)

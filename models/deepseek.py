@@ -105,9 +105,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, *, cache: DSACache | None, selection: Selection | None, selector: Selector | None = None,
                  capture: bool = False, dense: bool = False) -> tuple[jax.Array, DSAOutput]:
-        # dense: the handed selection lists every causal key, which sparse MLA runs like any selection
         attn = self.self_attn(self.input_layernorm(x), cache=cache, selection=selection, selector=selector,
-                              capture=capture)
+                              capture=capture, dense=dense)
         x = x + attn.out
         return x + self.mlp(self.post_attention_layernorm(x)), attn
 

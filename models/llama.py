@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_index_jax.layers.config import IndexerConfig, RopeConfig
-from sparse_index_jax.layers.dsa_attention import DSAOutput
+from sparse_index_jax.layers.dsa_attention import DSAOutput, Teacher
 from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
 from sparse_index_jax.layers.indexer import LightningIndexer
 from sparse_index_jax.layers.norms import RMSNorm
@@ -158,7 +158,12 @@ class LlamaAttention(nnx.Module):
             out, probs = sparse_gqa_attention(q, k, v, selection.indices, selection.valid,
                                               implementation=self.implementation, **options)
         out = self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim))
-        return DSAOutput(out, selection, None, probs, act if capture else None)
+        if not capture:
+            return DSAOutput(out, selection, None)
+        groups = cfg.num_key_value_heads
+        teacher = Teacher(jax.lax.stop_gradient(q.reshape(B, T, groups, -1, cfg.head_dim)),
+                          jax.lax.stop_gradient(k), options["scale"])
+        return DSAOutput(out, selection, None, probs, act, teacher)
 
 
 class LlamaDecoderLayer(nnx.Module):

@@ -10,6 +10,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
@@ -135,9 +136,9 @@ def check_data_parallel_distillation():
         # SGD: updates are linear in the gradients, so the data-parallel reduction order (a last-bit
         # difference) stays a last-bit difference; Adam would amplify it on near-zero gradients.
         cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
-                            sparse_lr=0.05, optimizer="sgd", save_every=100)
+                            sparse_lr=0.05, optimizer="sgd", save_every=100, train_base=True)
         parallel = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
-        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False)
+        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False, mesh=make_mesh(data=8))
         single = _train_on_one_device(folder, data, cfg)
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(parallel)), nnx.to_flat_state(nnx.state(single))):
             np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
@@ -149,8 +150,6 @@ def check_data_parallel_distillation():
 def check_context_parallel_distillation():
     """``distill`` on a (data 2 x context 4) mesh: each sequence split over 4 devices, the layers selecting
     and attending context-parallel; equal to one-device training."""
-    import dataclasses
-
     from sparse_index_jax import models
     from flax import nnx
     from sparse_index_jax.training.data import PackedDataset
@@ -161,11 +160,11 @@ def check_context_parallel_distillation():
         folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3, initializer_range=0.3)
         data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
         cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
-                            sparse_lr=0.05, optimizer="sgd", save_every=100, context=4)
+                            sparse_lr=0.05, optimizer="sgd", save_every=100, train_base=True)
         parallel = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
-        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False)
+        distill(parallel, data, cfg, pathlib.Path(tmp) / "run", progress=False, mesh=make_mesh(data=2, context=4))
         evaluate(parallel, data, "FSF", 8, 1)
-        single = _train_on_one_device(folder, data, dataclasses.replace(cfg, context=1))
+        single = _train_on_one_device(folder, data, cfg)
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(parallel)), nnx.to_flat_state(nnx.state(single))):
             np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
                                        err_msg=str(path))
@@ -177,7 +176,6 @@ def check_context_parallel_search():
     """The greedy IndexCache search on a (data 2 x context 4) mesh makes the same flips, with the same
     losses, as on one device."""
     from sparse_index_jax import models
-    from sparse_index_jax.training.distributed import data_parallel
     from sparse_index_jax.training.index_cache_search import greedy_search
     from tiny_models import save_tiny
 
@@ -186,8 +184,86 @@ def check_context_parallel_search():
         rng = np.random.default_rng(6)
         batches = [(rng.integers(0, 96, (2, 16)), rng.integers(0, 96, (2, 16))) for _ in range(2)]
         model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
-        parallel = greedy_search(model, batches, 0.5, progress=False,
-                                 sharding=data_parallel(model, 2, "search", context=4))
+        parallel = greedy_search(model, batches, 0.5, progress=False, mesh=make_mesh(data=2, context=4))
+        single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
+                               progress=False)
+        assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
+        np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
+                                   rtol=1e-5)
+
+
+def _assert_shares(module, shardings):
+    """Every variable of ``module`` lives where ``shardings`` says, each device holding only its share."""
+    for path, var in nnx.to_flat_state(nnx.state(module)):
+        x, want = var.get_value(), shardings[path]
+        assert x.sharding.is_equivalent_to(want, x.ndim), (path, x.sharding, want)
+        assert all(s.data.shape == want.shard_shape(x.shape) for s in x.addressable_shards), path
+
+
+def _sharded_run(mesh_sizes: dict, pattern: str):
+    """``distill`` (the sparse stage training everything) on a mesh vs one device, then an AdamW step whose model
+    and optimizer state must stay split as the logical-axis rules say. The comparison trains with SGD: its updates
+    are linear in the gradients, so the sharded reductions' last-bit differences stay last-bit; Adam turns them
+    into up to lr-sized steps where an expert's gradient is almost zero."""
+    import dataclasses
+
+    from sparse_index_jax import models
+    from sparse_index_jax.training.data import PackedDataset
+    from sparse_index_jax.training.distill import DistillConfig, _new_optimizer, distill, train_step
+    from sparse_index_jax.training.distributed import batch_sharding, layers_context, param_shardings, put_batch
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=len(pattern), initializer_range=0.3)
+        data = PackedDataset(np.random.default_rng(2).integers(0, 96, 6000).astype(np.int32), 16, seed=0)
+        cfg = DistillConfig(pattern=pattern, warmup_steps=2, sparse_steps=2, batch_size=4, warmup_lr=1e-2,
+                            sparse_lr=0.05, optimizer="sgd", save_every=100, train_base=True)
+        mesh = make_mesh(**mesh_sizes)
+        sharded = models.from_pretrained(folder, dtype=jnp.float32, progress=False, mesh=mesh)
+        distill(sharded, data, cfg, pathlib.Path(tmp) / "run", progress=False, mesh=mesh)
+        single = _train_on_one_device(folder, data, cfg)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(nnx.state(single))):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=2e-5,
+                                       err_msg=str(path))
+        params = param_shardings(sharded, mesh)
+        cfg = dataclasses.replace(cfg, optimizer="adamw")
+        optimizer, placement = _new_optimizer(sharded, cfg, "sparse", mesh, params)
+        inputs, targets = (put_batch(x, batch_sharding(mesh)) for x in data.train_batch(0, cfg.batch_size))
+        with layers_context(mesh):
+            train_step(sharded, optimizer, inputs, targets, cfg, pattern, "sparse", placement)
+        _assert_shares(sharded, params)
+        _assert_shares(optimizer, placement.optimizer)
+        moments = dict(nnx.to_flat_state(nnx.state(optimizer)))
+        split = {str(p): v.get_value().sharding.spec for p, v in moments.items() if "mu" in map(str, p)}
+        assert any(spec and spec[0] == "expert" for spec in split.values()), split  # routed experts' moments
+        assert any("tensor" in spec for spec in split.values()), split               # heads / MLP width
+
+
+def check_sharded_distillation():
+    """DeepSeek-V3.2-shaped, 8 routed experts: data=2 x tensor=2 x expert=2 trains like one device."""
+    _sharded_run({"data": 2, "tensor": 2, "expert": 2}, "FSF")
+
+
+def check_sharded_context_distillation():
+    """The same with each sequence split over 2 devices: data=2 x context=2 x tensor=2."""
+    _sharded_run({"data": 2, "context": 2, "tensor": 2}, "FSF")
+
+
+def check_sharded_search():
+    """The greedy search on data=2 x tensor=2 x expert=2 makes the one-device search's flips with its losses."""
+    from sparse_index_jax import models
+    from sparse_index_jax.training.index_cache_search import greedy_search
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=4, initializer_range=0.3)
+        rng = np.random.default_rng(7)
+        batches = [(rng.integers(0, 96, (2, 16)), rng.integers(0, 96, (2, 16))) for _ in range(2)]
+        mesh = make_mesh(data=2, tensor=2, expert=2)
+        model = models.from_pretrained(folder, dtype=jnp.float32, progress=False, mesh=mesh)
+        parallel = greedy_search(model, batches, 0.5, progress=False, mesh=mesh)
+        experts = model.layers[1].mlp.experts.gate_proj[...]
+        assert experts.sharding.spec[0] == "expert" and experts.addressable_shards[0].data.shape[0] == 4
         single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
                                progress=False)
         assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
@@ -198,7 +274,6 @@ def check_context_parallel_search():
 def _train_on_one_device(folder, data, cfg):
     """The reference: the same steps, one device, one process."""
     from sparse_index_jax import models
-    from flax import nnx
     from sparse_index_jax.training.distill import train_step, trainable
 
     single = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
@@ -206,19 +281,18 @@ def _train_on_one_device(folder, data, cfg):
     for step in range(cfg.total_steps):
         stage = cfg.stage(step)
         if stage != opt_stage:
-            opt, opt_stage = nnx.Optimizer(single, cfg.tx(stage), wrt=trainable(stage)), stage
+            opt, opt_stage = nnx.Optimizer(single, cfg.tx(stage), wrt=trainable(stage, cfg.train_base)), stage
         inputs, targets = data.train_batch(step, cfg.batch_size)
-        train_step(single, opt, jnp.asarray(inputs), jnp.asarray(targets), cfg.pattern, stage)
+        train_step(single, opt, jnp.asarray(inputs), jnp.asarray(targets), cfg, cfg.pattern, stage)
     return single
 
 
 def check_multi_process_distillation(process_id: str, port: str, folder: str, out: str):
     """One of 2 processes (2 devices each): ``distill`` over all 4 devices equals one-device training."""
-    from sparse_index_jax.training.distributed import initialize, is_main_process
+    from sparse_index_jax.training.distributed import initialize, is_main_process, training_mesh
 
     initialize(f"localhost:{port}", 2, int(process_id))
     from sparse_index_jax import models
-    from flax import nnx
     from sparse_index_jax.training.data import PackedDataset
     from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
 
@@ -227,7 +301,7 @@ def check_multi_process_distillation(process_id: str, port: str, folder: str, ou
     cfg = DistillConfig(pattern="FSF", warmup_steps=2, sparse_steps=1, batch_size=8, warmup_lr=0.5,
                         sparse_lr=0.05, optimizer="sgd", save_every=2)
     model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
-    history = distill(model, data, cfg, pathlib.Path(out), progress=False)
+    history = distill(model, data, cfg, pathlib.Path(out), progress=False, mesh=training_mesh(cfg.batch_size))
     evaluate(model, data, "FSF", cfg.batch_size, 1)  # held-out batches go to the same 4 devices
     single = _train_on_one_device(folder, data, cfg)
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(single))):
@@ -242,7 +316,7 @@ def check_multi_process_distillation(process_id: str, port: str, folder: str, ou
 def check_multi_process_search(process_id: str, port: str, folder: str, out: str):
     """One of 2 processes (2 devices each): the greedy IndexCache search over all 4 devices makes the same
     flips, with the same losses, as a one-device search; only process 0 writes the resumable state."""
-    from sparse_index_jax.training.distributed import data_parallel, initialize, is_main_process
+    from sparse_index_jax.training.distributed import initialize, is_main_process, training_mesh
 
     initialize(f"localhost:{port}", 2, int(process_id))
     from sparse_index_jax import models
@@ -253,7 +327,7 @@ def check_multi_process_search(process_id: str, port: str, folder: str, out: str
     model = models.from_pretrained(folder, dtype=jnp.float32, progress=False)
     state_path = pathlib.Path(out) / "search_state.json"
     parallel = greedy_search(model, batches, 0.5, state_path=state_path, progress=False,
-                             sharding=data_parallel(model, 4, "search"))
+                             mesh=training_mesh(4, what="search"))  # all 4 devices of both hosts on data
     single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
                            progress=False)
     assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)

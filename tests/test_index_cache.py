@@ -8,15 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from tiny_models import save_tiny  # skips without torch / transformers
 
 from sparse_index_jax import models
 from sparse_index_jax.cli import main
-from sparse_index_jax.training.data import PackedDataset
 from sparse_index_jax.layers.index_cache import IndexCacheConfig
-from sparse_index_jax.training.index_cache_search import greedy_search
+from sparse_index_jax.training.data import PackedDataset
 from sparse_index_jax.training.distill import INDEXER_PARAMS, DistillConfig, distill, distill_losses, evaluate
+from sparse_index_jax.training.index_cache_search import greedy_search
 from sparse_index_jax.training.losses import indexer_kl
 
 VOCAB, SEQ = 96, 24
@@ -179,10 +178,25 @@ def test_distillation_lowers_the_indexer_loss(checkpoint, data, tmp_path):
                       tmp_path / "run", progress=False)
     after = evaluate(model, data, "FSFF", 2, 2)
     assert after["indexer_kl_dense"] < 0.8 * before["indexer_kl_dense"]
-    assert after["lm_loss_dense"] != before["lm_loss_dense"]  # the sparse stage trained the model too
+    assert after["lm_loss_dense"] == before["lm_loss_dense"]  # by default only the indexers train
     assert [r["stage"] for r in history] == ["dense"] * 20 + ["sparse"] * 2
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 22 and json.loads(lines[-1])["step"] == 22
+
+
+def test_train_base_also_trains_the_model_in_the_sparse_stage(checkpoint, data, tmp_path):
+    """``train_base=True`` (DeepSeek's sparse-stage recipe): the model learns from the LM loss too; without it
+    every non-indexer weight stays bit for bit what was loaded."""
+    base = lambda m: [(p, np.asarray(v.get_value())) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))  # noqa: E731
+                      if "indexer" not in map(str, p)]
+    for train_base in (False, True):
+        model = load(checkpoint)
+        before = base(model)
+        distill(model, data, DistillConfig(pattern="FSFF", warmup_steps=1, sparse_steps=2, batch_size=2,
+                                           sparse_lr=1e-3, train_base=train_base, save_every=100),
+                tmp_path / str(train_base), progress=False)
+        moved = [str(p) for (p, a), (_, b) in zip(before, base(model)) if not np.array_equal(a, b)]
+        assert bool(moved) == train_base, moved
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(checkpoint, data, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 CHECKS = ["context_parallel_selection", "context_parallel_sparse_attention", "context_parallel_model",
           "sharded_model_forward", "data_parallel_distillation", "context_parallel_distillation",
-          "context_parallel_search"]
+          "context_parallel_search", "sharded_distillation", "sharded_context_distillation", "sharded_search"]
 
 
 @pytest.mark.parametrize("check", CHECKS)

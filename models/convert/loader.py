@@ -1,9 +1,16 @@
 """HF checkpoint -> Flax NNX model, and the Orbax round trip.
 
-Loading builds the model abstractly (``nnx.eval_shape``: no memory), then fills one parameter at a
-time from the memory-mapped checkpoint, converting and placing it before the next one is read, so
-the host never holds the checkpoint twice. Every parameter must be found with the right shape, and
-every checkpoint tensor must be used (the MTP layers past ``num_hidden_layers`` are skipped).
+Loading builds the model abstractly (``nnx.eval_shape``: no memory), checks every parameter's shape
+against the checkpoint headers before reading it, then fills one parameter at a time. Every
+parameter must be found with the right shape, and every checkpoint tensor must be used (the MTP
+layers past ``num_hidden_layers`` are skipped).
+
+What a host reads: without a sharding, each tensor whole, converted and put on the default device
+before the next one. With a sharding, each parameter is built by ``jax.make_array_from_callback``
+whose callback reads (``CheckpointReader.get_dequantized(..., index)``) only the slice one device
+holds, mapped to the stored HF layout: a host reads, per parameter, just the distinct slices of its
+own devices, each once (devices that replicate a slice share one read), plus for FP8 the scale
+blocks covering them. Its peak is those slices in float32, never a whole stacked expert tensor.
 """
 
 from __future__ import annotations
@@ -54,18 +61,47 @@ def hf_name(path: tuple) -> tuple[str, str]:
     return prefix + ".".join(rest + [leaf]), "copy"
 
 
-def _read(reader: CheckpointReader, name: str, kind: str, cfg: ModelConfig) -> tuple[np.ndarray, list[str]]:
-    """The parameter's value as float32 numpy in NNX layout, and the checkpoint names it used."""
-    block = cfg.weight_block_size
-    if kind == "experts":
-        names = [name.format(e=e) for e in range(cfg.n_routed_experts)]
-        value = np.stack([reader.get_dequantized(n, block).T for n in names])
-    else:
-        names = [name]
-        value = reader.get_dequantized(name, block)
-        value = value.T if kind == "t" else value
-    used = names + [scale_name_of(n) for n in names if scale_name_of(n) in reader]
-    return value, used
+def _names(name: str, kind: str, cfg: ModelConfig) -> list[str]:
+    """The checkpoint tensors one parameter is made of: one, or one per routed expert."""
+    return [name.format(e=e) for e in range(cfg.n_routed_experts)] if kind == "experts" else [name]
+
+
+def _check_shape(reader: CheckpointReader, names: list[str], kind: str, expected: tuple, param_path) -> None:
+    """Compares the headers' shapes, in NNX layout, with the parameter's before anything is read."""
+    for name in names:
+        stored = reader.info(name)[0]
+        converted = {"copy": stored, "t": stored[::-1], "experts": (len(names), *stored[::-1])}[kind]
+        if converted != expected:
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name!r} has shape {converted} after conversion, "
+                                  f"the model expects {expected} (parameter {'.'.join(map(str, param_path))})")
+
+
+def _read(reader: CheckpointReader, names: list[str], kind: str, block, index: tuple) -> np.ndarray:
+    """``parameter[index]`` (``index``: one slice per NNX dimension) as float32 in NNX layout, reading only it.
+
+    nnx.Linear kernels are [in, out] and HF weights [out, in], so a kernel's index is swapped for the
+    stored tensor; experts are [E, in, out], each from its own [out, in] tensor: only the experts in
+    ``index[0]`` are read, each sliced by the swapped rest of the index.
+    """
+    if kind == "copy":
+        return reader.get_dequantized(names[0], block, index)
+    if kind == "t":
+        return reader.get_dequantized(names[0], block, index[::-1]).T
+    return np.stack([reader.get_dequantized(name, block, index[1:][::-1]).T for name in names[index[0]]])
+
+
+def _place(read, shape: tuple, dtype, sharding) -> jax.Array:
+    """The parameter on ``sharding``, each device's slice from ``read(index)``. Devices that replicate a slice
+    (over the other mesh axes) get the one read of it: a cache per distinct slice, dropped on return."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def callback(index: tuple) -> np.ndarray:
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))  # slices are not hashable before Python 3.12
+        if key not in cache:
+            cache[key] = read(index).astype(dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def _abstract_model(cfg: ModelConfig, dtype) -> DSAForCausalLM:
@@ -95,29 +131,37 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
     checkpoint_cfg = ModelConfig.from_pretrained(path)
     cfg = dataclasses.replace(checkpoint_cfg.with_index_cache(index_pattern, selector), prefill_chunk=prefill_chunk)
     dropped = {i for i, (new, old) in enumerate(zip(cfg.index_pattern, checkpoint_cfg.index_pattern)) if new != old}
-    reader = CheckpointReader(path)
     graphdef, state = nnx.split(_abstract_model(cfg, dtype))
     flat = list(nnx.to_flat_state(state))
-    used: set[str] = set()
-    leaves = []
-    for param_path, var in _progress(flat, progress, f"loading {path.name}"):
-        name, kind = hf_name(param_path)
-        value, names = _read(reader, name, kind, cfg)
-        expected = tuple(var.get_value().shape)
-        if value.shape != expected:
-            shown = name.format(e=0) if kind == "experts" else name
-            raise CheckpointError(f"{reader.file_of(shown)}: tensor {name!r} has shape {value.shape} after conversion, "
-                                  f"the model expects {expected} (parameter {'.'.join(map(str, param_path))})")
-        param_dtype = var.get_value().dtype  # float32 for the indexer head weights and router, else dtype
-        if sharding is None:
-            array = jnp.asarray(value, param_dtype)
-        else:  # each device (each host, on multi-host) receives only its own shard
-            array = jax.make_array_from_callback(expected, sharding(param_path, expected),
-                                                 lambda index, value=value: value[index].astype(param_dtype))
-        leaves.append((param_path, var.replace(array)))
-        used.update(names)
+    with CheckpointReader(path) as reader:
+        plan = _plan(reader, flat, cfg, dropped)  # every header check before the first byte of data is read
+        leaves = []
+        for (param_path, var), (names, kind) in zip(_progress(flat, progress, f"loading {path.name}"), plan):
+            shape, param_dtype = tuple(var.get_value().shape), var.get_value().dtype  # f32: indexer heads, router
 
-    def skipped(name: str) -> bool:  # the MTP layer, and indexers of layers the pattern made S
+            def read(index, names=names, kind=kind):
+                return _read(reader, names, kind, cfg.weight_block_size, index)
+
+            if sharding is None:
+                array = jnp.asarray(read((slice(None),) * len(shape)), param_dtype)
+            else:  # each device (each host, on multi-host) reads only its own slice
+                array = _place(read, shape, param_dtype, sharding(param_path, shape))
+            leaves.append((param_path, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _plan(reader: CheckpointReader, flat: list, cfg: ModelConfig, dropped: set[int]) -> list[tuple[list[str], str]]:
+    """(checkpoint names, kind) per parameter, from the headers alone: every shape is checked, and every
+    checkpoint tensor must have a place (the MTP layer and the indexers of layers made S are skipped)."""
+    plan, used = [], set()
+    for param_path, var in flat:
+        name, kind = hf_name(param_path)
+        names = _names(name, kind, cfg)
+        _check_shape(reader, names, kind, tuple(var.get_value().shape), param_path)
+        plan.append((names, kind))
+        used.update(names + [scale_name_of(n) for n in names if scale_name_of(n) in reader])
+
+    def skipped(name: str) -> bool:
         m = _LAYER.match(name)
         return bool(m) and (int(m.group(1)) >= cfg.num_hidden_layers
                             or (int(m.group(1)) in dropped and ".self_attn.indexer." in name))
@@ -126,9 +170,9 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
     if unexpected:
         shown = ", ".join(f"{n} ({reader.file_of(n).name})" for n in unexpected[:8])
         more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
-        raise CheckpointError(f"{path}: {len(unexpected)} checkpoint tensor(s) the model has no place for: "
+        raise CheckpointError(f"{reader.folder}: {len(unexpected)} checkpoint tensor(s) the model has no place for: "
                               f"{shown}{more}. Is config.json the one this checkpoint was saved with?")
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return plan
 
 
 def is_converted(path: str | pathlib.Path) -> bool:

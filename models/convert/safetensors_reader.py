@@ -1,15 +1,26 @@
-"""A lazy, memory-mapped safetensors reader that needs neither torch nor the safetensors package.
+"""A safetensors reader that needs neither torch nor the safetensors package, and reads slices.
 
-Why our own: the ``safetensors`` numpy API cannot return F8_E4M3 tensors, and its errors do not say
-which file of a sharded checkpoint is broken. The format is simple: an 8-byte little-endian header
-length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data. Each tensor is a view
-into a read-only memory map, so nothing is read until used and nothing is held twice.
+The format is simple: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}}, then each tensor's raw bytes in row-major order. ``SafetensorsFile.read(name, index)``
+reads ``tensor[index]`` (one contiguous slice per stored dimension) with positional reads
+(``os.preadv``) of exactly its bytes, one read per contiguous run: an index that keeps the trailing
+dimensions whole is few long runs, a slice of a weight's columns is one run per row. Nothing is
+memory-mapped, so the bytes a loader touches are the bytes it asked for, and ``bytes_read`` counts them.
+``CheckpointReader.get_dequantized(name, block, index)`` reads an FP8 weight's slice and only the
+``weight_scale_inv`` blocks that cover it.
+
+Why not ``safetensors.safe_open(..., framework="np").get_slice``: with the installed safetensors 0.8.0
+it slices F32 and BF16 (as ml_dtypes.bfloat16) but fails on F8_E4M3 (``AttributeError: module 'numpy'
+has no attribute 'float8_e4m3fn'``), the dtype of the official DeepSeek-V3.2 and GLM-5 weights; its
+errors do not say which file of a sharded checkpoint is broken; and it cannot say how many bytes it read.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import pathlib
 
 import ml_dtypes
@@ -33,8 +44,29 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, malformed or does not fit the model."""
 
 
+Index = tuple[slice, ...]
+
+
+def _slice_bounds(index: Index | None, shape: tuple[int, ...], where: str) -> list[tuple[int, int]]:
+    """[(start, stop)] per dimension of ``shape`` for ``index`` (None: everything), clamped as numpy clamps."""
+    if index is None:
+        return [(0, n) for n in shape]
+    if len(index) != len(shape) or not all(isinstance(s, slice) for s in index):
+        raise CheckpointError(f"{where}: index {index!r} must be one slice per dimension of the stored shape {shape}")
+    bounds = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise CheckpointError(f"{where}: index {index!r} has step {step}; only contiguous slices are read")
+        bounds.append((start, max(start, stop)))
+    return bounds
+
+
 class SafetensorsFile:
-    """One ``.safetensors`` file: header parsed and checked on open, tensors mapped on demand."""
+    """One ``.safetensors`` file: header parsed and checked on open, tensor data read on demand.
+
+    ``bytes_read`` counts the data bytes read so far (headers excluded).
+    """
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -73,21 +105,63 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} ends at byte {end} of the data section but the "
                                       f"file holds {data_size}: the file is truncated")
             self.entries[name] = (dtype, shape, begin, end)
-        self._map: np.memmap | None = None
+        self.bytes_read = 0
+        self._file = None  # opened on the first read: only the files a host reads from hold a descriptor
 
     def keys(self):
         return self.entries.keys()
 
-    def get(self, name: str) -> np.ndarray:
-        dtype, shape, begin, end = self.entries[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[self._data_start + begin: self._data_start + end]
-        return raw.view(dtype).reshape(shape)
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(stored shape, dtype) from the header; reads no data."""
+        dtype, shape, _, _ = self.entries[name]
+        return shape, dtype
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """``tensor[index]`` (one slice per stored dimension; None: all of it) as a new array, reading only its bytes.
+
+        Dimensions after the last partial one are whole, so each index of the leading dimensions is one contiguous
+        run of the file: one positional read per run.
+        """
+        dtype, shape, begin, _ = self.entries[name]
+        bounds = _slice_bounds(index, shape, f"{self.path}: tensor {name!r}")
+        out = np.empty([stop - start for start, stop in bounds], dtype)
+        if out.size == 0:
+            return out
+        partial = len(shape)  # dimensions [partial:] are whole and merge into the runs
+        while partial > 0 and bounds[partial - 1] == (0, shape[partial - 1]):
+            partial -= 1
+        strides = [math.prod(shape[d + 1:]) * dtype.itemsize for d in range(len(shape))]
+        run_dim = max(partial - 1, 0)  # the runs span [start, stop) of this dimension and everything after it
+        run = (bounds[run_dim][1] - bounds[run_dim][0]) * strides[run_dim] if shape else dtype.itemsize
+        first = self._data_start + begin + sum(start * stride for (start, _), stride in zip(bounds, strides))
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        for k, lead in enumerate(itertools.product(*(range(stop - start) for start, stop in bounds[:run_dim]))):
+            offset = first + sum(i * stride for i, stride in zip(lead, strides))
+            self._read_into(buffer[k * run:(k + 1) * run], offset, name)
+        return out
+
+    def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+        while len(buffer):  # a read may return less than asked (Linux caps one read at ~2 GiB)
+            n = os.preadv(self._file.fileno(), [buffer], offset)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: the file ends at byte {offset}; it was "
+                                      f"truncated after it was opened")
+            buffer, offset = buffer[n:], offset + n
+            self.bytes_read += n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class CheckpointReader:
-    """All tensors of an HF checkpoint folder: one file, or shards listed in ``model.safetensors.index.json``."""
+    """All tensors of an HF checkpoint folder: one file, or shards listed in ``model.safetensors.index.json``.
+
+    A context manager: leaving it closes the files.
+    """
 
     def __init__(self, folder: str | pathlib.Path):
         self.folder = pathlib.Path(folder)
@@ -122,6 +196,13 @@ class CheckpointReader:
             self._files[file] = SafetensorsFile(path)
         return self._files[file]
 
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for file in self._files.values():
+            file.close()
+
     def names(self) -> set[str]:
         return set(self._where)
 
@@ -131,33 +212,52 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> np.ndarray:
+    @property
+    def bytes_read(self) -> int:
+        """Data bytes read so far from all files."""
+        return sum(file.bytes_read for file in self._files.values())
+
+    def _file(self, name: str) -> SafetensorsFile:
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.folder} "
                                   f"({len(self._files)} file(s) searched)")
-        return self._files[self._where[name]].get(name)
+        return self._files[self._where[name]]
 
-    def get_dequantized(self, name: str, block_size: tuple[int, int] | None) -> np.ndarray:
-        """The tensor as float32 (upcast), FP8 weights multiplied by their ``weight_scale_inv`` blocks."""
-        value = self.get(name)
-        if value.dtype not in (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
-            if not np.issubdtype(value.dtype, np.floating) and value.dtype != DTYPES["BF16"]:
-                raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} is {value.dtype}, expected a float")
-            return np.asarray(value, np.float32)
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(stored shape, dtype) of a tensor, from its file's header: no data is read."""
+        return self._file(name).info(name)
+
+    def get(self, name: str, index: Index | None = None) -> np.ndarray:
+        """``tensor[index]`` in its stored dtype, reading only those bytes (None: the whole tensor)."""
+        return self._file(name).read(name, index)
+
+    def get_dequantized(self, name: str, block_size: tuple[int, int] | None, index: Index | None = None) -> np.ndarray:
+        """``tensor[index]`` as float32 (upcast); FP8 weights are multiplied by their ``weight_scale_inv`` blocks,
+        of which only those covering the slice are read. ``index``: one slice per stored dimension (None: all)."""
+        shape, dtype = self.info(name)
+        if dtype not in (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
+            if not np.issubdtype(dtype, np.floating) and dtype != DTYPES["BF16"]:
+                raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} is {dtype}, expected a float")
+            return np.asarray(self.get(name, index), np.float32)
         scale_name = scale_name_of(name)
         if scale_name not in self:
             raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} has no {scale_name!r}")
         if block_size is None:
             raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} but config.json has no "
                                   f"quantization_config.weight_block_size")
-        if value.ndim != 2:
-            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} must be 2-D, got {value.shape}")
-        scale = np.asarray(self.get(scale_name), np.float32)
+        if len(shape) != 2:
+            raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} must be 2-D, got {shape}")
         bo, bi = block_size
-        out_dim, in_dim = value.shape
-        grid = (-(-out_dim // bo), -(-in_dim // bi))
-        if scale.shape != grid:
-            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {scale.shape}; a "
-                                  f"{value.shape} weight in blocks of {list(block_size)} needs {grid}")
-        full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[:out_dim, :in_dim]
-        return value.astype(np.float32) * full  # the checkpoint stores the inverse scale: MULTIPLY
+        grid = (-(-shape[0] // bo), -(-shape[1] // bi))
+        if self.info(scale_name)[0] != grid:
+            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {self.info(scale_name)[0]}; "
+                                  f"a {shape} weight in blocks of {list(block_size)} needs {grid}")
+        (r0, r1), (c0, c1) = _slice_bounds(index, shape, f"{self.file_of(name)}: tensor {name!r}")
+        value = self.get(name, (slice(r0, r1), slice(c0, c1))).astype(np.float32)
+        if value.size == 0:
+            return value
+        # the blocks covering rows [r0, r1) and columns [c0, c1); a slice may start or end inside a block
+        rows, cols = np.arange(r0, r1) // bo, np.arange(c0, c1) // bi
+        scale = np.asarray(self.get(scale_name, (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))),
+                           np.float32)
+        return value * scale[np.ix_(rows - rows[0], cols - cols[0])]  # the checkpoint stores the inverse: MULTIPLY

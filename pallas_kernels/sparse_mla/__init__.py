@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from sparse_index_jax.kernels.dispatch import Backend, Op
 from sparse_index_jax.kernels.inputs import check_positive_int
 from sparse_index_jax.kernels.sparse_mla.mosaic_tpu import MlaTpuBlockSizes, sparse_mla_mosaic_tpu
-from sparse_index_jax.kernels.sparse_mla.reference import attend, gather_rows, sparse_mla_reference
+from sparse_index_jax.kernels.sparse_mla.reference import attend, dense_mla, gather_rows, sparse_mla_reference
 from sparse_index_jax.kernels.sparse_mla.triton import MlaTritonBlockSizes, candidate_block_sizes, sparse_mla_triton
 
-__all__ = ["OP", "sparse_mla", "backend_for", "sparse_mla_reference", "gather_rows", "attend", "MlaTritonBlockSizes",
-           "candidate_block_sizes", "MlaTpuBlockSizes"]
+__all__ = ["OP", "sparse_mla", "dense_mla", "backend_for", "sparse_mla_reference", "gather_rows", "attend",
+           "MlaTritonBlockSizes", "candidate_block_sizes", "MlaTpuBlockSizes"]
 
 _TRITON_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # of q; kv may be any float (rows cast after the gather)
 

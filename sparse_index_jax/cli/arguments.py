@@ -146,19 +146,25 @@ def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) 
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """``--mesh`` (how the devices of all hosts are laid out) and the multi-host flags."""
+    parser.add_argument("--mesh", help="lay the devices (of all hosts) out as a mesh, e.g. data=2,tensor=2,expert=2 "
+                                       "(product = device count; axes: data splits the batch, context each sequence "
+                                       "(DSA models), tensor the heads and MLP width, expert the routed experts). "
+                                       "Parameters and optimizer state are sharded by the same rules as loading: "
+                                       "no device holds what the mesh splits. Default: every device on data")
     multi = parser.add_argument_group(
-        "several hosts", "Run the same command on every host (one process per host) with --distributed; all "
-        "devices of all hosts form the data axis (the batch is split over them, the model replicated). Cloud TPU "
-        "pods, SLURM and Open MPI are detected; elsewhere name the coordinator. --out must be on storage every "
-        "host sees; only process 0 writes it.")
+        "several hosts", "Run the same command on every host (one process per host) with --distributed; the "
+        "devices of all hosts form the mesh. Cloud TPU pods, SLURM and Open MPI are detected; elsewhere name the "
+        "coordinator. --out must be on storage every host sees; only process 0 writes it.")
     multi.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
     multi.add_argument("--coordinator", help="HOST:PORT of process 0 (not needed where the cluster is detected)")
     multi.add_argument("--num-processes", **positive(help="number of processes (with --coordinator)"))
     multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
 
 
-def load_model_and_data(args: argparse.Namespace):
-    """(model, PackedDataset) of the --model / --data / selector flags; prints one line about both."""
+def load_model_and_data(args: argparse.Namespace, device_mesh=None):
+    """(model, PackedDataset) of the --model / --data / selector flags; prints one line about both. With
+    ``device_mesh`` an HF or converted model is read straight onto its shards (each host reads its own)."""
     import jax.numpy as jnp
 
     from sparse_index_jax import models
@@ -177,7 +183,8 @@ def load_model_and_data(args: argparse.Namespace):
     else:
         if not args.data:
             raise ValueError("--data is required (token or text files) unless --model is smollm2")
-        model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"))
+        model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"), mesh=device_mesh,
+                                       progress=not args.quiet)
         tokenizer, files = load_tokenizer(args.model), args.data
     apply_selector_args(args, model)
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_index_jax.cli.arguments import add_distributed_args, add_model_data_args, load_model_and_data, positive
+from sparse_index_jax.cli.arguments import (
+    add_distributed_args,
+    add_model_data_args,
+    load_model_and_data,
+    mesh,
+    positive,
+)
 
 DESCRIPTION = (
     "Multi-layer indexer distillation: each F layer's indexer learns the head-averaged attention of every layer it "
     "serves (itself and the S layers after it). Stage 1 (dense warm-up): only the indexers train, on KL over all "
-    "keys. Stage 2 (sparse): KL over the selected keys for the indexers (detached inputs), LM loss with sparse "
-    "attention for the rest (smollm2: the indexers alone, unless --train-base). Orbax checkpoints in "
+    "keys, a key chunk at a time. Stage 2 (sparse): KL over the selected keys for the indexers (detached inputs); "
+    "with --train-base the rest of the model learns from the LM loss with sparse attention. Orbax checkpoints in "
     "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png; smollm2 also "
     "OUT/indexers.safetensors.")
 
@@ -19,13 +25,13 @@ def add_parser(sub) -> None:
     dist = sub.add_parser("distill", help="train the indexers (dense warm-up, then sparse), IndexCache-aware",
                           description=DESCRIPTION)
     add_model_data_args(dist, "fresh")
-    dist.add_argument("--context", **positive(default=1, help="context parallelism: split each sequence over this "
-                                                              "many devices (the rest form the data axis); "
-                                                              "--seq-len must divide by it. DSA models only "
-                                                              "(default 1)"))
     dist.add_argument("--train-base", action="store_true",
-                      help="smollm2: also train the base model in the sparse stage (default: the indexers alone; "
-                           "DSA models always train everything there)")
+                      help="the sparse stage also trains the model on the LM loss (DeepSeek-V3.2's recipe; needs "
+                           "memory for every parameter's gradient and optimizer state). Default: the indexers alone in "
+                           "both stages, the LM loss only watched")
+    dist.add_argument("--no-remat", dest="remat", action="store_false",
+                      help="keep every layer's activations for the backward pass instead of recomputing them (faster, "
+                           "more memory; matters with --train-base)")
     dist.add_argument("--pattern", help="IndexCache pattern, e.g. FSSFSSFS (default: the model's own)")
     dist.add_argument("--every", **positive(help="uniform pattern: F every N layers (layer 0 always F)"))
     dist.add_argument("--offset", type=int, default=0, help="first F layer of the uniform pattern after 0")
@@ -62,25 +68,26 @@ def run(args: argparse.Namespace) -> int:
     from sparse_index_jax.bench.plots import line_plot
     from sparse_index_jax.bench.reports import save_json
     from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
-    from sparse_index_jax.training.distributed import initialize, is_main_process
+    from sparse_index_jax.training.distributed import initialize, is_main_process, shard_model, training_mesh
 
     if args.distributed:
         initialize(args.coordinator, args.num_processes, args.process_id)
-    model, data = load_model_and_data(args)
-    pattern = model.check_pattern(_pattern(args, model.cfg.num_hidden_layers))
+    device_mesh = training_mesh(args.batch_size, mesh(args.mesh))
     retrofit = args.model == "smollm2"
-    if retrofit and args.context > 1:
-        raise ValueError("--context (context parallelism) applies to the DSA models; the Llama retrofit's layers do "
-                         "not split the sequence yet: leave it at 1")
+    if retrofit and device_mesh is not None and device_mesh.shape["context"] > 1:
+        raise ValueError("--mesh context=N (context parallelism) applies to the DSA models; the Llama retrofit's "
+                         "layers do not split the sequence: leave context at 1")
+    model, data = load_model_and_data(args, device_mesh)
+    pattern = model.check_pattern(_pattern(args, model.cfg.num_hidden_layers))
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
                         optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
-                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base or not retrofit,
-                        context=args.context)
+                        keep_checkpoints=args.keep_checkpoints, train_base=args.train_base, remat=args.remat)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    shard_model(model, device_mesh)  # the smollm2 retrofit loads unsharded; HF / converted models already are
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
-    distill(model, data, cfg, out, progress=not args.quiet, log=print)
+    distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=print)
     after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
     if not is_main_process():
         return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_index_jax.cli.arguments import add_distributed_args, add_model_data_args, load_model_and_data, positive
+from sparse_index_jax.cli.arguments import (
+    add_distributed_args,
+    add_model_data_args,
+    load_model_and_data,
+    mesh,
+    positive,
+)
 
 DESCRIPTION = (
     "Greedy IndexCache pattern search: start from the checkpoint's pattern (every layer runs its own indexer, F, "
@@ -20,9 +26,6 @@ def add_parser(sub) -> None:
     search.add_argument("--keep", type=float, default=0.25, help="fraction of layers that stay F (default 0.25)")
     search.add_argument("--calib-batches", **positive(default=4, help="calibration batches (default 4)"))
     search.add_argument("--out", default="indexcache_search", help="output folder (default ./indexcache_search)")
-    search.add_argument("--context", **positive(default=1, help="context parallelism: split each calibration "
-                                                                "sequence over this many devices (DSA models; "
-                                                                "--seq-len must divide by it; default 1)"))
     add_distributed_args(search)
     search.set_defaults(func=run)
 
@@ -32,20 +35,22 @@ def run(args: argparse.Namespace) -> int:
 
     from sparse_index_jax.bench.plots import line_plot
     from sparse_index_jax.bench.reports import save_json
-    from sparse_index_jax.training.distributed import data_parallel, initialize, is_main_process
+    from sparse_index_jax.training.distributed import initialize, is_main_process, training_mesh
     from sparse_index_jax.training.index_cache_search import greedy_search
 
     if args.distributed:
         initialize(args.coordinator, args.num_processes, args.process_id)
-    if args.model == "smollm2" and args.context > 1:
-        raise ValueError("--context applies to the DSA models; the Llama retrofit's layers do not split the sequence")
-    model, data = load_model_and_data(args)
+    device_mesh = training_mesh(args.batch_size, mesh(args.mesh), "search")
+    if args.model == "smollm2" and device_mesh is not None and device_mesh.shape["context"] > 1:
+        raise ValueError("--mesh context=N applies to the DSA models; the Llama retrofit's layers do not split the "
+                         "sequence")
+    model, data = load_model_and_data(args, device_mesh)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = data.heldout_batches(args.batch_size, args.calib_batches)
     state = greedy_search(model, batches, args.keep, state_path=out / "search_state.json",
                           fingerprint=data.fingerprint(), progress=not args.quiet, log=print,
-                          sharding=data_parallel(model, args.batch_size, "search", context=args.context))
+                          mesh=device_mesh)
     if not is_main_process():
         return 0
     report = {**state.report(), "calibration": {"batches": len(batches), "batch_size": args.batch_size,

@@ -9,6 +9,7 @@ Every query gathers only its k selected rows (O(T*k)); prefill and decode are th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.layers.sharding import active_context_mesh
 from sparse_index_jax.selection.context_parallel import select_context_parallel
-from sparse_index_jax.selection.contract import Selection
+from sparse_index_jax.selection.contract import Selection, causal_selection
 from sparse_index_jax.selection.methods import Selector
 
 
@@ -105,14 +106,33 @@ class DSACache:
         return self.lengths > self.max_len
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """What a layer's attention scores come from, for distillation targets computed in key chunks.
+
+    logits[b, t, g, r, s] = scale * q[b, t, g, r] . k[b, s, g] for the causal keys s <= t. q [B, T, G, R, D]
+    (G key groups of R query heads), k [B, S, G, D]. MLA: one group of every head over the absorbed rows
+    [latent | rope key] (D = kv_lora_rank + qk_rope_head_dim); GQA: the KV groups. Its head-averaged softmax is
+    the dense warm-up's target, which ``training.losses.dense_indexer_kl`` reads a key chunk at a time: the
+    [T, S] probabilities are never built.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+
 class DSAOutput(NamedTuple):
     out: jax.Array          # [B, T, hidden]
     selection: Selection    # what the attention used (hand it to IndexCache shared layers)
     cache: DSACache | None  # the updated cache, when one was given
     # With capture=True (indexer distillation): attention probabilities of each selection slot averaged
-    # over heads [B, T, k] float32, and the indexer's activations (keys: all keys attended) or None.
+    # over heads [B, T, k] float32, the indexer's activations (keys: all keys attended) or None, and the
+    # teacher (the attention's queries and keys: what the dense warm-up's target is computed from).
     probs: jax.Array | None = None
     indexer: IndexerActivations | None = None
+    teacher: Teacher | None = None
 
 
 class DSAAttention(nnx.Module):
@@ -146,7 +166,7 @@ class DSAAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array | None = None, cache: DSACache | None = None,
                  selection: Selection | None = None, selector: Selector | None = None,
-                 capture: bool = False) -> DSAOutput:
+                 capture: bool = False, dense: bool = False) -> DSAOutput:
         """x [B, T, hidden] -> DSAOutput.
 
         Without a cache, the T tokens attend among themselves (prefill). With a cache, they are
@@ -161,6 +181,9 @@ class DSAAttention(nnx.Module):
         indexer's activations, computed even under a handed selection and from DETACHED inputs (the
         indexer learns only from its distillation loss, never from the language-model loss).
 
+        ``dense`` (prefill, no cache): every query attends to every causal key (``dense_mla``: no [T, S]
+        selection is built; the returned one, ``causal_selection``, exists only if something reads it).
+
         Context parallelism: a prefill inside ``sharding.activation_sharding(mesh)`` whose mesh has a
         ``context`` axis of n > 1 devices selects with ``select_context_parallel`` (keys split along the
         sequence, exact global merge) and attends with ``sparse_mla_context_parallel`` (rows attended where
@@ -171,7 +194,9 @@ class DSAAttention(nnx.Module):
         B, T, hidden = x.shape
         if hidden != m.hidden_size:
             raise ValueError(f"DSAAttention: x must be [B, T, {m.hidden_size}], got {x.shape}")
-        if self.indexer is None and selection is None:
+        if dense and cache is not None:
+            raise ValueError("DSAAttention: dense attention runs without a cache (a prefill)")
+        if self.indexer is None and selection is None and not dense:
             raise ValueError("DSAAttention: this layer has no indexer (an IndexCache shared layer); pass the "
                              "selection= of the full layer it reuses")
         if self.indexer is not None:
@@ -196,7 +221,7 @@ class DSAAttention(nnx.Module):
         rows = jnp.concatenate([latent, k_rope], axis=-1)
 
         # The indexer runs when it selects, and also under a handed selection when a cache must keep its keys.
-        needs_keys = self.indexer is not None and (selection is None or cache is not None or capture)
+        needs_keys = self.indexer is not None and (capture or cache is not None or (selection is None and not dense))
         act = None
         if needs_keys:  # detached under capture: the indexer learns only from its distillation loss
             detach = jax.lax.stop_gradient if capture else (lambda a: a)
@@ -212,7 +237,9 @@ class DSAAttention(nnx.Module):
                     if act is not None else None)
             block_sums = cache.block_sums
         context = active_context_mesh() if cache is None else None
-        if selection is None:
+        if dense:
+            selection = causal_selection(slots, T)
+        elif selection is None:
             if context is not None:
                 selection = select_context_parallel(selector, keys.q, keys.k, keys.w, mesh=context, q_positions=slots,
                                                     k_scale=keys.k_scale)
@@ -221,19 +248,28 @@ class DSAAttention(nnx.Module):
                                             kv_lengths=kv_lengths, block_sums=block_sums,
                                             implementation=self.implementation)
 
-        def attend(x, qr, cos, sin, indices, valid):
-            return self._attend(x, qr, cos, sin, all_rows, indices, valid, context=context, capture=capture)
+        def attend(x, qr, cos, sin, positions, indices, valid):
+            return self._attend(x, qr, cos, sin, all_rows, positions, indices, valid, context=context,
+                                capture=capture, dense=dense)
 
         chunk = m.prefill_chunk
-        args = ((x, 0), (qr, 0), (cos, 0), (sin, 0), (selection.indices, -1), (selection.valid, False))
+        args = ((x, 0), (qr, 0), (cos, 0), (sin, 0), (slots, -1))
+        args += () if dense else ((selection.indices, -1), (selection.valid, False))
+        if dense:  # no selection to hand over: the slots say which keys are causal
+            attend = functools.partial(attend, indices=None, valid=None)
         if chunk is None or chunk >= T:
-            out, probs = attend(*(a for a, _ in args))
+            out, probs, q_full = attend(*(a for a, _ in args))
         else:  # one chunk of queries at a time; the last one padded with queries that select nothing
-            out, probs = map_query_chunks(attend, chunk, *args)
-        return DSAOutput(out, selection, cache, probs, keys if capture else None)
+            out, probs, q_full = map_query_chunks(attend, chunk, *args)
+        if not capture:
+            return DSAOutput(out, selection, cache)
+        teacher = Teacher(jax.lax.stop_gradient(q_full[:, :, None]), jax.lax.stop_gradient(all_rows[:, :, None]),
+                          m.softmax_scale)
+        return DSAOutput(out, selection, cache, probs, keys, teacher)
 
-    def _attend(self, x, qr, cos, sin, rows, indices, valid, *, context, capture: bool):
-        """The query side for queries x [B, Tq, hidden] over the cache ``rows``: (out [B, Tq, hidden], probs).
+    def _attend(self, x, qr, cos, sin, rows, slots, indices, valid, *, context, capture: bool, dense: bool):
+        """The query side for queries x [B, Tq, hidden] over the cache ``rows``: (out [B, Tq, hidden], probs,
+        the absorbed query [B, Tq, heads, D] with ``capture`` else None).
 
         The per-head query is [nope | rope] (interleaved MLA rope); W_UK is absorbed into it, sparse MLA
         attends over the latent rows, W_UV and o_proj map the result back."""
@@ -246,7 +282,10 @@ class DSAAttention(nnx.Module):
         w_uk, w_uv = w_kv_b[..., : m.qk_nope_head_dim], w_kv_b[..., m.qk_nope_head_dim:]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(q_nope.dtype))
         q_full = jnp.concatenate([q_latent, q_rope], axis=-1)
-        if context is not None:
+        if dense:
+            attended = _sparse_mla.dense_mla(q_full, rows, slots, scale=m.softmax_scale, v_dim=m.kv_lora_rank,
+                                             query_chunk=m.query_chunk, return_probs=capture)
+        elif context is not None:
             attended = sparse_mla_context_parallel(q_full, rows, Selection(indices, valid), scale=m.softmax_scale,
                                                    v_dim=m.kv_lora_rank, mesh=context, query_chunk=m.query_chunk,
                                                    return_probs=capture)
@@ -256,4 +295,4 @@ class DSAAttention(nnx.Module):
                                               query_chunk=m.query_chunk, return_probs=capture)
         out_latent, probs = attended if capture else (attended, None)
         out = jnp.einsum("bthc,chv->bthv", out_latent, w_uv.astype(out_latent.dtype))
-        return self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim)), probs
+        return self.o_proj(out.reshape(B, T, m.num_heads * m.v_head_dim)), probs, q_full if capture else None

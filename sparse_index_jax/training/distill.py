@@ -1,11 +1,17 @@
 """Training-aware IndexCache: multi-layer indexer distillation in two stages.
 
-Stage "dense" (warm-up): every layer attends densely; only the indexers train (every other weight is
-frozen and, through the optimizer's ``wrt`` filter, carries no optimizer state); loss = indexer KL.
+Stage "dense" (warm-up): every layer attends densely; only the indexers train; loss = indexer KL over every
+causal key, computed a key chunk at a time (``losses.dense_indexer_kl``: no [T, T] array at any length).
 Stage "sparse": F layers select their top-k, S layers reuse it; the indexer KL is restricted to the
-selected slots and the indexers see detached inputs, so they learn only from the KL while the rest of
-the model learns only from the LM loss (loss = LM + KL, the two gradient paths never mix). With
-``train_base=False`` (a retrofit onto a frozen pretrained model) the sparse stage trains the indexers alone.
+selected slots and the indexers see detached inputs, so they learn only from the KL. What else trains is a
+choice: ``train_base=False`` (the default; the run that fits where full training does not) trains the
+indexers alone in both stages, the LM loss only watched; ``train_base=True`` follows DeepSeek-V3.2's sparse
+stage, the rest of the model learning from the LM loss (loss = LM + KL, the two gradient paths never mix).
+Frozen parameters get no gradient and, through the optimizer's ``wrt`` filter, no optimizer state.
+
+On a mesh (``distributed.training_mesh``) parameters and optimizer state are sharded by the logical-axis
+rules of ``layers.sharding`` and the step runs under ``jax.jit`` on those placements; ``remat`` recomputes
+each layer in the backward pass instead of keeping its activations.
 
 Checkpoints (Orbax ``CheckpointManager``) hold the model, the optimizer and the step; the batch of a
 step is a pure function of (seed, step), so a resumed run continues bit for bit.
@@ -29,11 +35,21 @@ from flax import nnx
 
 from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.kernels.chunking import map_query_chunks
-from sparse_index_jax.kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.data import PackedDataset
-from sparse_index_jax.training.distributed import data_parallel, is_main_process, layers_context, put_batch
-from sparse_index_jax.training.losses import indexer_kl_rows, lm_loss
+from sparse_index_jax.training.distributed import (
+    batch_sharding,
+    check_mesh,
+    constrain_state,
+    is_main_process,
+    layers_context,
+    mesh_of,
+    place_state,
+    put_batch,
+    shard_model,
+    state_shardings,
+)
+from sparse_index_jax.training.losses import dense_indexer_kl, indexer_kl_rows, lm_loss
 
 STAGES = ("dense", "sparse")
 INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
@@ -53,14 +69,16 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     save_every: int = 50
     keep_checkpoints: int = 3
-    train_base: bool = True             # False: the sparse stage trains the indexers alone (a frozen retrofit)
-    context: int = 1                    # devices each sequence is split over (context parallelism)
+    train_base: bool = False            # True: the sparse stage also trains the model (on the LM loss)
+    remat: bool = True                  # recompute each layer in the backward pass (memory O(layers * T * hidden))
+    kl_query_chunk: int = 64            # the dense warm-up's KL: queries per chunk ...
+    kl_key_chunk: int = 512             # ... and keys per chunk (memory O(T * chunk) per layer)
 
     def __post_init__(self):
         for name in ("warmup_steps", "sparse_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "save_every", "keep_checkpoints", "context"):
+        for name in ("batch_size", "save_every", "keep_checkpoints", "kl_query_chunk", "kl_key_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be positive, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -83,24 +101,20 @@ class DistillConfig:
         return optax.chain(optax.clip_by_global_norm(self.grad_clip), opt) if self.grad_clip else opt
 
 
-def trainable(stage: str, train_base: bool = True):
+def trainable(stage: str, train_base: bool = False):
     """What a stage trains: the indexers alone in the dense warm-up, every parameter in the sparse stage
     (the indexers alone there too without ``train_base``: the LM loss is then only watched)."""
     return nnx.Param if stage == "sparse" and train_base else INDEXER_PARAMS
 
 
-def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64, *, dense: bool = False) -> jax.Array:
-    """``indexer_kl`` of one F layer, ``chunk`` query rows at a time under ``jax.checkpoint``: the scores
-    [B, chunk, k] (and the gathered keys [B, chunk, k, d] they come from) exist for one chunk at a time, also
-    in backward. ``dense``: the selection is ``causal_selection`` (slot s = key s), so the scores come from
-    one matmul against all keys instead of a gather of every key per query."""
+def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64) -> jax.Array:
+    """``indexer_kl`` of one F layer over its selected slots (the sparse stage), ``chunk`` query rows at a time
+    under ``jax.checkpoint``: the scores [B, chunk, k] (and the gathered keys [B, chunk, k, d] they come from)
+    exist for one chunk at a time, also in backward."""
 
     @jax.checkpoint
     def one_chunk(q, w, indices, valid, p):
-        if dense:
-            scores = index_scores(q, act.k, w, act.k_scale)
-        else:
-            scores = gathered_scores(q, w, act.k, act.k_scale, indices)
+        scores = gathered_scores(q, w, act.k, act.k_scale, indices)
         return indexer_kl_rows(jnp.moveaxis(p, 2, 0), scores, valid)
 
     kl, has_keys = map_query_chunks(one_chunk, chunk, (act.q, 0), (act.w, 0), (selection.indices, -1),
@@ -108,27 +122,52 @@ def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64, *, d
     return jnp.sum(kl) / jnp.maximum(jnp.sum(has_keys), 1)
 
 
-def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, stage: str):
-    """(loss, metrics) of one batch; see the module docstring for what each stage optimises."""
-    run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True)
+def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, stage: str, *, remat: bool = False,
+                   kl_chunks: tuple[int, int] = (64, 512)):
+    """(loss, metrics) of one batch; see the module docstring for what each stage optimises. ``kl_chunks``:
+    the dense warm-up KL's (query, key) chunk sizes."""
+    run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True,
+                           remat=remat)
     kl = 0.0
     for full, served in IndexCacheConfig(pattern).groups():
         attn = run.attention[full]
+        if stage == "dense":  # every causal key: each served layer's attention, a key chunk at a time
+            for j in served:
+                total, rows = dense_indexer_kl(attn.indexer, run.attention[j].teacher, query_chunk=kl_chunks[0],
+                                               key_chunk=kl_chunks[1])
+                kl = kl + total / rows / len(served)
+            continue
         attention = jnp.stack([run.attention[j].probs for j in served], axis=2)  # [B, T, m, k]
-        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention, dense=stage == "dense")
+        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention)
     lm = lm_loss(model.logits(run.hidden), targets)
     loss = kl if stage == "dense" else lm + kl
     return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}
 
 
-@nnx.jit(static_argnames=("pattern", "stage", "train_base"))
-def train_step(model, optimizer, inputs, targets, pattern: str, stage: str, train_base: bool = True):
-    def loss_fn(model):
-        return distill_losses(model, inputs, targets, pattern, stage)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Placement:
+    """Where a sharded run's model and optimizer variables live (path -> NamedSharding); hashed by identity,
+    so ``train_step`` compiles once per stage."""
 
-    wrt = trainable(stage, train_base)
+    model: dict
+    optimizer: dict
+
+
+@nnx.jit(static_argnames=("cfg", "pattern", "stage", "placement"))
+def train_step(model, optimizer, inputs, targets, cfg: DistillConfig, pattern: str, stage: str,
+               placement: Placement | None = None):
+    """One optimizer step of ``stage``; with ``placement`` the updated model and optimizer state are pinned to
+    their shardings (parameters and moments stay sharded, never gathered)."""
+    def loss_fn(model):
+        return distill_losses(model, inputs, targets, pattern, stage, remat=cfg.remat,
+                              kl_chunks=(cfg.kl_query_chunk, cfg.kl_key_chunk))
+
+    wrt = trainable(stage, cfg.train_base)
     grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
     optimizer.update(model, grads)
+    if placement is not None:
+        constrain_state(model, placement.model)
+        constrain_state(optimizer, placement.optimizer)
     return metrics
 
 
@@ -145,20 +184,25 @@ def _checkpoint_manager(folder: pathlib.Path, cfg: DistillConfig):
     return ocp.CheckpointManager(folder.absolute(), options=options)
 
 
-def _batch_sharding_like(model, batch_size: int):
-    """Batches for a model ``distill`` has spread over a data mesh go the same way (None: one device)."""
-    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
-    sharding = getattr(leaf, "sharding", None)
-    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
-        return None
-    data = sharding.mesh.shape.get("data", 1)
-    spec = jax.sharding.PartitionSpec("data" if batch_size % data == 0 else None)
-    return jax.sharding.NamedSharding(sharding.mesh, spec)
+def _new_optimizer(model, cfg: DistillConfig, stage: str, mesh, params) -> tuple[nnx.Optimizer, Placement | None]:
+    """The optimizer of ``stage`` over what it trains, its moments placed like their parameters on ``mesh``."""
+    optimizer = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage, cfg.train_base))
+    if mesh is None:
+        return optimizer, None
+    placement = Placement(params, state_shardings(nnx.state(optimizer), params, mesh))
+    place_state(optimizer, placement.optimizer)
+    return optimizer, placement
 
 
-def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathlib.Path, *, progress: bool = True,
-            log: Callable[[str], None] | None = None, stop_after: int | None = None) -> list[dict]:
+def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathlib.Path, *, mesh=None,
+            progress: bool = True, log: Callable[[str], None] | None = None,
+            stop_after: int | None = None) -> list[dict]:
     """Runs (or resumes) the two stages; writes ``out_dir/checkpoints`` and ``out_dir/metrics.jsonl``.
+
+    ``mesh`` (``layers.sharding.make_mesh``; None: the default device, or wherever the model already is): the
+    model's parameters (where ``from_pretrained(mesh=)`` did not already put them), gradients and optimizer
+    state are sharded over it by the logical-axis rules, batches split over ``data``, sequences over
+    ``context``. Multi-host: pass a mesh over all hosts' devices (``distributed.training_mesh``).
 
     Multi-process (after ``training.distributed.initialize``): every process runs this with the same data;
     each feeds its devices' rows of every batch, all take part in checkpointing, and only process 0 writes
@@ -177,18 +221,20 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(out / "checkpoints", cfg)
-    sharding = data_parallel(model, cfg.batch_size, context=cfg.context)
+    mesh = check_mesh(cfg.batch_size, mesh)
+    params = shard_model(model, mesh)
+    sharding = batch_sharding(mesh)
 
     step = manager.latest_step() or 0
-    optimizer, opt_stage = None, None
-    if step:
+    optimizer, placement, opt_stage = None, None, None
+    if step:  # the saved state restores straight onto its shards (the target's placements)
         saved_stage = cfg.stage(step - 1)
-        saved_opt = nnx.Optimizer(model, cfg.tx(saved_stage), wrt=trainable(saved_stage, cfg.train_base))
-        target = {"model": nnx.state(model), "opt": nnx.state(saved_opt)}
+        optimizer, placement = _new_optimizer(model, cfg, saved_stage, mesh, params)
+        target = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         nnx.update(model, restored["model"])
-        nnx.update(saved_opt, restored["opt"])
-        optimizer, opt_stage = saved_opt, saved_stage
+        nnx.update(optimizer, restored["opt"])
+        opt_stage = saved_stage
         log(f"resumed from step {step} ({out / 'checkpoints'})")
     log_path = out / "metrics.jsonl" if main else pathlib.Path(os.devnull)
     if main and log_path.is_file():  # steps logged after the checkpoint we resume from run again: drop them
@@ -196,7 +242,8 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         log_path.write_text("".join(line + "\n" for line in kept))
     if main:
         (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "pattern": pattern,
-                                                  "data": data.fingerprint()}, indent=2))
+                                                  "data": data.fingerprint(),
+                                                  "mesh": dict(mesh.shape) if mesh is not None else None}, indent=2))
 
     bar = None
     if progress:
@@ -206,15 +253,15 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     done_here = 0
     # host batch -> its devices in one transfer (each process gives its own devices' rows)
     put = lambda batch: put_batch(batch, sharding)
-    with open(log_path, "a") as metrics_file, layers_context(sharding):
+    with open(log_path, "a") as metrics_file, layers_context(mesh):
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
-                optimizer, opt_stage = nnx.Optimizer(model, cfg.tx(stage), wrt=trainable(stage, cfg.train_base)), stage
+                (optimizer, placement), opt_stage = _new_optimizer(model, cfg, stage, mesh, params), stage
             inputs, targets = map(put, data.train_batch(step, cfg.batch_size))
             start = time.perf_counter()
-            metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, pattern, stage,
-                                                                   cfg.train_base).items()}
+            metrics = {k: float(v) for k, v in train_step(model, optimizer, inputs, targets, cfg, pattern, stage,
+                                                          placement).items()}
             step += 1
             done_here += 1
             record = {"step": step, "stage": stage, **metrics, "seconds": time.perf_counter() - start}
@@ -235,9 +282,10 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
 def evaluate(model, data: PackedDataset, pattern: str | None, batch_size: int, max_batches: int = 4) -> dict:
     """Held-out indexer KL (sparse slots) and LM loss, dense vs sparse attention."""
     pattern = model.check_pattern(pattern)
-    sharding = _batch_sharding_like(model, batch_size)
+    mesh = mesh_of(model)  # where distill (or loading) put the model; batches follow
+    sharding = batch_sharding(mesh) if mesh is not None and batch_size % mesh.shape["data"] == 0 else None
     rows = {"dense": [], "sparse": []}
-    with layers_context(sharding):
+    with layers_context(mesh):
         for inputs, targets in data.heldout_batches(batch_size, max_batches):
             inputs, targets = put_batch(inputs, sharding), put_batch(targets, sharding)
             for stage in STAGES:

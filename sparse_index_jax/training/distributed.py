@@ -2,8 +2,12 @@
 
 One process per host (per TPU VM, per GPU node); every process runs the same command. Each one reads
 the same deterministic global batch from its copy of the data and hands JAX only the rows its own
-devices hold, so no host ever sends data to another; parameters are replicated (or sharded) by
-``jax.make_array_from_callback`` from each host's identical copy.
+devices hold, so no host ever sends data to another.
+
+Training state is sharded over a mesh (``layers.sharding``: data, context, tensor, expert axes) by the
+same logical-axis rules that place the model when it is loaded: parameters by their path, the
+optimiser's moments like the parameters they belong to, scalars replicated. The step runs under
+``jax.jit`` on those placements and pins its outputs back to them (``constrain_state``).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import contextlib
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sparse_index_jax.layers.sharding import activation_sharding, make_mesh
+from sparse_index_jax.layers.sharding import activation_sharding, make_mesh, partition_spec
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -51,38 +56,91 @@ def put_batch(batch: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.
                                                   batch.shape)
 
 
-def replicate(tree, sharding: jax.sharding.Sharding):
-    """Places every leaf (identical on every process) on all devices of ``sharding``, across hosts."""
-    def place(x):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.tree.map(place, tree)
+def training_mesh(batch_size: int, mesh: Mesh | None = None, what: str = "distill") -> Mesh | None:
+    """The mesh a command trains (or searches) on: ``mesh`` as given, else every device (all hosts) on the
+    ``data`` axis; None on one device. Checks that the batch splits (``check_mesh``)."""
+    if mesh is None and jax.device_count() > 1:
+        mesh = make_mesh(data=jax.device_count())
+    return check_mesh(batch_size, mesh, what)
 
 
-def data_parallel(model, batch_size: int, what: str = "distill", context: int = 1):
-    """Replicates an NNX model over all devices (all hosts) and returns the sharding that splits a batch of
-    ``batch_size`` rows over the ``data`` axis; None on one device (nothing to do). With ``context`` > 1 the
-    devices form a (data, context) mesh: each batch row's sequence is split over ``context`` devices (run
-    the model inside ``sharding.activation_sharding(sharding.mesh)`` so its layers go context-parallel)."""
-    n = jax.device_count()
-    if n == 1 and context == 1:
+def check_mesh(batch_size: int, mesh: Mesh | None, what: str = "distill") -> Mesh | None:
+    """``mesh`` after checking that a batch of ``batch_size`` rows splits over its data axis and the processes."""
+    if mesh is None:
         return None
-    if context < 1 or n % context:
-        raise ValueError(f"{what}: context={context} must divide the {n} devices")
-    data = n // context
-    if batch_size % data:
-        raise ValueError(f"{what}: batch_size {batch_size} must be divisible by the {data} data-parallel groups "
-                         f"({n} devices / context {context})")
-    mesh = make_mesh(data=data, context=context)
-    nnx.update(model, replicate(nnx.state(model), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    data = mesh.shape["data"]
+    if batch_size % data or batch_size % jax.process_count():
+        raise ValueError(f"{what}: batch_size {batch_size} must be divisible by the data axis ({data} devices) and by "
+                         f"the {jax.process_count()} processes; change --batch-size or the mesh's data size")
+    return mesh
 
 
-def layers_context(sharding):
-    """What to run a model's layers inside for the batch ``sharding`` of ``data_parallel``: the mesh's
-    ``activation_sharding`` when its context axis has several devices (the DSA layers then go
-    context-parallel), else nothing."""
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and mesh.shape.get("context", 1) > 1:
-        return activation_sharding(mesh)
-    return contextlib.nullcontext()
+def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    """Batches split by rows over the ``data`` axis (the layers split the sequence over ``context`` themselves)."""
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+
+
+def mesh_of(model) -> Mesh | None:
+    """The mesh a model's parameters were placed on (``shard_model``, ``from_pretrained(mesh=)``), or None."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def param_shardings(model, mesh: Mesh) -> dict[tuple, NamedSharding]:
+    """Every variable's placement by the logical-axis rules of ``layers.sharding``: path -> NamedSharding."""
+    return {path: NamedSharding(mesh, partition_spec(path, var.get_value().shape, mesh))
+            for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def state_shardings(state, params: dict[tuple, NamedSharding], mesh: Mesh) -> dict[tuple, NamedSharding]:
+    """Placements of a training state that mirrors the parameters (the optimiser's moments, gradients): a leaf
+    whose path ends with a parameter's path (``opt_state/0/mu/layers/3/.../kernel``) and has its shape goes
+    where that parameter goes; anything else (step counters, scalars) is replicated."""
+    placed = {}
+    for path, var in nnx.to_flat_state(state):
+        owner = next((path[i:] for i in range(len(path)) if path[i:] in params), None)
+        mirrors = owner is not None and var.get_value().ndim == len(params[owner].spec)
+        placed[path] = params[owner] if mirrors else NamedSharding(mesh, PartitionSpec())
+    return placed
+
+
+def _place(x, sharding: NamedSharding):
+    if getattr(x, "sharding", None) == sharding:
+        return x
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True) is False:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # every process holds the same full copy (loaded without a mesh)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place_state(module, shardings: dict[tuple, NamedSharding]) -> None:
+    """Moves every variable of an NNX object (model or optimiser) onto its placement, in place."""
+    flat = [(path, var.replace(_place(var.get_value(), shardings[path])))
+            for path, var in nnx.to_flat_state(nnx.state(module))]
+    nnx.update(module, nnx.from_flat_state(flat))
+
+
+def constrain_state(module, shardings: dict[tuple, NamedSharding]) -> None:
+    """Inside ``jit``: pins every variable of ``module`` to its placement, so updated parameters and optimiser
+    state leave the step sharded exactly as they came in (never gathered, never re-laid out)."""
+    flat = [(path, var.replace(jax.lax.with_sharding_constraint(var.get_value(), shardings[path])))
+            for path, var in nnx.to_flat_state(nnx.state(module))]
+    nnx.update(module, nnx.from_flat_state(flat))
+
+
+def shard_model(model, mesh: Mesh | None) -> dict[tuple, NamedSharding] | None:
+    """Places the model's variables on ``mesh`` by the logical-axis rules (a no-op for those already there, as
+    after ``from_pretrained(mesh=)``) and returns the placements; None without a mesh."""
+    if mesh is None:
+        return None
+    shardings = param_shardings(model, mesh)
+    place_state(model, shardings)
+    return shardings
+
+
+def layers_context(mesh: Mesh | None):
+    """What to run a model's layers inside on ``mesh``: its ``activation_sharding`` (activations pinned to the
+    batch / sequence / head axes; with a context axis of several devices the DSA layers go context-parallel),
+    or nothing without a mesh."""
+    return activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()

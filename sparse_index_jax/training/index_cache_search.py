@@ -19,7 +19,14 @@ from typing import Callable, Sequence
 import numpy as np
 from flax import nnx
 
-from sparse_index_jax.training.distributed import is_main_process, layers_context, put_batch
+from sparse_index_jax.training.distributed import (
+    batch_sharding,
+    check_mesh,
+    is_main_process,
+    layers_context,
+    put_batch,
+    shard_model,
+)
 from sparse_index_jax.training.losses import lm_loss
 
 
@@ -65,7 +72,7 @@ class SearchState:
 
 def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep: float, *,
                   state_path: str | pathlib.Path | None = None, fingerprint: str = "", progress: bool = True,
-                  log: Callable[[str], None] | None = None, sharding=None) -> SearchState:
+                  log: Callable[[str], None] | None = None, mesh=None) -> SearchState:
     """Greedy F->S flips by calibration LM loss until ``ceil(keep * num_layers)`` F layers remain.
 
     Each round runs the current pattern once per batch, layer by layer, and at every F layer j branches
@@ -73,10 +80,11 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
     a round costs about N^2/2 layer passes per batch, and memory holds one activation per batch.
     With ``state_path`` every committed flip is saved and a rerun resumes from it.
 
-    Several devices or hosts: pass the batch ``sharding`` of ``distributed.data_parallel`` (which also
-    replicates the model; with a context axis the layers run context-parallel). Every process runs the
-    same search on the same batches (each feeding its own devices' rows) and reaches the same pattern;
-    only process 0 logs (``log``: a callable taking one line, e.g. ``print``) and writes the state file.
+    ``mesh`` (``layers.sharding.make_mesh``; None: the default device): the model is sharded
+    over it by the logical-axis rules (tensor, expert), the batches over ``data``, and with a context axis
+    the layers run context-parallel. Every process of a multi-host run runs the same search on the same
+    batches (each feeding its own devices' rows) and reaches the same pattern; only process 0 logs
+    (``log``: a callable taking one line, e.g. ``print``) and writes the state file.
     """
     if not is_main_process() or log is None:
         log = lambda _: None  # noqa: E731  (the library prints nothing; applications pass print)
@@ -94,6 +102,9 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
                              f"{len(saved.pattern)} layers); remove it or use another output folder")
         state = saved
         log(f"resuming from {path}: pattern {state.pattern}, {len(state.history)} flips done")
+    mesh = check_mesh(len(batches[0][0]), mesh, "search")
+    shard_model(model, mesh)
+    sharding = batch_sharding(mesh)
     batches = [(put_batch(i, sharding), put_batch(t, sharding)) for i, t in batches]
 
     bar = None
@@ -101,7 +112,7 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
         from tqdm.auto import tqdm
         total = sum(state.pattern[1:].count("F") - k for k in range(max(0, state.pattern.count("F") - target)))
         bar = tqdm(total=total * len(batches), desc="IndexCache search", unit="pass", file=sys.stderr)
-    with layers_context(sharding):  # context axis: the layers run context-parallel
+    with layers_context(mesh):  # context axis: the layers run context-parallel
         while state.pattern.count("F") > target:
             start = time.perf_counter()
             pattern = state.pattern

@@ -12,10 +12,15 @@ We average over query rows t (the report sums): the value no longer grows with t
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from sparse_index_jax.kernels.dsa_topk.reference import index_scores
+from sparse_index_jax.layers.dsa_attention import Teacher
+from sparse_index_jax.layers.indexer import IndexerActivations
 
 
 def indexer_kl_rows(targets: jax.Array, scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -41,3 +46,121 @@ def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy; logits [B,T,V], targets [B,T] int."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def dense_indexer_kl(indexer: IndexerActivations, teacher: Teacher, *, query_chunk: int = 64,
+                     key_chunk: int = 512) -> tuple[jax.Array, int]:
+    """Sum over query rows of KL(p[t, :] || softmax(I[t, :])) over every causal key s <= t (the dense warm-up),
+    where p is the teacher's attention averaged over its heads and I the indexer's scores; no [T, S] array.
+
+    Queries go ``query_chunk`` at a time; for each, two passes over the keys ``key_chunk`` at a time (only the
+    chunks at or below the diagonal): the first finds every head's and the indexer's log-sum-exp online, the
+    second sums the KL's terms, KL = sum p log p - sum p I + lse(I), and the gradient with respect to the
+    scores, softmax(I) - p, pulled back to the indexer's activations at once. So the forward pass leaves only
+    those gradients behind (the size of the activations) and memory is O(T * chunk) per layer at any length.
+    The teacher is a target (no gradient); the indexer's activations are the prefill's (query t at key t).
+    Returns (the KL summed over the B * T rows, B * T): every row has at least its own key.
+    """
+    rows = indexer.q.shape[0] * indexer.q.shape[1]
+    return _dense_kl(indexer.q, indexer.w, indexer.k, indexer.k_scale, teacher.q, teacher.k, teacher.scale,
+                     query_chunk, key_chunk), rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _dense_kl(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk):
+    return _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk)[0]
+
+
+def _dense_kl_fwd(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk):
+    # The residuals are the finished gradients (in the activations' dtypes), not the teacher.
+    return _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk)
+
+
+def _dense_kl_bwd(scale, query_chunk, key_chunk, grads, cotangent):
+    scaled = tuple((g * cotangent).astype(g.dtype) for g in grads)
+    return (*scaled, None, None, None)  # no gradient reaches the key scale or the teacher (targets)
+
+
+_dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
+
+
+def _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk):
+    """(KL summed over rows, (d/dq, d/dw, d/dk of that sum, in the dtypes of q, w and k))."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    qc, kc = min(query_chunk, T), min(key_chunk, S)
+    nq, nk = -(-T // qc), -(-S // kc)
+    pad_q = lambda x: jnp.pad(x, [(0, 0), (0, nq * qc - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    pad_k = lambda x: jnp.pad(x, [(0, 0), (0, nk * kc - S)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    q_p, w_p, tq_p = pad_q(q), pad_q(w.astype(jnp.float32)), pad_q(teacher_q)
+    k_p, tk_p = pad_k(k), pad_k(teacher_k)
+    ks_p = pad_k(jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32))
+    key_pos = jnp.arange(nk * kc, dtype=jnp.int32)
+
+    def scores_of(q_c, w_c, k_c, ks_c):
+        return index_scores(q_c, k_c, w_c, ks_c)
+
+    def query_chunk_step(dk, i):
+        q_c, w_c, tq_c = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 1) for x in (q_p, w_p, tq_p))
+        q_pos = i * qc + jnp.arange(qc, dtype=jnp.int32)
+        live = q_pos < T                                            # padded query rows count nothing
+        chunks = jnp.minimum((i + 1) * qc + kc - 1, nk * kc) // kc  # key chunks at or below the diagonal
+
+        def key_slices(j):
+            at = j * kc
+            k_c, tk_c, ks_c = (jax.lax.dynamic_slice_in_dim(x, at, kc, 1) for x in (k_p, tk_p, ks_p))
+            pos = jax.lax.dynamic_slice_in_dim(key_pos, at, kc)
+            mask = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] < S) & live[:, None]   # [qc, kc]
+            logits = jnp.einsum("bcgrd,bsgd->bcgrs", tq_c, tk_c, preferred_element_type=jnp.float32) * scale
+            return k_c, ks_c, mask[None], jnp.where(mask[None, :, None, None], logits, -jnp.inf)
+
+        def lse_pass(j, carry):  # online log-sum-exp of every teacher head and of the indexer
+            m_t, l_t, m_i, l_i = carry
+            k_c, ks_c, mask, logits = key_slices(j)
+            scores = jnp.where(mask, scores_of(q_c, w_c, k_c, ks_c), -jnp.inf)
+            m_t2 = jnp.maximum(m_t, jnp.max(logits, axis=-1))
+            m_i2 = jnp.maximum(m_i, jnp.max(scores, axis=-1))
+            l_t = l_t * _exp_shift(m_t, m_t2) + jnp.sum(jnp.exp(logits - _finite(m_t2)[..., None]), axis=-1)
+            l_i = l_i * _exp_shift(m_i, m_i2) + jnp.sum(jnp.exp(scores - _finite(m_i2)[..., None]), axis=-1)
+            return m_t2, l_t, m_i2, l_i
+
+        heads = tq_c.shape[2:4]
+        neg = lambda shape: jnp.full(shape, -jnp.inf, jnp.float32)  # noqa: E731
+        zeros = lambda shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+        m_t, l_t, m_i, l_i = jax.lax.fori_loop(0, chunks, lse_pass, (neg((B, qc, *heads)), zeros((B, qc, *heads)),
+                                                                    neg((B, qc)), zeros((B, qc))))
+        lse_t = _finite(m_t) + jnp.log(jnp.where(l_t > 0, l_t, 1.0))
+        lse_i = _finite(m_i) + jnp.log(jnp.where(l_i > 0, l_i, 1.0))
+
+        def kl_pass(j, carry):  # the KL's terms and d KL / d scores = softmax(I) - p, pulled back at once
+            entropy, cross, dq, dw, dk = carry
+            k_c, ks_c, mask, logits = key_slices(j)
+            p = jnp.mean(jnp.exp(logits - lse_t[..., None]), axis=(2, 3))      # [B, qc, kc], 0 off the mask
+            scores, pull = jax.vjp(lambda q_, w_, k_: scores_of(q_, w_, k_, ks_c), q_c, w_c, k_c)
+            scores = jnp.where(mask, scores, 0.0)
+            entropy = entropy + jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+            cross = cross + jnp.sum(p * scores, axis=-1)
+            g = jnp.where(mask, jnp.exp(scores - lse_i[..., None]) - p, 0.0)
+            g_q, g_w, g_k = pull(g)
+            at = j * kc
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, at, kc, 1) + g_k.astype(jnp.float32), at, 1)
+            return entropy, cross, dq + g_q.astype(jnp.float32), dw + g_w, dk
+
+        start = (zeros((B, qc)), zeros((B, qc)), zeros(q_c.shape), zeros(w_c.shape), dk)
+        entropy, cross, dq, dw, dk = jax.lax.fori_loop(0, chunks, kl_pass, start)
+        kl = jnp.sum(jnp.where(live[None], entropy - cross + lse_i, 0.0))
+        return dk, (kl, dq, dw)
+
+    dk, (kl, dq, dw) = jax.lax.scan(query_chunk_step, jnp.zeros(k_p.shape, jnp.float32), jnp.arange(nq))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, nq * qc, *x.shape[3:])[:, :T]  # noqa: E731
+    return jnp.sum(kl), (unchunk(dq).astype(q.dtype), unchunk(dw).astype(w.dtype), dk[:, :S].astype(k.dtype))
+
+
+def _finite(m: jax.Array) -> jax.Array:
+    """A running maximum with -inf (nothing seen yet) read as 0, so shifts never make NaN."""
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _exp_shift(old: jax.Array, new: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(old), jnp.exp(old - _finite(new)), 0.0)
