@@ -233,10 +233,34 @@ def _sharded_run(mesh_sizes: dict, pattern: str):
             train_step(sharded, optimizer, inputs, targets, cfg, pattern, "sparse", placement)
         _assert_shares(sharded, params)
         _assert_shares(optimizer, placement.optimizer)
+        if mesh_sizes == {"data": 2, "tensor": 2, "expert": 2}:
+            _fits_only_sharded(folder, mesh_sizes, cfg, sharded, optimizer)
         moments = dict(nnx.to_flat_state(nnx.state(optimizer)))
         split = {str(p): v.get_value().sharding.spec for p, v in moments.items() if "mu" in map(str, p)}
         assert any(spec and spec[0] == "expert" for spec in split.values()), split  # routed experts' moments
         assert any("tensor" in spec for spec in split.values()), split               # heads / MLP width
+
+
+def _fits_only_sharded(folder, mesh_sizes, cfg, model, optimizer):
+    """A per-device budget from ``sparse-index plan`` that the model's training state (parameters and AdamW
+    moments) does not fit on one device: on the mesh every device stays within it, holding what the plan says."""
+    from sparse_index_jax.models.config import ModelConfig
+    from sparse_index_jax.training.memory_plan import plan_memory
+
+    plan = lambda mesh: plan_memory(ModelConfig.from_pretrained(folder), mesh, seq_len=16,  # noqa: E731
+                                    batch_size=cfg.batch_size, train_base=True, dtype=jnp.float32).stage("sparse")
+    state = lambda p: p.parameters + p.optimizer_state  # noqa: E731
+    one, sharded = state(plan({})), state(plan(mesh_sizes))
+    budget = (one + sharded) // 2
+    assert sharded <= budget < one, (one, sharded)
+    held = {}
+    for module in (model, optimizer):
+        for _, var in nnx.to_flat_state(nnx.state(module)):
+            for shard in var.get_value().addressable_shards:
+                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    assert len(held) == 8 and max(held.values()) <= budget, (held, budget)
+    counters = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(optimizer)) if v.get_value().ndim == 0)
+    assert max(held.values()) - counters == sharded, (held, counters, sharded)  # the plan leaves out step counters
 
 
 def check_sharded_distillation():
