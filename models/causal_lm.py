@@ -8,7 +8,7 @@ GLM-5 (``deepseek.py``) and the Llama family (``llama.py``) are subclasses that 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +88,15 @@ class CausalLM(nnx.Module):
 
     def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
                    caches: tuple | None = None, index_pattern: str | None = None, selector: Selector | None = None,
-                   dense: bool = False, capture: bool = False, remat: bool = False) -> LayersOutput:
+                   dense: bool = False, capture: bool = False, remat: bool = False,
+                   observe: Callable[[int, DSAOutput], DSAOutput] | None = None) -> LayersOutput:
         """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
         (needed when layer ``start`` is S); ``selector`` the F layers' (default: their config's). ``dense``
         makes every layer attend to all causal keys (the dense baseline and the warm-up stage of indexer
         training; no caches). ``remat``: each layer under ``nnx.remat``, so a backward pass keeps only the
-        layers' inputs and recomputes one layer's activations at a time (training at length)."""
+        layers' inputs and recomputes one layer's activations at a time (training at length). ``observe(i, out)``
+        sees each layer's output as soon as the layer has run and returns what to keep of it: a loss can use a
+        large capture there (the dense warm-up's teacher) and drop it, so no two layers' captures live at once."""
         pattern = self.check_pattern(index_pattern)
         name = type(self).__name__
         if caches is not None and len(caches) != len(self.layers) - start:
@@ -111,6 +114,8 @@ class CausalLM(nnx.Module):
 
             x, attn = (nnx.remat(call) if remat else call)(self.layers[i], x, handed, cache)
             x = constrain(x, ("batch", "seq", "embed"))
+            if observe is not None:
+                attn = observe(i, attn)
             selection = attn.selection
             attention.append(attn)
             new_caches.append(attn.cache)

@@ -126,17 +126,28 @@ def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, s
                    kl_chunks: tuple[int, int] = (64, 512)):
     """(loss, metrics) of one batch; see the module docstring for what each stage optimises. ``kl_chunks``:
     the dense warm-up KL's (query, key) chunk sizes."""
+    groups = IndexCacheConfig(pattern).groups()
+    serves = {j: (full, len(served)) for full, served in groups for j in served}  # layer -> (its F layer, m)
+    indexers, dense_kl = {}, []
+
+    def observe(i, out):
+        """Each layer's output as it runs. Warm-up: its KL term against its F layer's indexer, at once, and
+        the teacher (the layer's whole query and keys) dropped, so no two layers' teachers live together."""
+        full, m = serves[i]
+        if i == full:
+            indexers[i] = out.indexer
+        if stage == "dense":
+            total, rows = dense_indexer_kl(indexers[full], out.teacher, query_chunk=kl_chunks[0],
+                                           key_chunk=kl_chunks[1])
+            dense_kl.append(total / rows / m)
+            return out._replace(teacher=None, probs=None)
+        return out._replace(teacher=None)
+
     run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True,
-                           remat=remat)
-    kl = 0.0
-    for full, served in IndexCacheConfig(pattern).groups():
+                           remat=remat, observe=observe)
+    kl = sum(dense_kl)
+    for full, served in groups if stage == "sparse" else ():  # the selected slots of the F layer and its S layers
         attn = run.attention[full]
-        if stage == "dense":  # every causal key: each served layer's attention, a key chunk at a time
-            for j in served:
-                total, rows = dense_indexer_kl(attn.indexer, run.attention[j].teacher, query_chunk=kl_chunks[0],
-                                               key_chunk=kl_chunks[1])
-                kl = kl + total / rows / len(served)
-            continue
         attention = jnp.stack([run.attention[j].probs for j in served], axis=2)  # [B, T, m, k]
         kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention)
     lm = lm_loss(model.logits(run.hidden), targets)
