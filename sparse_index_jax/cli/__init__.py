@@ -4,6 +4,7 @@
     convert   an HF DeepSeek-V3.2 / GLM-5 checkpoint into an Orbax checkpoint
     search    IndexCache's training-free pattern search
     distill   indexer distillation (dense warm-up, then sparse), IndexCache-aware
+    plan      per-device memory of indexer distillation on a mesh, from the config alone
     bench     the benchmark harness (speed, fidelity, roofline, selector-sweep)
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparse_index_jax.cli import bench, convert, demo, distill, search
+from sparse_index_jax.cli import bench, convert, demo, distill, plan, search
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepSeek-style sparse attention selection in JAX: the DSA lightning indexer picks the "
                     "top-k keys of every query and MLA attends only to those.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (demo, convert, search, distill, bench):
+    for command in (demo, convert, search, distill, plan, bench):
         command.add_parser(sub)
     return parser
 
