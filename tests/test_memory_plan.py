@@ -17,7 +17,7 @@ from sparse_index_jax.cli import main
 from sparse_index_jax.models.config import ModelConfig
 from sparse_index_jax.training.memory_plan import builtin_config, plan_memory
 
-# Several experts and heads, so the tensor and expert axes really split leaves; the data axis replicates them.
+# Several experts and heads, so the tensor and expert axes really split leaves; data splits the hidden dim (FSDP).
 TINY = dict(model_type="deepseek_v32", vocab_size=96, hidden_size=64, intermediate_size=80, moe_intermediate_size=24,
             num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=16,
             q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, num_experts_per_tok=2,
@@ -107,7 +107,8 @@ def test_the_plan_splits_the_batch_sequence_and_model_over_the_mesh():
     more_context = plan_memory(cfg, {"context": 4, "tensor": 8, "expert": 8}, seq_len=8192, batch_size=4,
                                stage="sparse")
     assert [p.stage for p in one.stages] == ["sparse"]
-    assert more_data.stage("sparse").parameters == one.stage("sparse").parameters  # data replicates parameters
+    assert more_data.stage("sparse").parameters < one.stage("sparse").parameters / 3  # data shards them (FSDP)
+    assert more_context.stage("sparse").parameters == one.stage("sparse").parameters  # context replicates them
     for split in (more_data, more_context):
         assert 3.5 < one.stage("sparse").activations_remat / split.stage("sparse").activations_remat <= 4
     smaller_model = plan_memory(cfg, {"tensor": 4, "expert": 8}, seq_len=8192, batch_size=4, stage="sparse")

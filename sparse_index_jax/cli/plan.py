@@ -15,7 +15,7 @@ DESCRIPTION = (
     "mesh of any size, from the model's config alone: no weights are read and no devices are needed, so it answers "
     "before a TPU slice or a GPU cluster is rented. For the dense warm-up and the sparse stage it prints, in GiB per "
     "device: parameters, gradients and optimizer state (exact: the abstract model's leaves, each sharded by the "
-    "library's partition rules; the data and context axes replicate parameters, there is no FSDP), activations with "
+    "library's partition rules: data splits the hidden dimension (FSDP), context replicates), activations with "
     "and without per-layer rematerialisation and the selection buffers handed to the loss (estimates from the "
     "shapes: XLA may fuse some arrays away or keep more), and the totals. The multi-token-prediction layer is not "
     "counted. With --device-memory it also says whether the step fits.")

@@ -1,9 +1,10 @@
 """One mesh description and the logical-axis rules that place every parameter and the main activations.
 
-Mesh axes: ``data`` (batch), ``context`` (sequence / keys), ``tensor`` (heads, MLP width, vocab),
-``expert`` (routed experts). A parameter's logical axes come from its path (``param_logical_axes``);
-``LOGICAL_RULES`` maps logical axes to mesh axes. A dimension is sharded only when the mesh axis has
-more than one device and divides it; otherwise it is replicated (``partition_spec`` says which).
+Mesh axes: ``data`` (batch; and FSDP: the parameters' hidden dimension), ``context`` (sequence / keys),
+``tensor`` (heads, MLP width, vocab), ``expert`` (routed experts). A parameter's logical axes come from its
+path (``param_logical_axes``); ``PARAM_RULES`` (parameters) and ``LOGICAL_RULES`` (activations) map logical
+axes to mesh axes. A dimension is sharded only when the mesh axis has more than one device and divides it;
+otherwise it is replicated (``partition_spec`` says which).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "heads": "tensor", "mlp": "tensor", "vocab": "tensor", "experts": "expert",
     "embed": None, "q_lora": None, "latent": None, "head_dim": None,
 }
+# Parameters also split their hidden (``embed``) dimension over ``data``: fully sharded data parallelism, as
+# MaxText's fsdp axis. The data axis then divides the weights (and gradients and optimizer state) as well as
+# the batch; XLA gathers each weight where a layer needs it. Activations keep LOGICAL_RULES (batch on data).
+PARAM_RULES: Mapping[str, str | None] = {**LOGICAL_RULES, "embed": "data"}
 
 
 def make_mesh(data: int = 1, context: int = 1, tensor: int = 1, expert: int = 1,
@@ -62,7 +67,7 @@ def param_logical_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
 
 
 def partition_spec(path: Sequence, shape: Sequence[int], mesh: Mesh | Mapping[str, int],
-                   rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
+                   rules: Mapping[str, str | None] = PARAM_RULES) -> PartitionSpec:
     """Where one parameter's dimensions go. ``mesh`` is a Mesh or just its axis sizes ({"tensor": 8, ...}),
     so a memory plan can ask for meshes larger than the machine it runs on."""
     axes = param_logical_axes(path, len(shape))
@@ -77,7 +82,7 @@ def partition_spec(path: Sequence, shape: Sequence[int], mesh: Mesh | Mapping[st
     return PartitionSpec(*spec)
 
 
-def param_sharding(mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES):
+def param_sharding(mesh: Mesh, rules: Mapping[str, str | None] = PARAM_RULES):
     """``(path, shape) -> NamedSharding``: the placement hook ``models.from_pretrained(mesh=...)`` uses."""
     return lambda path, shape: NamedSharding(mesh, partition_spec(path, shape, mesh, rules))
 

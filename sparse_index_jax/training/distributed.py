@@ -95,7 +95,7 @@ def param_shardings(model, mesh: Mesh) -> dict[tuple, NamedSharding]:
 
 def state_shardings(state, params: dict[tuple, NamedSharding], mesh: Mesh) -> dict[tuple, NamedSharding]:
     """Placements of a training state that mirrors the parameters (the optimiser's moments, gradients): a leaf
-    whose path ends with a parameter's path (``opt_state/0/mu/layers/3/.../kernel``) and has its shape goes
+    whose path ends with a parameter's path (``opt_state/0/mu/layers/3/.../kernel``) and has its rank goes
     where that parameter goes; anything else (step counters, scalars) is replicated."""
     placed = {}
     for path, var in nnx.to_flat_state(state):

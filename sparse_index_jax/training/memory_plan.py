@@ -6,11 +6,11 @@ the sparse stage) it reports per device:
 
 * **parameters, gradients, optimizer state: exact.** The model is built abstractly (``nnx.eval_shape``), each
   leaf is placed by ``sharding.partition_spec`` and its shard counted: leaf bytes / the product of the sizes of
-  the mesh axes its spec names. The data and context axes replicate parameters (there is no FSDP): each device
-  holds everything tensor and expert leave it. Gradients and adam's mu and nu (optax keeps both in the
-  parameter's dtype) exist for the trainable parameters only, sharded like them: the indexers (paths with
-  "indexer") in the dense warm-up, and in the sparse stage too unless ``train_base``. adam's step counters
-  (a few scalars) are left out.
+  the mesh axes its spec names. The data axis splits the parameters' hidden dimension (FSDP), tensor and
+  expert their heads, widths and experts; the context axis replicates them. Gradients and adam's mu and nu
+  (optax keeps both in the parameter's dtype) exist for the trainable parameters only, sharded like them: the
+  indexers (paths with "indexer") in the dense warm-up, and in the sparse stage too unless ``train_base``.
+  adam's step counters (a few scalars) are left out.
 * **activations and selection buffers: an estimate from the shapes**, by the formulas of ``_Shapes`` below.
   XLA may fuse some of these arrays away, or keep more (the gradients of activations in the backward, copies
   around collectives, padding to hardware tiles): read them as the size of what a step must hold, not as
@@ -292,7 +292,7 @@ class MemoryPlan:
                 ("selection buffers", lambda p: p.selection_buffers),
                 ("total, remat per layer", lambda p: p.total(True)), ("total, no remat", lambda p: p.total(False))]
         lines = [f"model    {self.model}",
-                 f"mesh     {mesh} ({devices} devices; data and context replicate the parameters)",
+                 f"mesh     {mesh} ({devices} devices; parameters split over data (FSDP), tensor, expert)",
                  f"step     batch {self.batch_size} x {self.seq_len} tokens -> {b} x {t} per device; "
                  f"{self.optimizer}; trains {trains}",
                  f"{'GiB per device':32}" + "".join(f"{names[p.stage]:>16}" for p in self.stages)]
