@@ -296,6 +296,34 @@ def check_sharded_search():
                                    rtol=1e-5)
 
 
+def check_distill_command_on_a_mesh():
+    """``sparse-index distill --mesh data=2,tensor=2,expert=2`` end to end: the model is read onto its shards,
+    trained there (the experts stay split over the expert axis) and evaluated; a mesh that does not match the
+    device count or a batch the data axis does not split is refused with exit code 2."""
+    import json
+
+    from sparse_index_jax.cli import main
+    from tiny_models import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny(pathlib.Path(tmp) / "m", num_hidden_layers=3, initializer_range=0.3)
+        tokens = pathlib.Path(tmp) / "tokens.npy"
+        np.save(tokens, np.random.default_rng(6).integers(0, 96, 3000).astype(np.uint16))
+        common = ["distill", "--model", str(folder), "--data", str(tokens), "--seq-len", "16", "--dtype", "float32",
+                  "--quiet", "--warmup-steps", "1", "--sparse-steps", "1", "--eval-batches", "1"]
+        out = pathlib.Path(tmp) / "d"
+        assert main([*common, "--mesh", "data=2,tensor=2,expert=2", "--batch-size", "4", "--out", str(out)]) == 0
+        assert json.loads((out / "run.json").read_text())["mesh"] == {"data": 2, "context": 1, "tensor": 2,
+                                                                      "expert": 2}
+        for bad in (["--mesh", "data=2,tensor=2", "--batch-size", "4"], ["--mesh", "data=8", "--batch-size", "4"]):
+            try:
+                main([*common, *bad, "--out", str(pathlib.Path(tmp) / "bad")])
+            except SystemExit as exit_:
+                assert exit_.code == 2
+            else:
+                raise AssertionError(f"{bad} was accepted")
+
+
 def _train_on_one_device(folder, data, cfg):
     """The reference: the same steps, one device, one process."""
     from sparse_index_jax import models

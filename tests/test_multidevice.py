@@ -13,7 +13,8 @@ import pytest
 
 CHECKS = ["context_parallel_selection", "context_parallel_sparse_attention", "context_parallel_model",
           "sharded_model_forward", "data_parallel_distillation", "context_parallel_distillation",
-          "context_parallel_search", "sharded_distillation", "sharded_context_distillation", "sharded_search"]
+          "context_parallel_search", "sharded_distillation", "sharded_context_distillation", "sharded_search",
+          "distill_command_on_a_mesh"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
