@@ -1,6 +1,6 @@
-"""The dense warm-up at length: its KL a key chunk at a time (exact against the [T, T] formula, gradients
-included), its memory linear in T (from XLA's compiled memory analysis), and per-layer remat changing
-nothing but memory. No torch needed: the model is built from a config."""
+"""Distillation at length: the warm-up's KL a key chunk at a time and the sparse stage's over the slots (both
+exact against the plain formulas, gradients included), the warm-up's memory linear in T (from XLA's compiled
+memory analysis), and per-layer remat changing nothing but memory. No torch: the model is built from a config."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.layers.dsa_attention import Teacher
 from sparse_index_jax.layers.indexer import IndexerActivations
 from sparse_index_jax.models.config import ModelConfig
 from sparse_index_jax.models.deepseek import DSAForCausalLM
 from sparse_index_jax.training.distill import distill_losses, trainable
-from sparse_index_jax.training.losses import dense_indexer_kl, indexer_kl
+from sparse_index_jax.selection.contract import Selection
+from sparse_index_jax.training.losses import dense_indexer_kl, indexer_kl, slot_indexer_kl
 
 TINY = dict(model_type="deepseek_v32", vocab_size=96, hidden_size=64, intermediate_size=80, moe_intermediate_size=24,
             num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=16,
@@ -114,3 +116,32 @@ def test_remat_changes_memory_not_gradients():
     assert float(plain_metrics["loss"]) == pytest.approx(float(remat_metrics["loss"]), rel=1e-6)
     for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_slot_kl_equals_the_gathered_formula(chunk):
+    """The sparse stage's KL over the selected slots (gradients pulled back in the forward pass): -1 padding, a
+    query with no slot, an fp8-style key scale; equal to ``indexer_kl`` over the gathered scores."""
+    rng = np.random.default_rng(3)
+    B, T, S, H, d, K = 2, 13, 20, 4, 8, 6
+    f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, k, w = f32(B, T, H, d), f32(B, S, d), f32(B, T, H)
+    k_scale = jnp.asarray(rng.uniform(0.5, 2, (B, S)), jnp.float32)
+    idx = np.stack([np.stack([rng.choice(S, K, replace=False) for _ in range(T)]) for _ in range(B)])
+    valid = rng.random((B, T, K)) < 0.8
+    valid[0, 3] = False
+    sel = Selection(jnp.asarray(np.where(valid, idx, -1), jnp.int32), jnp.asarray(valid))
+    p = jnp.where(sel.valid, jax.nn.softmax(jnp.where(sel.valid, f32(B, T, K), -jnp.inf), -1), 0.0)
+
+    def chunked(q, w, k):
+        total, rows = slot_indexer_kl(IndexerActivations(q, k, w, k_scale), sel, p, query_chunk=chunk)
+        return total / rows
+
+    def whole(q, w, k):
+        return indexer_kl([p], gathered_scores(q, w, k, k_scale, sel.indices), sel.valid)
+
+    got, got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(q, w, k)
+    want, want_grads = jax.value_and_grad(whole, argnums=(0, 1, 2))(q, w, k)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for a, b, name in zip(got_grads, want_grads, "qwk"):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=name)

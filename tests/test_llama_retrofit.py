@@ -22,7 +22,8 @@ from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.training.data import python_stdlib_files, read_tokens
 from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
 from sparse_index_jax.selection import Selection, Selector, causal_selection, select_topk
-from sparse_index_jax.training.distill import DistillConfig, chunked_indexer_kl, distill
+from sparse_index_jax.training.distill import DistillConfig, distill
+from sparse_index_jax.training.losses import dense_indexer_kl, indexer_kl
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
 
@@ -161,15 +162,17 @@ def test_selection_passes_no_gradient_into_its_kernels():
     assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
 
 
-def test_dense_stage_kl_by_matmul_equals_the_gathered_kl():
+def test_dense_stage_kl_from_the_teacher_equals_the_gathered_kl():
+    """The warm-up KL from the retrofit's teacher (GQA query groups over the KV heads, a key chunk at a time)
+    equals the KL over the captured [B, T, T] probabilities of the causal selection."""
     model = tiny_model()
     run = model.run_layers(model.embed(jax.random.randint(jax.random.key(5), (2, 11), 0, 97)), dense=True,
                            capture=True)
     attn = run.attention[1]
-    targets = attn.probs[:, :, None]
-    gathered = chunked_indexer_kl(attn.indexer, attn.selection, targets, chunk=4)
-    by_matmul = chunked_indexer_kl(attn.indexer, attn.selection, targets, chunk=4, dense=True)
-    np.testing.assert_allclose(by_matmul, gathered, rtol=1e-5)
+    total, rows = dense_indexer_kl(attn.indexer, attn.teacher, query_chunk=4, key_chunk=3)
+    act, sel = attn.indexer, attn.selection
+    gathered = indexer_kl([attn.probs], gathered_scores(act.q, act.w, act.k, act.k_scale, sel.indices), sel.valid)
+    np.testing.assert_allclose(float(total / rows), float(gathered), rtol=1e-5)
 
 
 def test_retrofit_distillation_trains_the_indexers_alone(tmp_path):

@@ -33,8 +33,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparse_index_jax.kernels.candidate_topk import gathered_scores
-from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.data import PackedDataset
 from sparse_index_jax.training.distributed import (
@@ -49,7 +47,7 @@ from sparse_index_jax.training.distributed import (
     shard_model,
     state_shardings,
 )
-from sparse_index_jax.training.losses import dense_indexer_kl, indexer_kl_rows, lm_loss
+from sparse_index_jax.training.losses import dense_indexer_kl, lm_loss, slot_indexer_kl
 
 STAGES = ("dense", "sparse")
 INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
@@ -107,49 +105,33 @@ def trainable(stage: str, train_base: bool = False):
     return nnx.Param if stage == "sparse" and train_base else INDEXER_PARAMS
 
 
-def chunked_indexer_kl(act, selection, targets: jax.Array, chunk: int = 64) -> jax.Array:
-    """``indexer_kl`` of one F layer over its selected slots (the sparse stage), ``chunk`` query rows at a time
-    under ``jax.checkpoint``: the scores [B, chunk, k] (and the gathered keys [B, chunk, k, d] they come from)
-    exist for one chunk at a time, also in backward."""
-
-    @jax.checkpoint
-    def one_chunk(q, w, indices, valid, p):
-        scores = gathered_scores(q, w, act.k, act.k_scale, indices)
-        return indexer_kl_rows(jnp.moveaxis(p, 2, 0), scores, valid)
-
-    kl, has_keys = map_query_chunks(one_chunk, chunk, (act.q, 0), (act.w, 0), (selection.indices, -1),
-                                    (selection.valid, False), (targets, 0))
-    return jnp.sum(kl) / jnp.maximum(jnp.sum(has_keys), 1)
-
-
 def distill_losses(model, inputs: jax.Array, targets: jax.Array, pattern: str, stage: str, *, remat: bool = False,
                    kl_chunks: tuple[int, int] = (64, 512)):
     """(loss, metrics) of one batch; see the module docstring for what each stage optimises. ``kl_chunks``:
-    the dense warm-up KL's (query, key) chunk sizes."""
+    the KL's (query, key) chunk sizes (keys: the dense warm-up's)."""
     groups = IndexCacheConfig(pattern).groups()
     serves = {j: (full, len(served)) for full, served in groups for j in served}  # layer -> (its F layer, m)
-    indexers, dense_kl = {}, []
+    indexers, terms = {}, []
 
     def observe(i, out):
-        """Each layer's output as it runs. Warm-up: its KL term against its F layer's indexer, at once, and
-        the teacher (the layer's whole query and keys) dropped, so no two layers' teachers live together."""
+        """Each layer's KL term against its F layer's indexer, taken as soon as the layer has run: over every
+        causal key from the teacher in the warm-up, over the selected slots in the sparse stage. Both losses
+        leave only gradients for the backward, and the teacher and probabilities are dropped at once, so no two
+        layers' targets are alive together."""
         full, m = serves[i]
         if i == full:
             indexers[i] = out.indexer
         if stage == "dense":
             total, rows = dense_indexer_kl(indexers[full], out.teacher, query_chunk=kl_chunks[0],
                                            key_chunk=kl_chunks[1])
-            dense_kl.append(total / rows / m)
-            return out._replace(teacher=None, probs=None)
-        return out._replace(teacher=None)
+        else:  # an S layer's selection is its F layer's
+            total, rows = slot_indexer_kl(indexers[full], out.selection, out.probs, query_chunk=kl_chunks[0])
+        terms.append(total / jnp.maximum(rows, 1) / m)
+        return out._replace(teacher=None, probs=None)
 
     run = model.run_layers(model.embed(inputs), index_pattern=pattern, dense=stage == "dense", capture=True,
                            remat=remat, observe=observe)
-    kl = sum(dense_kl)
-    for full, served in groups if stage == "sparse" else ():  # the selected slots of the F layer and its S layers
-        attn = run.attention[full]
-        attention = jnp.stack([run.attention[j].probs for j in served], axis=2)  # [B, T, m, k]
-        kl = kl + chunked_indexer_kl(attn.indexer, attn.selection, attention)
+    kl = sum(terms)
     lm = lm_loss(model.logits(run.hidden), targets)
     loss = kl if stage == "dense" else lm + kl
     return loss, {"loss": loss, "indexer_kl": kl, "lm_loss": lm}

@@ -18,9 +18,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.kernels.dsa_topk.reference import index_scores
 from sparse_index_jax.layers.dsa_attention import Teacher
 from sparse_index_jax.layers.indexer import IndexerActivations
+from sparse_index_jax.selection.contract import Selection
 
 
 def indexer_kl_rows(targets: jax.Array, scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -164,3 +166,60 @@ def _finite(m: jax.Array) -> jax.Array:
 
 def _exp_shift(old: jax.Array, new: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(old), jnp.exp(old - _finite(new)), 0.0)
+
+
+def slot_indexer_kl(indexer: IndexerActivations, selection: Selection, targets: jax.Array, *,
+                    query_chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Sum over query rows of KL(p[t, :] || softmax(I[t, :])) over the selected slots (the sparse stage): p the
+    head-averaged attention over the slots [B, T, k] (0 on padding), I the indexer's scores of the selected keys.
+
+    ``query_chunk`` rows at a time, and, like ``dense_indexer_kl``, the gradient softmax(I) - p is pulled back
+    to the indexer's q, w and k in the forward pass: the residuals are those gradients, so no layer's [T, k]
+    probabilities wait for the backward. Returns (the KL summed over rows, the number of rows with a slot).
+    """
+    return _slot_kl(indexer.q, indexer.w, indexer.k, indexer.k_scale, selection.indices, selection.valid,
+                    jax.lax.stop_gradient(targets), query_chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _slot_kl(q, w, k, k_scale, indices, valid, targets, query_chunk):
+    return _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk)[0]
+
+
+def _slot_kl_fwd(q, w, k, k_scale, indices, valid, targets, query_chunk):
+    return _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk)
+
+
+def _slot_kl_bwd(query_chunk, grads, cotangent):
+    scaled = tuple((g * cotangent[0]).astype(g.dtype) for g in grads)
+    return (*scaled, None, None, None, None)  # nothing reaches the scale, the selection or the targets
+
+
+_slot_kl.defvjp(_slot_kl_fwd, _slot_kl_bwd)
+
+
+def _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk):
+    """((KL summed over rows, rows with a slot), (d/dq, d/dw, d/dk of that sum, in q's, w's and k's dtypes))."""
+    B, T = q.shape[:2]
+    qc = min(query_chunk, T)
+    nq = -(-T // qc)
+    pad = lambda x, fill=0: jnp.pad(x, [(0, 0), (0, nq * qc - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                    constant_values=fill)
+    q_p, w_p, idx_p, valid_p, p_p = pad(q), pad(w.astype(jnp.float32)), pad(indices, -1), pad(valid), pad(targets)
+
+    def step(dk, i):
+        q_c, w_c, idx_c, ok, p = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 1)
+                                  for x in (q_p, w_p, idx_p, valid_p, p_p))
+        scores, pull = jax.vjp(lambda q_, w_, k_: gathered_scores(q_, w_, k_, k_scale, idx_c), q_c, w_c, k)
+        log_q = jax.nn.log_softmax(jnp.where(ok, scores, -jnp.inf), axis=-1)
+        p = jnp.where(ok, p.astype(jnp.float32), 0.0)
+        has = jnp.any(ok, axis=-1)
+        kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(ok, log_q, 0.0)), 0.0), -1)
+        g = jnp.where(ok & has[..., None], jnp.exp(log_q) * jnp.sum(p, -1, keepdims=True) - p, 0.0)
+        g_q, g_w, g_k = pull(g)
+        return dk + g_k.astype(jnp.float32), (jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has), g_q, g_w)
+
+    dk, (kl, rows, dq, dw) = jax.lax.scan(step, jnp.zeros(k.shape, jnp.float32), jnp.arange(nq))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, nq * qc, *x.shape[3:])[:, :T]  # noqa: E731
+    grads = (unchunk(dq).astype(q.dtype), unchunk(dw).astype(w.dtype), dk.astype(k.dtype))
+    return (jnp.sum(kl), jnp.sum(rows)), grads

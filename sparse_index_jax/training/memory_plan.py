@@ -234,17 +234,18 @@ def _activations(shapes: _Shapes, cfg: ModelConfig, pattern: str, stage: str, tr
 
 
 def _selection_buffers(shapes: _Shapes, cfg: ModelConfig, pattern: str, stage: str) -> int:
-    """What the layers hand to the loss (``training.distill.distill_losses``). Sparse stage: the loss runs after
-    the layer loop, so it holds every F layer's indexer activations and selection (int32 indices, bool valid)
-    and every layer's head-averaged probabilities over the selected slots (float32). Dense warm-up: each
-    layer's KL term is taken as soon as the layer has run and its teacher dropped, so one teacher and the
-    current F layer's indexer activations live at a time, plus per layer the gradients the chunked KL leaves
-    for the backward (the size of the indexer activations)."""
+    """What the layers hand to the loss (``training.distill.distill_losses``). Each layer's KL term is taken as
+    soon as the layer has run and its target dropped, so one target lives at a time: the teacher (warm-up) or
+    the head-averaged float32 probabilities over the selected slots (sparse stage), with the current F layer's
+    indexer activations; per layer the KL leaves gradients the size of those activations for the backward.
+    The sparse stage also keeps every F layer's selection (int32 indices, bool valid: the S layers' and the
+    backward's)."""
     n_full, n_layers = pattern.count("F"), len(pattern)
+    kept = (n_layers + 1) * shapes.indexer()
     if stage == "sparse":
         slots = shapes.tokens * cfg.index_topk
-        return n_full * (shapes.indexer() + slots * (4 + 1)) + n_layers * slots * 4
-    return shapes.teacher() + shapes.indexer() + n_layers * shapes.indexer()
+        return kept + slots * 4 + n_full * slots * (4 + 1)
+    return kept + shapes.teacher()
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -346,12 +347,11 @@ def plan_memory(cfg: ModelConfig, mesh: Mapping[str, int], *, seq_len: int, batc
       what their indexers read (normed input, query latent); + the larger of one working set (the forward holds
       one layer at a time) and the loss.
 
-    Selection buffers: what the layers hand to the loss. Sparse stage (the loss after the layer loop): every F
-    layer's indexer q, k, w, int32 indices and bool valid [b, t, index_topk], and every layer's float32
-    head-averaged probabilities over those slots. Dense warm-up (each layer's KL taken as the layer runs): one
-    teacher (absorbed query [b, t, heads, kv_lora_rank + rope] and latent rows) and one F layer's q, k, w at a
-    time, plus per layer the gradients its chunked KL keeps for the backward (the size of q, k, w). The KL
-    itself walks 512-key chunks: never [t, t].
+    Selection buffers: what the layers hand to the loss, each layer's KL taken as the layer runs. One target at
+    a time (the warm-up's teacher: absorbed query [b, t, heads, kv_lora_rank + rope] and latent rows; the sparse
+    stage's float32 probabilities over the index_topk slots) and one F layer's q, k, w; per layer the gradients
+    its KL keeps for the backward (the size of q, k, w); in the sparse stage every F layer's int32 indices and
+    bool valid [b, t, index_topk]. The warm-up's KL walks 512-key chunks: never [t, t].
     """
     sizes = _check_mesh(mesh)
     if optimizer not in OPTIMIZER_STATES:
