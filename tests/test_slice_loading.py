@@ -249,8 +249,9 @@ def check_sharded_fp8_load():
         value = var.get_value()
         assert value.sharding == param_sharding(mesh)(path, value.shape), (path, value.sharding)
         np.testing.assert_array_equal(np.asarray(value), np.asarray(plain_state[path].get_value()), err_msg=str(path))
-    assert sharded.layers[1].mlp.experts.gate_proj[...].sharding.spec == P("expert", None, "tensor")
-    assert sharded.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("tensor", None)
+    # experts over expert, their width over tensor, the hidden dimension over data (FSDP)
+    assert sharded.layers[1].mlp.experts.gate_proj[...].sharding.spec == P("expert", "data", "tensor")
+    assert sharded.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("tensor", "data")
 
 
 def test_sharded_fp8_load_reads_each_distinct_shard_once():
