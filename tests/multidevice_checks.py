@@ -187,9 +187,13 @@ def check_context_parallel_search():
         parallel = greedy_search(model, batches, 0.5, progress=False, mesh=make_mesh(data=2, context=4))
         single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
                                progress=False)
-        assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
-        np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
-                                   rtol=1e-5)
+        _assert_same_search(parallel, single)
+
+
+def _assert_same_search(parallel, single):
+    """Two greedy searches made the same flips with the same losses."""
+    assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
+    np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history], rtol=1e-5)
 
 
 def _assert_shares(module, shardings):
@@ -291,9 +295,7 @@ def check_sharded_search():
         assert experts.sharding.spec[0] == "expert" and experts.addressable_shards[0].data.shape[0] == 4
         single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
                                progress=False)
-        assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
-        np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
-                                   rtol=1e-5)
+        _assert_same_search(parallel, single)
 
 
 def check_distill_command_on_a_mesh():
@@ -383,9 +385,7 @@ def check_multi_process_search(process_id: str, port: str, folder: str, out: str
                              mesh=training_mesh(4, what="search"))  # all 4 devices of both hosts on data
     single = greedy_search(models.from_pretrained(folder, dtype=jnp.float32, progress=False), batches, 0.5,
                            progress=False)
-    assert parallel.pattern == single.pattern, (parallel.pattern, single.pattern)
-    np.testing.assert_allclose([h["loss"] for h in parallel.history], [h["loss"] for h in single.history],
-                               rtol=1e-5)
+    _assert_same_search(parallel, single)
     if is_main_process():
         assert state_path.is_file()
 

@@ -108,7 +108,7 @@ def state_shardings(state, params: dict[tuple, NamedSharding], mesh: Mesh) -> di
 def _place(x, sharding: NamedSharding):
     if getattr(x, "sharding", None) == sharding:
         return x
-    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True) is False:
+    if jax.process_count() == 1 or not x.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)  # every process holds the same full copy (loaded without a mesh)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

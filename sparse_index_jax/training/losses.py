@@ -73,17 +73,9 @@ def _dense_kl(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_ch
     return _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk)[0]
 
 
-def _dense_kl_fwd(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk):
-    # The residuals are the finished gradients (in the activations' dtypes), not the teacher.
-    return _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk)
-
-
 def _dense_kl_bwd(scale, query_chunk, key_chunk, grads, cotangent):
     scaled = tuple((g * cotangent).astype(g.dtype) for g in grads)
     return (*scaled, None, None, None)  # no gradient reaches the key scale or the teacher (targets)
-
-
-_dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
 
 
 def _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk, key_chunk):
@@ -98,9 +90,6 @@ def _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk
     k_p, tk_p = pad_k(k), pad_k(teacher_k)
     ks_p = pad_k(jnp.ones((B, S), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32))
     key_pos = jnp.arange(nk * kc, dtype=jnp.int32)
-
-    def scores_of(q_c, w_c, k_c, ks_c):
-        return index_scores(q_c, k_c, w_c, ks_c)
 
     def query_chunk_step(dk, i):
         q_c, w_c, tq_c = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 1) for x in (q_p, w_p, tq_p))
@@ -119,7 +108,7 @@ def _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk
         def lse_pass(j, carry):  # online log-sum-exp of every teacher head and of the indexer
             m_t, l_t, m_i, l_i = carry
             k_c, ks_c, mask, logits = key_slices(j)
-            scores = jnp.where(mask, scores_of(q_c, w_c, k_c, ks_c), -jnp.inf)
+            scores = jnp.where(mask, index_scores(q_c, k_c, w_c, ks_c), -jnp.inf)
             m_t2 = jnp.maximum(m_t, jnp.max(logits, axis=-1))
             m_i2 = jnp.maximum(m_i, jnp.max(scores, axis=-1))
             l_t = l_t * _exp_shift(m_t, m_t2) + jnp.sum(jnp.exp(logits - _finite(m_t2)[..., None]), axis=-1)
@@ -138,7 +127,7 @@ def _dense_kl_forward(q, w, k, k_scale, teacher_q, teacher_k, scale, query_chunk
             entropy, cross, dq, dw, dk = carry
             k_c, ks_c, mask, logits = key_slices(j)
             p = jnp.mean(jnp.exp(logits - lse_t[..., None]), axis=(2, 3))      # [B, qc, kc], 0 off the mask
-            scores, pull = jax.vjp(lambda q_, w_, k_: scores_of(q_, w_, k_, ks_c), q_c, w_c, k_c)
+            scores, pull = jax.vjp(lambda q_, w_, k_: index_scores(q_, k_, w_, ks_c), q_c, w_c, k_c)
             scores = jnp.where(mask, scores, 0.0)
             entropy = entropy + jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
             cross = cross + jnp.sum(p * scores, axis=-1)
@@ -186,16 +175,9 @@ def _slot_kl(q, w, k, k_scale, indices, valid, targets, query_chunk):
     return _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk)[0]
 
 
-def _slot_kl_fwd(q, w, k, k_scale, indices, valid, targets, query_chunk):
-    return _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk)
-
-
 def _slot_kl_bwd(query_chunk, grads, cotangent):
     scaled = tuple((g * cotangent[0]).astype(g.dtype) for g in grads)
     return (*scaled, None, None, None, None)  # nothing reaches the scale, the selection or the targets
-
-
-_slot_kl.defvjp(_slot_kl_fwd, _slot_kl_bwd)
 
 
 def _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk):
@@ -223,3 +205,8 @@ def _slot_kl_forward(q, w, k, k_scale, indices, valid, targets, query_chunk):
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, nq * qc, *x.shape[3:])[:, :T]  # noqa: E731
     grads = (unchunk(dq).astype(q.dtype), unchunk(dw).astype(w.dtype), dk.astype(k.dtype))
     return (jnp.sum(kl), jnp.sum(rows)), grads
+
+
+# The forward passes return (value, gradients): the residuals are the finished gradients, never the targets.
+_dense_kl.defvjp(_dense_kl_forward, _dense_kl_bwd)
+_slot_kl.defvjp(_slot_kl_forward, _slot_kl_bwd)
