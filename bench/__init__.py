@@ -34,6 +34,8 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("model", "prefill and decode time of a DeepSeek-V3.2-shaped stack under DSA / HISA / MISA / MISA-H "
               "and IndexCache 1/2, 1/4, with the selection / attention / rest shares",
               "bench/results/model_{device}.json"),
+    Benchmark("niah", "passkey / needle-in-a-haystack retrieval per prompt length and depth, dense vs every "
+              "selector and IndexCache (SmolLM2-135M + DSA)", "bench/results/niah_smollm2.json"),
     Benchmark("walk", "how much the HISA / MISA-H walks of the streaming kernel share between neighbouring "
               "queries, on SmolLM2's real indexer activations (a CPU FLOP model)",
               "bench/results/walk_sharing_smollm2.json"),

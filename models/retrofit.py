@@ -8,10 +8,11 @@ against the model before filling anything in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,10 @@ from sparse_index_jax.models.convert.gguf import load_smollm2
 from sparse_index_jax.models.llama import LlamaForCausalLM
 from sparse_index_jax.selection.methods import Selector
 
-# The SmolLM2-135M retrofit: 6 heads x 32 dims (16 of them rotary), top-256; ~4M parameters over 30 layers.
-SMOLLM2_INDEXER = {"n_heads": 6, "head_dim": 32, "rope_dim": 16}
+# New SmolLM2-135M indexers (``indexers="fresh"``): DSA-shaped, a head pool large enough for MISA's regime (4 of
+# 16 heads routed is DeepSeek-V3.2's 16 of 64 ratio; 2 of 16 its 8 of 64): 16 heads x 32 dims (16 of them rotary),
+# ~9.7M parameters over 30 layers, 19 MB as float16. The shipped file is older: 6 heads x 32 (its metadata says so).
+SMOLLM2_INDEXER = {"n_heads": 16, "head_dim": 32, "rope_dim": 16}
 SMOLLM2_SELECTOR = Selector("dsa", 256)
 SMOLLM2_INDEXERS = pathlib.Path(__file__).parent / "weights" / "smollm2_135m_indexers.safetensors"
 
@@ -103,6 +106,18 @@ def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
     return stored.info
 
 
+@contextlib.contextmanager
+def indexers_swapped(model: LlamaForCausalLM, path: str | pathlib.Path) -> Iterator[dict]:
+    """Runs the block with the indexers of ``path`` (same shape) in ``model``, then puts the model's own back;
+    yields the file's info. One base model serves several indexer files (e.g. full and IndexCache-trained)."""
+    own = {name: var.get_value() for name, var in _indexer_params(model).items()}
+    try:
+        yield load_indexers(model, path)
+    finally:
+        for name, var in _indexer_params(model).items():
+            var.set_value(own[name])
+
+
 def resolve_indexers(indexers: str | pathlib.Path | None) -> pathlib.Path | None:
     """``"shipped"`` -> the distilled SmolLM2 indexers in ``models/weights``; ``"fresh"`` or None -> None
     (new, untrained indexers); anything else is a path to an indexers file."""
@@ -112,15 +127,21 @@ def resolve_indexers(indexers: str | pathlib.Path | None) -> pathlib.Path | None
 
 
 def smollm2(indexers: str | pathlib.Path | None = "shipped", *, dtype=jnp.float32, progress: bool = True,
-            **selector) -> tuple[LlamaForCausalLM, object]:
+            shape: dict | None = None, **selector) -> tuple[LlamaForCausalLM, object]:
     """(model, tokenizer): SmolLM2-135M-Instruct with DSA retrofitted.
 
     ``indexers``: ``"shipped"`` (the distilled weights in ``models/weights``), ``"fresh"`` (new indexers of
-    shape ``SMOLLM2_INDEXER``, to distil) or an indexers file. The selector is the file's (DSA top-256 for
-    fresh indexers); ``selector`` fields change it, e.g. ``method="hisa", block_size=64, num_blocks=16``.
+    shape ``SMOLLM2_INDEXER``, or ``shape``'s ``n_heads`` / ``head_dim`` / ``rope_dim``, to distil) or an
+    indexers file (its metadata fixes the shape). The selector is the file's (DSA top-256 for fresh
+    indexers); ``selector`` fields change it, e.g. ``method="hisa", block_size=64, num_blocks=16``.
     """
     path = resolve_indexers(indexers)
-    weights, base = SMOLLM2_INDEXER, SMOLLM2_SELECTOR
+    weights, base = {**SMOLLM2_INDEXER, **(shape or {})}, SMOLLM2_SELECTOR
+    if shape and path is not None:
+        raise ValueError(f"an indexer shape ({shape}) applies to fresh indexers only; {path} fixes its own shape")
+    unknown = sorted(set(shape or {}) - set(SMOLLM2_INDEXER))
+    if unknown:
+        raise ValueError(f"smollm2: unknown indexer shape fields {unknown}; choose from {sorted(SMOLLM2_INDEXER)}")
     if path is not None:
         stored = read_indexer_file(path)
         weights = {k: v for k, v in stored.weights.items() if k not in ("hidden_size", "q_input_dim")}

@@ -131,6 +131,12 @@ def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) 
     parser.add_argument("--indexers", default=indexers_default,
                         help=f"smollm2 only: 'shipped' (distilled, in models/weights), 'fresh' (random init) or a "
                              f"weights file written by distill (default {indexers_default})")
+    shape = parser.add_argument_group("new indexers' shape", "smollm2 with --indexers fresh only (a file fixes its "
+                                      "own); default 16 heads x 32 dims, 16 rotary (4 of 16 routed = MISA's 1/4)")
+    shape.add_argument("--indexer-heads", dest="shape_n_heads", **positive(default=None, help="indexer heads"))
+    shape.add_argument("--indexer-head-dim", dest="shape_head_dim", **positive(default=None, help="dims per head"))
+    shape.add_argument("--indexer-rope-dim", dest="shape_rope_dim", **positive(default=None,
+                                                                                help="rotary dims of each head"))
     parser.add_argument("--data", nargs="+", help="token files (.npy, .bin) or text files (tokenised with the model "
                                                   "folder's tokenizer.json); smollm2 default: CPython's standard "
                                                   "library sources (train split)")
@@ -162,6 +168,12 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     multi.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
 
 
+def indexer_shape(args: argparse.Namespace) -> dict:
+    """The --indexer-* flags given: ``{"n_heads": 16, ...}`` (empty when none)."""
+    return {name: getattr(args, f"shape_{name}") for name in ("n_heads", "head_dim", "rope_dim")
+            if getattr(args, f"shape_{name}", None) is not None}
+
+
 def load_model_and_data(args: argparse.Namespace, device_mesh=None):
     """(model, PackedDataset) of the --model / --data / selector flags; prints one line about both. With
     ``device_mesh`` an HF or converted model is read straight onto its shards (each host reads its own)."""
@@ -178,9 +190,13 @@ def load_model_and_data(args: argparse.Namespace, device_mesh=None):
     )
 
     if args.model == "smollm2":
-        model, tokenizer = smollm2(args.indexers, dtype=jnp.dtype(args.dtype or "float32"), progress=not args.quiet)
+        model, tokenizer = smollm2(args.indexers, dtype=jnp.dtype(args.dtype or "float32"), progress=not args.quiet,
+                                   shape=indexer_shape(args))
         files = args.data or python_stdlib_files("train")
     else:
+        if indexer_shape(args):
+            raise ValueError("--indexer-heads / --indexer-head-dim / --indexer-rope-dim shape new smollm2 indexers; "
+                             f"{args.model}'s indexers come with the checkpoint")
         if not args.data:
             raise ValueError("--data is required (token or text files) unless --model is smollm2")
         model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"), mesh=device_mesh,

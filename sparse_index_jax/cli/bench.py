@@ -6,6 +6,7 @@ from sparse_index_jax.bench import BENCHMARKS
 from sparse_index_jax.cli import (
     bench_fidelity,
     bench_model,
+    bench_niah,
     bench_roofline,
     bench_speed,
     bench_survivors,
@@ -14,7 +15,7 @@ from sparse_index_jax.cli import (
 )
 
 _COMMANDS = {"speed": bench_speed, "fidelity": bench_fidelity, "roofline": bench_roofline,
-             "selector-sweep": bench_sweep, "survivors": bench_survivors, "model": bench_model,
+             "selector-sweep": bench_sweep, "survivors": bench_survivors, "model": bench_model, "niah": bench_niah,
              "walk": bench_walk}
 
 

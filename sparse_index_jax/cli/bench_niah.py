@@ -1,0 +1,131 @@
+"""``sparse-index bench niah``: passkey / needle retrieval per length and depth, dense vs every selector."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from sparse_index_jax.bench import Benchmark, niah
+from sparse_index_jax.cli.arguments import lengths, names, positive
+
+METHODS = ("dense", "dsa", "hisa", "misa", "misa_h", "indexcache")
+GRIDS = {  # the CPU default is a few minutes on 2 cores; the full grid is for a GPU
+    "fast": {"lengths": [1024, 2048, 4096], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "trials": 1},
+    "full": {"lengths": [1024, 2048, 4096, 8192], "depths": [i / 10 for i in range(11)], "trials": 3},
+}
+
+DESCRIPTION = (
+    "Needle in a haystack on SmolLM2-135M with DSA retrofitted: prompts of exactly N tokens (generated offline) "
+    "hide a 5-digit key at a depth of the filler and ask for it at the end. A prompt counts as retrieved when "
+    "every answer token is the model's argmax (equal to greedy decoding of the answer). Runs dense attention, "
+    "DSA, HISA, MISA, MISA-H (the selectors of `bench fidelity`: HISA 4 x topk candidates, MISA a quarter of the "
+    "indexer heads) and IndexCache at --keep (uniform; searched with --patterns-from; trained with "
+    "--indexcache-indexers). Prints retrieval per length, writes JSON and a depth x length heatmap per method "
+    "(lengths beyond the indexers' training length marked). --grid fast (default: 1K-4K, 5 depths, 1 prompt per "
+    "cell; about 15 minutes on 2 CPU cores) or full (1K-8K, 11 depths, 3 prompts; for a GPU).")
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1] like 0,0.5,1, got {text!r}")
+    return values
+
+
+def add_parser(sub, spec: Benchmark) -> None:
+    p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION)
+    p.add_argument("--model", choices=("smollm2",), default="smollm2", help="the model (default smollm2)")
+    p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
+    p.add_argument("--task", choices=niah.TASKS, default="passkey",
+                   help="passkey: repeated filler (LongLoRA's test); needle: varied generated sentences (RULER's "
+                        "single needle). Default passkey")
+    p.add_argument("--grid", choices=tuple(GRIDS), default="fast", help="preset lengths, depths and trials (above)")
+    p.add_argument("--lengths", type=lengths, help="prompt lengths, e.g. 1K,2K,4K,8K (overrides --grid)")
+    p.add_argument("--depths", type=_depths, help="needle depths in [0, 1], e.g. 0,0.5,1 (overrides --grid)")
+    p.add_argument("--trials", **positive(default=None, help="prompts per cell, each with its own key (overrides "
+                                                             "--grid)"))
+    p.add_argument("--methods", type=names(METHODS, "method"), default=list(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)} (default all)")
+    p.add_argument("--topk", **positive(default=256, help="keys kept per query (default 256)"))
+    p.add_argument("--keep", type=float, default=0.25, help="IndexCache: share of layers keeping their indexer "
+                                                            "(default 0.25: F every 4th layer)")
+    p.add_argument("--patterns-from", help="a `bench fidelity --model smollm2` report: also run its searched "
+                                           "IndexCache pattern at --keep")
+    p.add_argument("--indexcache-indexers", help="indexers distilled with an IndexCache pattern (`sparse-index "
+                                                 "distill --every 4`): also run them at their pattern")
+    p.add_argument("--batch-size", **positive(default=1, help="prompts per forward pass (default 1)"))
+    p.add_argument("--seed", type=int, default=0, help="keys and filler draws")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=spec.default_out, help=f"JSON report path (default {spec.default_out}; PNG "
+                                                           "alongside)")
+    p.set_defaults(func=run)
+
+
+def _indexcache_runs(args: argparse.Namespace, n_layers: int) -> dict[str, dict]:
+    """The IndexCache rows: uniform at --keep, the searched pattern of a report, a trained indexers file."""
+    from sparse_index_jax.layers.index_cache import IndexCacheConfig
+    from sparse_index_jax.models.retrofit import read_indexer_file
+
+    if not 0 < args.keep < 1:
+        raise ValueError(f"--keep must lie in (0, 1), got {args.keep}")
+    every = round(1 / args.keep)
+    runs = {f"indexcache uniform 1/{every}": {"pattern": IndexCacheConfig.uniform(n_layers, every).pattern}}
+    if args.patterns_from:
+        searched = json.loads(pathlib.Path(args.patterns_from).read_text()).get("searched", {})
+        match = [v for k, v in searched.items() if abs(float(k) - args.keep) < 1e-9]
+        if not match:
+            raise ValueError(f"{args.patterns_from} holds searched patterns for keeps {sorted(searched)}, not "
+                             f"{args.keep}")
+        runs[f"indexcache searched 1/{every}"] = {"pattern": match[0]["pattern"]}
+    if args.indexcache_indexers:
+        info = read_indexer_file(args.indexcache_indexers).info
+        pattern = (info.get("distill") or {}).get("pattern")
+        if not pattern:
+            raise ValueError(f"{args.indexcache_indexers} was distilled without an IndexCache pattern (its info has "
+                             f"no distill.pattern): distil with --every N or --pattern")
+        F = pattern.count("F")
+        kind = "uniform" if pattern == IndexCacheConfig.uniform(n_layers, every).pattern else "custom"
+        runs[f"indexcache trained {F}/{n_layers} ({kind})"] = {"pattern": pattern,
+                                                                 "indexers": args.indexcache_indexers}
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_index_jax.bench import model_fidelity
+    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
+
+    grid = GRIDS[args.grid]
+    setup = niah.NiahSetup(lengths=tuple(args.lengths or grid["lengths"]), depths=tuple(args.depths or grid["depths"]),
+                           trials=args.trials or grid["trials"], task=args.task, batch_size=args.batch_size,
+                           seed=args.seed)
+    model, tokenizer = smollm2(args.indexers, progress=not args.quiet)
+    path = resolve_indexers(args.indexers)
+    info = read_indexer_file(path).info if path else {}
+    selectors = model_fidelity.ModelFidelitySetup(topk=args.topk)
+    model.set_selector(**selectors.selector("dsa").as_dict())
+    n = model.cfg.num_hidden_layers
+    runs: dict[str, dict] = {}
+    for method in args.methods:
+        if method == "dense":
+            runs["dense"] = {"dense": True}
+        elif method == "indexcache":
+            runs.update(_indexcache_runs(args, n))
+        else:
+            runs[method] = {"selector": selectors.selector(method)}
+    ix = model.cfg.indexer
+    model_info = {"name": "SmolLM2-135M-Instruct + DSA retrofit", "indexers": str(path or args.indexers),
+                  "indexer": {"n_heads": ix.n_heads, "head_dim": ix.head_dim, "rope_dim": ix.rope_dim}}
+    print(f"{setup.task} retrieval, SmolLM2-135M + DSA ({args.indexers} indexers, {ix.n_heads} heads, trained at "
+          f"{info.get('seq_len', '?')} tokens): lengths {list(setup.lengths)}, depths {list(setup.depths)}, "
+          f"{setup.trials} prompt(s) per cell; runs: {', '.join(runs)}", flush=True)
+    report = niah.run(model, tokenizer, setup, runs, train_seq_len=info.get("seq_len"), model_info=model_info,
+                      progress=not args.quiet, log=print)
+    print()
+    print(niah.format_table(report))
+    json_path, png = niah.save(report, args.out)
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else " (matplotlib is not installed: no plot)"))
+    return 0
