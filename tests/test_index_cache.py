@@ -204,9 +204,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(checkpoint, data, tmp_path
                         sparse_lr=1e-3, save_every=100)
     straight = load(checkpoint)
     distill(straight, data, cfg, tmp_path / "a", progress=False)
-    for stop in (2, 2, None):  # two interruptions, each followed by a fresh process loading the checkpoint
+    lines = []
+    # two interruptions (after 2 steps; a time limit passed by the first step), each followed by a fresh process
+    # loading the checkpoint
+    for stop, time_limit in ((2, None), (None, 1e-9), (None, None)):
         resumed = load(checkpoint)
-        distill(resumed, data, cfg, tmp_path / "b", progress=False, stop_after=stop, log=lambda s: None)
+        history = distill(resumed, data, cfg, tmp_path / "b", progress=False, stop_after=stop, log=lines.append,
+                          time_limit=time_limit)
+        if time_limit:
+            assert [h["step"] for h in history] == [3] and "time limit" in lines[-1]
     a, b = nnx.to_flat_state(nnx.state(straight)), nnx.to_flat_state(nnx.state(resumed))
     for (path, x), (_, y) in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(path))

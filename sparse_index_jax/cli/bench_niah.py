@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = smollm2(args.indexers, progress=not args.quiet)
     path = resolve_indexers(args.indexers)
     info = read_indexer_file(path).info if path else {}
+    ix = model.cfg.indexer
     selectors = model_fidelity.ModelFidelitySetup(topk=args.topk)
     model.set_selector(**selectors.selector("dsa").as_dict())
     n = model.cfg.num_hidden_layers
@@ -115,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
         elif method == "indexcache":
             runs.update(_indexcache_runs(args, n))
         else:
-            runs[method] = {"selector": selectors.selector(method)}
-    ix = model.cfg.indexer
+            runs[method] = {"selector": selectors.selector(method, ix.n_heads)}
     model_info = {"name": "SmolLM2-135M-Instruct + DSA retrofit", "indexers": str(path or args.indexers),
                   "indexer": {"n_heads": ix.n_heads, "head_dim": ix.head_dim, "rope_dim": ix.rope_dim}}
     print(f"{setup.task} retrieval, SmolLM2-135M + DSA ({args.indexers} indexers, {ix.n_heads} heads, trained at "

