@@ -26,7 +26,6 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

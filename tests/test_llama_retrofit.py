@@ -198,29 +198,138 @@ def test_retrofit_distillation_trains_the_indexers_alone(tmp_path):
 
 def test_model_fidelity_report_on_a_tiny_model(tmp_path):
     from sparse_index_jax.bench import model_fidelity as mf
+    from sparse_index_jax.selection import metrics
 
     model = tiny_model()
     rng = np.random.default_rng(1)
     heldout = rng.integers(0, 97, (2, 33)).astype(np.int32)
     calibration = [(rng.integers(0, 97, (1, 16)), rng.integers(0, 97, (1, 16))) for _ in range(2)]
     setup = mf.ModelFidelitySetup(seq_len=32, sequences=2, topk=6, hisa_block=4, hisa_blocks=3, misa_block=4,
-                                  misa_heads=1, search_seq_len=16, search_batches=2, search_batch_size=1)
-    report = mf.run(model, heldout, calibration, setup, progress=False, log=lambda _: None)
-    assert len(report["per_layer"]) == 3
+                                  misa_fraction=0.5, keeps=(0.5,), search_seq_len=16, search_batches=2,
+                                  search_batch_size=1)  # one keep: every LM run compiles the model (~2 s each)
+    # indexers "distilled" for the uniform 1/2 pattern: the model's own, perturbed in the file (a second tiny model
+    # costs seconds), so their row must differ from the model's own at that pattern
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    trained = save_indexers(model, tmp_path / "ic.safetensors", {"distill": {"pattern": "FSF"}})
+    with safe_open(str(trained), "np") as f:
+        meta = f.metadata()
+    save_file({k: (v + rng.normal(0, 0.5, v.shape)).astype(v.dtype) for k, v in load_file(str(trained)).items()},
+              str(trained), metadata=meta)
+    before = jax.tree.map(np.array, nnx.state(model, nnx.PathContains("indexer")))
+    report = mf.run(model, heldout, calibration, setup, progress=False, log=lambda _: None,
+                    model_info={"name": "tiny", "train_seq_len": 16}, trained=trained)
+    assert len(report["per_layer"]) == 3 and report["sequences"] == 2
     for layer in report["per_layer"]:
         assert 0 < layer["dsa_mass"] <= layer["ceiling"] + 1e-6 <= 1 + 1e-6  # nothing beats the best shared set
         assert 0 <= layer["hisa_iou"] <= 1
+    assert report["setup"]["misa_heads"] == 2 and report["setup"]["indexer_heads"] == 3  # round(3 * 0.5)
+    # the spread: the standard error of the per-sequence layer means, and of the paired loss differences
+    se = lambda v: np.std(v, ddof=1) / np.sqrt(len(v))  # noqa: E731
+    per_seq = np.array(report["per_sequence"]["dsa_mass"])
+    assert per_seq.shape == (2, 3)
+    np.testing.assert_allclose(report["mean"]["dsa_mass"], per_seq.mean(), rtol=1e-12)
+    np.testing.assert_allclose(report["se"]["dsa_mass"], se(per_seq.mean(axis=1)), rtol=1e-12)
+    dense, dsa = (np.array(report["lm_loss"][n]["per_sequence"]) for n in ("dense", "dsa"))
+    np.testing.assert_allclose(report["lm_loss"]["dsa"]["se"], se(dsa), rtol=1e-12)
+    np.testing.assert_allclose(report["lm_loss"]["dsa"]["vs_dense_se"], se(dsa - dense) / dense.mean(), rtol=1e-12)
+    assert report["lm_loss"]["dense"]["vs_dense"] == 0 and report["lm_loss"]["dense"]["vs_dense_se"] == 0
+    # cross-layer IoU: symmetric, 1 on the diagonal, and layer 0 vs 2 as metrics.iou gives it the slow way
+    iou = np.array(report["cross_layer_iou"])
+    np.testing.assert_allclose(iou, iou.T)
+    np.testing.assert_array_equal(np.diag(iou), 1.0)
+    positions = jnp.arange(32, dtype=jnp.int32)[None]
+    slow = []
+    for row in heldout:
+        acts = [a.indexer for a in mf.dense_layer_outputs(model, row[None, :-1])]
+        sels = [Selector("dsa", 6).select(a.q, a.k, a.w, q_positions=positions, k_scale=a.k_scale) for a in acts]
+        slow.append(float(jnp.mean(metrics.iou(sels[0], sels[2])[:, 16:])))
+    np.testing.assert_allclose(iou[0, 2], np.mean(slow), rtol=1e-6)
+    assert iou[0, 2] < 1  # different layers select differently: the check can fail
+    np.testing.assert_allclose(report["mean"]["adjacent_layer_iou"], (iou[0, 1] + iou[1, 2]) / 2, rtol=1e-6)
+    # by position: bins over [topk, T), layers x bins, marked past the indexers' training length (16)
+    pos = report["by_position"]
+    assert pos["edges"][0] == 6 and pos["edges"][-1] == 32 and len(pos["edges"]) == setup.position_bins + 1
+    assert np.array(pos["dsa_of_ceiling"]).shape == (3, setup.position_bins)
+    assert report["model"]["train_seq_len"] == 16
+    table = mf.format_table(report)
+    assert "beyond the indexers' training length (16 tokens)" in table and "(beyond training)" in table
+    assert "of the ceiling" in table and "n = 2 held-out sequences" in table and " ± " in table
+    # the trained IndexCache row: the file's pattern and weights; the model's own indexers are back afterwards
+    row = report["lm_loss"]["indexcache trained 1/2 (uniform)"]
+    assert row["pattern"] == "FSF" == report["lm_loss"]["indexcache uniform 1/2"]["pattern"]
+    assert row["loss"] != report["lm_loss"]["indexcache uniform 1/2"]["loss"]
+    after = jax.tree.map(np.array, nnx.state(model, nnx.PathContains("indexer")))
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)
     assert set(report["lm_loss"]) >= {"dense", "dsa", "hisa", "misa", "misa_h", "indexcache searched 1/2"}
-    assert report["lm_loss"]["dense"]["vs_dense"] == 0
     assert model.cfg.indexer.method == "dsa"  # restored after the selector runs
     json_path, png = mf.save(report, tmp_path / "f.json")
     assert json_path.is_file() and (png is None or png.is_file())
-    assert "of the ceiling" in mf.format_table(report)
     searched = {float(k): v for k, v in report["searched"].items()}  # as --search-from reads them back
     again = mf.run(model, heldout, [], setup, progress=False, log=lambda _: None, searched=searched)
-    assert again["lm_loss"] == report["lm_loss"]
+    assert again["lm_loss"] == {k: v for k, v in report["lm_loss"].items() if "trained" not in k}
+    assert again["model"]["train_seq_len"] is None and "training length" not in mf.format_table(again)
     with pytest.raises(ValueError, match="keeps"):
-        mf.run(model, heldout, [], setup, progress=False, log=lambda _: None, searched={0.5: searched[0.5]})
+        mf.run(model, heldout, [], setup, progress=False, log=lambda _: None, searched={0.25: searched[0.5]})
+    untrained = save_indexers(model, tmp_path / "plain.safetensors", {"distill": {"pattern": None}})
+    with pytest.raises(ValueError, match="not distilled for an IndexCache pattern"):
+        mf.trained_indexcache_run(model, untrained)
+
+
+def test_standard_errors_of_the_fidelity_report():
+    from sparse_index_jax.bench.model_fidelity import loss_row, standard_error
+
+    assert standard_error([2.0]) is None  # one sequence: no spread to estimate
+    np.testing.assert_allclose(standard_error([1.0, 2.0, 4.0, 7.0]), np.std([1, 2, 4, 7], ddof=1) / 2)
+    row = loss_row([1.1, 2.2, 3.0], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(row["vs_dense"], 6.3 / 6.0 - 1)
+    np.testing.assert_allclose(row["vs_dense_se"], np.std([0.1, 0.2, 0.0], ddof=1) / np.sqrt(3) / 2.0)
+    assert loss_row([1.5], [1.0])["vs_dense_se"] is None
+
+
+def test_selection_overlap_equals_metrics_iou(monkeypatch):
+    from sparse_index_jax.bench.model_fidelity import SelectionOverlap
+    from sparse_index_jax.selection import metrics
+
+    rng = np.random.default_rng(0)
+    R, K, S = 7, 5, 70  # keys past one 64-bit word
+    sels = []
+    for _ in range(3):  # ragged: some rows with padding slots, one row empty in the last layer
+        indices = np.full((R, K), -1, np.int32)
+        for r in range(R):
+            n = rng.integers(1, K + 1)
+            indices[r, :n] = rng.choice(S, n, replace=False)
+        sels.append(Selection(jnp.asarray(indices[None]), jnp.asarray(indices[None] >= 0)))
+    sels[2] = Selection(sels[2].indices.at[0, 3].set(-1), sels[2].valid.at[0, 3].set(False))
+    want = {(j, i): float(jnp.mean(metrics.iou(sels[j], sels[i]))) for j in range(3) for i in range(j)}
+    assert len(set(want.values())) > 1
+    for popcount in ("numpy", "byte table"):  # np.bitwise_count (numpy >= 2), else the table
+        if popcount == "byte table" and hasattr(np, "bitwise_count"):
+            monkeypatch.delattr(np, "bitwise_count")
+        overlap = SelectionOverlap(S)
+        got = [overlap.add(np.asarray(s.indices[0]), np.asarray(s.valid[0])) for s in sels]
+        assert [len(g) for g in got] == [0, 1, 2]
+        for (j, i), value in want.items():
+            np.testing.assert_allclose(got[j][i], value, rtol=1e-6, err_msg=f"{popcount}: layers {j}, {i}")
+
+
+def test_misa_heads_resolve_from_the_fraction():
+    from sparse_index_jax.bench.model_fidelity import ModelFidelitySetup
+
+    setup = ModelFidelitySetup()
+    assert setup.sequences == 8 and setup.misa_heads is None
+    assert [setup.misa_active_heads(h) for h in (6, 16, 3, 1)] == [2, 4, 1, 1]  # a quarter, at least one
+    assert setup.selector("misa", 16).options.active_heads == 4
+    assert setup.for_heads(6).selector("misa_h").options.active_heads == 2
+    assert ModelFidelitySetup(misa_heads=3).selector("misa", 6).options.active_heads == 3  # explicit override
+    with pytest.raises(ValueError, match="give n_heads"):
+        setup.selector("misa")
+    with pytest.raises(ValueError, match="misa_fraction"):
+        ModelFidelitySetup(misa_fraction=0)
+    with pytest.raises(ValueError, match="routes 4 heads"):
+        ModelFidelitySetup(misa_heads=4).for_heads(3)
 
 
 # ---- GGUF: the loader against transformers, the tokenizer ----------------------------------------------------

@@ -131,29 +131,27 @@ def test_indexcache_rows_of_the_command(tmp_path):
 
     from sparse_index_jax.cli.bench_niah import _indexcache_runs
 
-    runs = _indexcache_runs(_niah_args(), 8)
-    assert runs == {"indexcache uniform 1/4": {"pattern": "FSSSFSSS"}}
-    report = tmp_path / "fidelity.json"
-    report.write_text(json.dumps({"searched": {"0.5": {"pattern": "FFSSFFSS"}, "0.25": {"pattern": "FFSSSSSS"}}}))
-    assert _indexcache_runs(_niah_args(patterns_from=str(report)), 8)["indexcache searched 1/4"] == {
-        "pattern": "FFSSSSSS"}
-    with pytest.raises(ValueError, match="keeps"):
-        _indexcache_runs(_niah_args(patterns_from=str(report), keep=0.125), 8)
     model = tiny_model()
-    trained = save_indexers(model, tmp_path / "ic.safetensors", {"distill": {"pattern": "FSSS"}})
+    assert _indexcache_runs(_niah_args(), model) == {"indexcache uniform 1/4": {"pattern": "FSSS"}}
+    report = tmp_path / "fidelity.json"
+    report.write_text(json.dumps({"searched": {"0.5": {"pattern": "FSFS"}, "0.25": {"pattern": "FFSS"}}}))
+    with pytest.raises(ValueError, match="keeps"):
+        _indexcache_runs(_niah_args(patterns_from=str(report), keep=0.125), model)
+    trained = save_indexers(model, tmp_path / "ic.safetensors", {"distill": {"pattern": "FFSS"}, "seq_len": 64})
     plain = save_indexers(model, tmp_path / "full.safetensors", {"distill": {"pattern": None}})
-    rows = _indexcache_runs(_niah_args(indexcache_indexers=str(trained)), 4)
-    assert rows["indexcache trained 1/4 (uniform)"] == {"pattern": "FSSS", "indexers": str(trained)}
-    with pytest.raises(ValueError, match="without an IndexCache pattern"):
-        _indexcache_runs(_niah_args(indexcache_indexers=str(plain)), 4)
-    with pytest.raises(ValueError, match="--keep"):
-        _indexcache_runs(_niah_args(keep=1.0), 4)
+    rows = _indexcache_runs(_niah_args(patterns_from=str(report), indexcache_indexers=str(trained), keep=0.5), model)
+    assert rows == {"indexcache uniform 1/2": {"pattern": "FSFS"}, "indexcache searched 1/2": {"pattern": "FSFS"},
+                    "indexcache trained 1/2 (custom)": {"pattern": "FFSS", "indexers": str(trained),
+                                                        "train_seq_len": 64}}
+    with pytest.raises(ValueError, match="not distilled for an IndexCache pattern"):
+        _indexcache_runs(_niah_args(indexcache_indexers=str(plain)), model)
 
 
 def test_the_command_line_checks_its_grid():
     from sparse_index_jax.cli import main
 
-    for bad in (["--depths", "0,1.5"], ["--lengths", "1K,x"], ["--methods", "dense,flash"], ["--trials", "0"]):
+    for bad in (["--depths", "0,1.5"], ["--lengths", "1K,x"], ["--methods", "dense,flash"], ["--trials", "0"],
+                ["--keep", "1.0"]):
         with pytest.raises(SystemExit) as err:
             main(["bench", "niah", *bad])
         assert err.value.code == 2

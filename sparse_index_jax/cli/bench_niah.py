@@ -65,15 +65,12 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.set_defaults(func=run)
 
 
-def _indexcache_runs(args: argparse.Namespace, n_layers: int) -> dict[str, dict]:
+def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
     """The IndexCache rows: uniform at --keep, the searched pattern of a report, a trained indexers file."""
     from sparse_index_jax.layers.index_cache import IndexCacheConfig
-    from sparse_index_jax.models.retrofit import read_indexer_file
 
-    if not 0 < args.keep < 1:
-        raise ValueError(f"--keep must lie in (0, 1), got {args.keep}")
     every = round(1 / args.keep)
-    runs = {f"indexcache uniform 1/{every}": {"pattern": IndexCacheConfig.uniform(n_layers, every).pattern}}
+    runs = {f"indexcache uniform 1/{every}": {"pattern": IndexCacheConfig.uniform(len(model.layers), every).pattern}}
     if args.patterns_from:
         searched = json.loads(pathlib.Path(args.patterns_from).read_text()).get("searched", {})
         match = [v for k, v in searched.items() if abs(float(k) - args.keep) < 1e-9]
@@ -82,15 +79,11 @@ def _indexcache_runs(args: argparse.Namespace, n_layers: int) -> dict[str, dict]
                              f"{args.keep}")
         runs[f"indexcache searched 1/{every}"] = {"pattern": match[0]["pattern"]}
     if args.indexcache_indexers:
-        info = read_indexer_file(args.indexcache_indexers).info
-        pattern = (info.get("distill") or {}).get("pattern")
-        if not pattern:
-            raise ValueError(f"{args.indexcache_indexers} was distilled without an IndexCache pattern (its info has "
-                             f"no distill.pattern): distil with --every N or --pattern")
-        F = pattern.count("F")
-        kind = "uniform" if pattern == IndexCacheConfig.uniform(n_layers, every).pattern else "custom"
-        runs[f"indexcache trained {F}/{n_layers} ({kind})"] = {"pattern": pattern,
-                                                                 "indexers": args.indexcache_indexers}
+        from sparse_index_jax.bench.model_fidelity import trained_indexcache_run
+
+        searched = [run["pattern"] for name, run in runs.items() if "searched" in name]
+        name, run = trained_indexcache_run(model, args.indexcache_indexers, searched)
+        runs[name] = run
     return runs
 
 
@@ -98,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_index_jax.bench import model_fidelity
     from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
 
+    if not 0 < args.keep < 1:
+        raise ValueError(f"--keep must lie in (0, 1), got {args.keep}")
     grid = GRIDS[args.grid]
     setup = niah.NiahSetup(lengths=tuple(args.lengths or grid["lengths"]), depths=tuple(args.depths or grid["depths"]),
                            trials=args.trials or grid["trials"], task=args.task, batch_size=args.batch_size,
@@ -108,13 +103,12 @@ def run(args: argparse.Namespace) -> int:
     ix = model.cfg.indexer
     selectors = model_fidelity.ModelFidelitySetup(topk=args.topk)
     model.set_selector(**selectors.selector("dsa").as_dict())
-    n = model.cfg.num_hidden_layers
     runs: dict[str, dict] = {}
     for method in args.methods:
         if method == "dense":
             runs["dense"] = {"dense": True}
         elif method == "indexcache":
-            runs.update(_indexcache_runs(args, n))
+            runs.update(_indexcache_runs(args, model))
         else:
             runs[method] = {"selector": selectors.selector(method, ix.n_heads)}
     model_info = {"name": "SmolLM2-135M-Instruct + DSA retrofit", "indexers": str(path or args.indexers),
