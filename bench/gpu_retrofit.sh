@@ -3,7 +3,8 @@
 # distillation is time-boxed by --time-limit, so a slower device stops early, says so, and still writes):
 #
 #   1. new DSA-shaped indexers (16 heads x 32, MISA's 1/4 regime) distilled at 8,192 tokens from scratch:
-#      dense warm-up, then the sparse stage (batches of 2 x 8K = 16K tokens, as the 2K run's 8 x 2K);
+#      dense warm-up, then the sparse stage (batches of 2 x 8K = 16K tokens, as the 2K run's 8 x 2K), on the
+#      standard library with its packages (3M tokens: 360 sequences of 8K, where the top-level files give 120);
 #   2. training-aware IndexCache: those indexers distilled further with the uniform 1/4 pattern (each F layer
 #      learns the attention of the three S layers after it as well: the multi-layer loss);
 #   3. `bench niah` (passkey, 2K-8K, 5 depths, 2 prompts per cell): dense, DSA, HISA, MISA, MISA-H, IndexCache
@@ -41,15 +42,16 @@ export PYTHONUNBUFFERED=1
 
   echo "== 1. distill 16 x 32 indexers at $SEQ tokens ($WARMUP + $SPARSE steps, at most $MINUTES min)"
   SECONDS=0
-  timeout "$(left 400)" sparse-index distill --model smollm2 --indexers fresh --seq-len "$SEQ" --batch-size 2 \
-      --warmup-steps "$WARMUP" --sparse-steps "$SPARSE" --warmup-lr 1e-3 --sparse-lr 2e-4 --schedule cosine \
-      --save-every 100 --eval-batches 2 --time-limit "$MINUTES" --quiet --out "$WORK/full" 2>&1 | grep -v "^WARNING"
+  timeout "$(left 400)" sparse-index distill --model smollm2 --indexers fresh --stdlib-packages --seq-len "$SEQ" \
+      --batch-size 2 --warmup-steps "$WARMUP" --sparse-steps "$SPARSE" --warmup-lr 1e-3 --sparse-lr 2e-4 \
+      --schedule cosine --save-every 100 --eval-batches 2 --time-limit "$MINUTES" --quiet --out "$WORK/full" \
+      2>&1 | grep -v "^WARNING"
   echo "distill exit ${PIPESTATUS[0]} after $SECONDS s"
   cp "$WORK/full/indexers.safetensors" "$IX"
 
   echo "== 2. training-aware IndexCache 1/4 ($IC_WARMUP + $IC_SPARSE steps, at most $IC_MINUTES min)"
   SECONDS=0
-  timeout "$(left 200)" sparse-index distill --model smollm2 --indexers "$IX" --every 4 \
+  timeout "$(left 200)" sparse-index distill --model smollm2 --indexers "$IX" --every 4 --stdlib-packages \
       --seq-len "$SEQ" --batch-size 2 --warmup-steps "$IC_WARMUP" --sparse-steps "$IC_SPARSE" --warmup-lr 3e-4 \
       --sparse-lr 1e-4 --schedule cosine --save-every 100 --eval-batches 2 --time-limit "$IC_MINUTES" --quiet \
       --out "$WORK/ic4" 2>&1 | grep -v "^WARNING"

@@ -135,17 +135,26 @@ class PackedDataset:
         return digest.hexdigest()[:16]
 
 
-def python_stdlib_files(split: str = "train", heldout_every: int = 10) -> list[pathlib.Path]:
+def python_stdlib_files(split: str = "train", heldout_every: int = 10, *, packages: bool = False) -> list[pathlib.Path]:
     """CPython's own standard-library sources (the top-level ``*.py`` files): an offline text corpus on every
     machine with Python, sorted by name. A file is ``"heldout"`` when the CRC-32 of its name is divisible by
     ``heldout_every``, else ``"train"``: held-out text is never trained on, and a module keeps its side across
-    Python versions (whose file lists differ). Compare runs by ``PackedDataset.fingerprint``."""
+    Python versions (whose file lists differ). Compare runs by ``PackedDataset.fingerprint``.
+
+    ``packages`` adds, to the train split only, the sources inside the standard library's packages (asyncio/,
+    email/, ...; test suites and site-packages left out): about 2.8x the tokens (3M with SmolLM2's tokenizer on
+    CPython 3.11, against 1.1M), for long-sequence runs that would otherwise repeat the top-level files many times. The held-out files stay the same (all top-level)."""
     import sysconfig
     import zlib
 
     if split not in ("train", "heldout"):
         raise ValueError(f"python_stdlib_files: split must be 'train' or 'heldout', got {split!r}")
-    files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))
     if not files:
         raise FileNotFoundError("no standard-library sources found next to this Python (a stripped install?)")
-    return [f for f in files if (zlib.crc32(f.name.encode()) % heldout_every == 0) == (split == "heldout")]
+    chosen = [f for f in files if (zlib.crc32(f.name.encode()) % heldout_every == 0) == (split == "heldout")]
+    if packages and split == "train":
+        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+        chosen += sorted(f for f in root.glob("*/**/*.py") if not skip & set(f.relative_to(root).parts[:-1]))
+    return chosen
