@@ -41,3 +41,16 @@ def test_bad_data_is_refused(tmp_path):
         PackedDataset(np.arange(5), 8)
     with pytest.raises(ValueError, match="batch_size 13 exceeds the 12 training sequences"):
         PackedDataset(np.arange(100), 8, heldout_fraction=0.0).train_batch(0, 13)
+
+
+def test_stdlib_packages_add_train_text_only():
+    """``packages=True`` adds package sources to the train split; the held-out files never change side, and
+    neither test suites nor installed third-party packages get in."""
+    from sparse_index_jax.training.data import python_stdlib_files
+
+    train, heldout = python_stdlib_files("train"), python_stdlib_files("heldout")
+    more = python_stdlib_files("train", packages=True)
+    assert more[:len(train)] == train and len(more) > 2 * len(train)
+    assert not set(heldout) & set(more) and python_stdlib_files("heldout", packages=True) == heldout
+    assert all(f.suffix == ".py" for f in more)
+    assert not any({"site-packages", "test", "tests", "idle_test"} & set(f.parts) for f in more[len(train):])
