@@ -174,41 +174,51 @@ def score(model, prompts: Sequence[Prompt], run: dict, batch_size: int) -> list[
 
 
 def run(model, tokenizer, setup: NiahSetup, runs: dict[str, dict], *, train_seq_len: int | None = None,
-        model_info: dict | None = None, progress: bool = True,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        model_info: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+        after_length: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """The report: for every run (``{"name": {"selector": ..., "pattern": ..., "dense": ...}}``), every length
     and depth, the share of prompts whose answer is retrieved exactly; ``train_seq_len`` (the indexers'
-    distillation length) marks the lengths beyond it."""
+    distillation length) marks the lengths beyond it. ``after_length(report)`` gets the report so far after each
+    length (e.g. to save it: a long run stopped at 8K keeps its shorter lengths)."""
     log = log or (lambda _: None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(runs) * len(setup.lengths), desc="needle in a haystack", unit="cell column")
-    cells: dict[str, dict[str, Any]] = {name: {"found": [], "tokens": []} for name in runs}
-    seconds = {name: 0.0 for name in runs}
-    for length in setup.lengths:
+    cells: dict[str, dict[str, Any]] = {name: {"found": [], "tokens": [], "seconds": 0.0} for name in runs}
+    report: dict[str, Any] = {}
+    for done, length in enumerate(setup.lengths, 1):
         prompts = build_prompts(tokenizer, setup, length)
         for name, spec in runs.items():
             start = time.perf_counter()
             scored = score(model, prompts, spec, setup.batch_size)
-            seconds[name] += time.perf_counter() - start
-            found = np.array([s["found"] for s in scored], float).reshape(len(setup.depths), setup.trials)
-            tokens = np.array([s["tokens"] for s in scored]).reshape(len(setup.depths), setup.trials)
-            cells[name]["found"].append(found.mean(1).tolist())
-            cells[name]["tokens"].append(tokens.mean(1).tolist())
+            cells[name]["seconds"] += time.perf_counter() - start
+            shape = (len(setup.depths), setup.trials)
+            cells[name]["found"].append(np.array([s["found"] for s in scored], float).reshape(shape).mean(1).tolist())
+            cells[name]["tokens"].append(np.array([s["tokens"] for s in scored]).reshape(shape).mean(1).tolist())
             if bar is not None:
                 bar.update(1)
         log(f"length {length}: " + ", ".join(f"{n} {np.mean(c['found'][-1]):.2f}" for n, c in cells.items()))
+        report = _report(cells, runs, dataclasses.replace(setup, lengths=setup.lengths[:done]), train_seq_len,
+                         model_info)
+        if after_length is not None:
+            after_length(report)
     if bar is not None:
         bar.close()
+    return report
+
+
+def _report(cells: dict, runs: dict[str, dict], setup: NiahSetup, train_seq_len: int | None,
+            model_info: dict | None) -> dict[str, Any]:
+    """The report of the lengths measured so far (``setup.lengths``)."""
     dense = np.asarray(cells["dense"]["found"]) if "dense" in cells else None
     methods = {}
     for name, c in cells.items():
         found = np.asarray(c["found"])   # [lengths, depths]
         row = {"found": c["found"], "answer_tokens": c["tokens"], "mean": float(found.mean()),
-               "seconds": seconds[name], **_run_fields(runs[name])}
+               "seconds": c["seconds"], **_run_fields(runs[name])}
         if dense is not None:
-            # The paper's bar: retrieved wherever dense retrieves (a cell where dense fails says nothing).
+            # The papers' bar: retrieved wherever dense retrieves (a cell where dense fails says nothing).
             green = dense == 1
             row["where_dense_found"] = float(found[green].mean()) if green.any() else None
             row["cells_lost_vs_dense"] = int(np.sum(green & (found < 1)))

@@ -93,7 +93,10 @@ def test_report_table_and_heatmap(tmp_path):
     tok, model = byte_tokenizer(), tiny_model()
     setup = niah.NiahSetup(lengths=(320, 400), depths=(0.0, 1.0), trials=1, batch_size=2)
     runs = {"dense": {"dense": True}, "dsa": {}, "indexcache uniform 1/2": {"pattern": "FSFS"}}
-    report = niah.run(model, tok, setup, runs, train_seq_len=350, progress=False)
+    partial = []
+    report = niah.run(model, tok, setup, runs, train_seq_len=350, progress=False, after_length=partial.append)
+    assert [list(r["setup"]["lengths"]) for r in partial] == [[320], [320, 400]]   # a stopped run keeps its lengths
+    assert partial[-1]["methods"] == report["methods"]
     for name, row in report["methods"].items():
         assert np.asarray(row["found"]).shape == (2, 2)
         assert row["cells_lost_vs_dense"] >= 0

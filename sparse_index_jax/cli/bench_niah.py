@@ -89,6 +89,7 @@ def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from sparse_index_jax.bench import model_fidelity
+    from sparse_index_jax.bench.reports import save_json
     from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
 
     if not 0 < args.keep < 1:
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
           f"{info.get('seq_len', '?')} tokens): lengths {list(setup.lengths)}, depths {list(setup.depths)}, "
           f"{setup.trials} prompt(s) per cell; runs: {', '.join(runs)}", flush=True)
     report = niah.run(model, tokenizer, setup, runs, train_seq_len=info.get("seq_len"), model_info=model_info,
-                      progress=not args.quiet, log=print)
+                      progress=not args.quiet, log=print, after_length=lambda r: save_json(r, args.out))
     print()
     print(niah.format_table(report))
     json_path, png = niah.save(report, args.out)

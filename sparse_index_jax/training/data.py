@@ -143,7 +143,8 @@ def python_stdlib_files(split: str = "train", heldout_every: int = 10, *, packag
 
     ``packages`` adds, to the train split only, the sources inside the standard library's packages (asyncio/,
     email/, ...; test suites and site-packages left out): about 2.8x the tokens (3M with SmolLM2's tokenizer on
-    CPython 3.11, against 1.1M), for long-sequence runs that would otherwise repeat the top-level files many times. The held-out files stay the same (all top-level)."""
+    CPython 3.11, against 1.1M), for long-sequence runs that would otherwise repeat the top-level files many
+    times. The held-out files stay the same (all top-level)."""
     import sysconfig
     import zlib
 
