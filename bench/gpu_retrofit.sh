@@ -47,21 +47,24 @@ export PYTHONUNBUFFERED=1
       --schedule cosine --save-every 100 --eval-batches 2 --time-limit "$MINUTES" --quiet --out "$WORK/full" \
       2>&1 | grep -v "^WARNING"
   echo "distill exit ${PIPESTATUS[0]} after $SECONDS s"
-  cp "$WORK/full/indexers.safetensors" "$IX"
+  cp "$WORK/full/indexers.safetensors" "$IX" || { echo "no indexers from step 1: nothing to evaluate"; exit 1; }
 
   echo "== 2. training-aware IndexCache 1/4 ($IC_WARMUP + $IC_SPARSE steps, at most $IC_MINUTES min)"
   SECONDS=0
-  timeout "$(left 200)" sparse-index distill --model smollm2 --indexers "$IX" --every 4 --stdlib-packages \
+  timeout "$(left 240)" sparse-index distill --model smollm2 --indexers "$IX" --every 4 --stdlib-packages \
       --seq-len "$SEQ" --batch-size 2 --warmup-steps "$IC_WARMUP" --sparse-steps "$IC_SPARSE" --warmup-lr 3e-4 \
       --sparse-lr 1e-4 --schedule cosine --save-every 100 --eval-batches 2 --time-limit "$IC_MINUTES" --quiet \
       --out "$WORK/ic4" 2>&1 | grep -v "^WARNING"
   echo "distill exit ${PIPESTATUS[0]} after $SECONDS s"
-  cp "$WORK/ic4/indexers.safetensors" "$IC"
+  IC_ARGS=()   # the trained IndexCache row, when step 2 wrote its indexers
+  cp "$WORK/ic4/indexers.safetensors" "$IC" && IC_ARGS=(--indexcache-indexers "$IC")
   python - "$WORK" "$OUT/metrics.jsonl" <<'EOF'
 import json, pathlib, sys
 work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 with out.open("w") as f:
     for run in ("full", "ic4"):
+        if not (work / run / "metrics.jsonl").is_file():
+            continue
         for line in (work / run / "metrics.jsonl").read_text().splitlines():
             f.write(json.dumps({"run": run, **json.loads(line)}) + "\n")
 EOF
@@ -69,14 +72,14 @@ EOF
   echo "== 3. needle in a haystack"
   SECONDS=0
   timeout "$(left 120)" sparse-index bench niah --indexers "$IX" --lengths "$LENGTHS" \
-      --depths 0,0.25,0.5,0.75,1 --trials 2 --batch-size 10 --indexcache-indexers "$IC" \
-      --quiet --out "$OUT/niah.json" 2>&1 | grep -v "^WARNING"
+      --depths 0,0.25,0.5,0.75,1 --trials 2 --batch-size 10 "${IC_ARGS[@]}" --quiet \
+      --out "$OUT/niah.json" 2>&1 | grep -v "^WARNING"
   echo "niah exit ${PIPESTATUS[0]} after $SECONDS s"
 
   echo "== 4. fidelity at $SEQ tokens"
   SECONDS=0
   timeout "$(left 240)" sparse-index bench fidelity --model smollm2 --indexers "$IX" \
-      --seq-len "$SEQ" --sequences 8 --search-batches 2 --indexcache-indexers "$IC" --quiet \
+      --seq-len "$SEQ" --sequences 8 --search-batches 2 "${IC_ARGS[@]}" --quiet \
       --out "$OUT/fidelity_8k.json" 2>&1 | grep -v "^WARNING"
   echo "fidelity exit ${PIPESTATUS[0]} after $SECONDS s"
   date -u
