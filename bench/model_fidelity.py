@@ -391,6 +391,8 @@ def run(model, heldout: np.ndarray, calibration, setup: ModelFidelitySetup, *, p
     if model.cfg.indexer is None:
         raise ValueError("model_fidelity.run: the model has no indexers")
     log = log or (lambda _: None)
+    if trained is not None:
+        trained_indexcache_run(model, trained)  # a missing file or pattern fails now, not after the long part
     n_heads = model.cfg.indexer.n_heads
     setup = setup.for_heads(n_heads)
     model.set_selector(**setup.selector("dsa").as_dict())
