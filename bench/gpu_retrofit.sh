@@ -24,11 +24,12 @@ WORK=${WORK:-/tmp/retrofit_8k}
 WARMUP=${WARMUP:-300}; SPARSE=${SPARSE:-100}; MINUTES=${MINUTES:-3}
 IC_WARMUP=${IC_WARMUP:-60}; IC_SPARSE=${IC_SPARSE:-20}; IC_MINUTES=${IC_MINUTES:-1}
 TOTAL=${TOTAL:-530}
-SEQ=${SEQ:-8192}; LENGTHS=${LENGTHS:-2K,4K,8K}   # a plumbing check on a CPU: SEQ=512 LENGTHS=512 WARMUP=2 ...
+SEQ=${SEQ:-8192}; LENGTHS=${LENGTHS:-2K,4K,8K}   # a CPU plumbing check: SEQ=512 LENGTHS=512 WARMUP=2 CAP=5 ...
 START=$(date +%s)
-left() {  # seconds left of TOTAL, at most $1
-  local rest=$(( TOTAL - ($(date +%s) - START) ))
-  echo $(( rest < $1 ? (rest > 1 ? rest : 1) : $1 ))
+CAP=${CAP:-1}   # multiplies each step's own cap (a CPU plumbing check needs CAP=5)
+left() {  # seconds left of TOTAL, at most $1 * CAP
+  local rest=$(( TOTAL - ($(date +%s) - START) )) cap=$(( $1 * CAP ))
+  echo $(( rest < cap ? (rest > 1 ? rest : 1) : cap ))
 }
 IX="$OUT/indexers.safetensors"; IC="$OUT/indexers_indexcache4.safetensors"
 mkdir -p "$OUT" "$WORK"

@@ -268,27 +268,29 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
     lengths, depths, train = setup["lengths"], setup["depths"], report.get("train_seq_len")
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 + 0.75 * len(lengths) * cols, 0.6 + 0.38 * len(depths) * rows),
-                             dpi=110, squeeze=False)
+    width, height = max(3.0, 1.6 + 0.55 * len(lengths)), max(2.4, 1.3 + 0.3 * len(depths))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), dpi=110, squeeze=False)
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
-    for ax, (name, row) in zip(axes.flat, methods.items()):
+    beyond = [i for i, n in enumerate(lengths) if train and n > train]
+    for k, (ax, (name, row)) in enumerate(zip(axes.flat, methods.items())):
         grid = np.asarray(row["found"]).T   # [depths, lengths]
         ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         for (r, c), v in np.ndenumerate(grid):
-            ax.text(c, r, f"{v:.2f}".rstrip("0").rstrip(".") if v not in (0, 1) else f"{v:.0f}", ha="center",
-                    va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        beyond = [i for i, n in enumerate(lengths) if train and n > train]
+            ax.text(c, r, f"{v:.0f}" if v in (0, 1) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths],
+                      fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
         if beyond:
             ax.axvline(beyond[0] - 0.5, color="black", linestyle="--", linewidth=1.2)
-        ax.set_title(f"{name}: {row['mean']:.2f}", fontsize=9)
-        ax.set_xlabel("prompt length (tokens)", fontsize=8)
-        ax.set_ylabel("needle depth", fontsize=8)
-    note = f"; dashed: beyond the indexers' training length ({train:,})" if train else ""
-    fig.suptitle(f"{report['model'].get('name', 'model')}: {setup['task']} retrieval, {setup['trials']} prompts "
-                 f"per cell{note}", fontsize=10)
+        ax.set_title(f"{name}\nretrieved {row['mean']:.0%}", fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("needle depth", fontsize=8)
+        if k >= len(methods) - cols:
+            ax.set_xlabel("prompt length (tokens)", fontsize=8)
+    note = f"\ndashed line: longer than the indexers' training length ({train:,} tokens)" if train else ""
+    fig.suptitle(f"{report['model'].get('name', 'model')}: {setup['task']} retrieval (green: the exact answer), "
+                 f"{setup['trials']} prompt(s) per cell{note}", fontsize=9)
     return save_figure(fig, path)
 
 
