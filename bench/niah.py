@@ -288,7 +288,7 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
             ax.set_ylabel("needle depth", fontsize=8)
         if k >= len(methods) - cols:
             ax.set_xlabel("prompt length (tokens)", fontsize=8)
-    note = f"\ndashed line: longer than the indexers' training length ({train:,} tokens)" if train else ""
+    note = f"\ndashed line: longer than the indexers' training length ({train:,} tokens)" if beyond else ""
     fig.suptitle(f"{report['model'].get('name', 'model')}: {setup['task']} retrieval (green: the exact answer), "
                  f"{setup['trials']} prompt(s) per cell{note}", fontsize=9)
     return save_figure(fig, path)
