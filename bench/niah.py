@@ -96,6 +96,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _filler_sentences(task: str, rng: np.random.Generator, count: int) -> list[str]:
+    """``count`` filler sentences (passkey: the five sentences in turn, from the first again at each call)."""
     if task == "passkey":
         return [_PASSKEY_FILLER[i % len(_PASSKEY_FILLER)] for i in range(count)]
     return [f" {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}."
@@ -161,10 +162,10 @@ def score(model, prompts: Sequence[Prompt], run: dict, batch_size: int) -> list[
     out = []
     for i in range(0, len(prompts), batch_size):
         group = prompts[i:i + batch_size]
-        lens = {len(p.answer) for p in group} | {len(p.ids) for p in group}
+        shapes = {(len(p.ids), len(p.answer)) for p in group}
+        if len(shapes) > 1:
+            raise ValueError(f"prompts of one batch must share their (prompt, answer) lengths, got {sorted(shapes)}")
         answer_len = len(group[0].answer)
-        if len({len(p.answer) for p in group}) > 1 or len({len(p.ids) for p in group}) > 1:
-            raise ValueError(f"prompts of one batch must share their lengths, got {sorted(lens)}")
         inputs = jnp.asarray(np.stack([p.ids[:-1] for p in group]))
         answers = jnp.asarray(np.stack([p.answer for p in group]))
         hits = np.asarray(answer_hits(model, inputs, answers, answer_len, run.get("pattern"), run.get("selector"),
