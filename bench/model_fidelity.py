@@ -391,8 +391,8 @@ def run(model, heldout: np.ndarray, calibration, setup: ModelFidelitySetup, *, p
     if model.cfg.indexer is None:
         raise ValueError("model_fidelity.run: the model has no indexers")
     log = log or (lambda _: None)
-    if trained is not None:
-        trained_indexcache_run(model, trained)  # a missing file or pattern fails now, not after the long part
+    # the trained IndexCache run is read now: a missing file or pattern fails before the long part, not after
+    trained_run = trained_indexcache_run(model, trained)[1] if trained is not None else None
     n_heads = model.cfg.indexer.n_heads
     setup = setup.for_heads(n_heads)
     model.set_selector(**setup.selector("dsa").as_dict())
@@ -419,8 +419,8 @@ def run(model, heldout: np.ndarray, calibration, setup: ModelFidelitySetup, *, p
         every = round(1 / keep)
         runs[f"indexcache uniform 1/{every}"] = {"pattern": IndexCacheConfig.uniform(n, every).pattern}
         runs[f"indexcache searched 1/{every}"] = {"pattern": searched[keep]["pattern"]}
-    if trained is not None:
-        name, runs[name] = trained_indexcache_run(model, trained, [s["pattern"] for s in searched.values()])
+    if trained_run is not None:  # named once the searched patterns are known
+        runs[trained_row_name(trained_run["pattern"], [s["pattern"] for s in searched.values()])] = trained_run
     batches = [(row[None, :-1], row[None, 1:]) for row in heldout]
     start = time.perf_counter()
     losses = lm_losses(model, batches, runs)
