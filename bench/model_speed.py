@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_index_jax.bench.plots import pyplot, save_figure
+from sparse_index_jax.bench.plots import length_axis, no_data, plain_log_y, pyplot, save_figure
 from sparse_index_jax.bench.reports import (
     backend_choices,
     environment,
@@ -693,43 +693,57 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | None:
-    """Three panels against length: prefill ms, decode ms (log-log) and the selection share (prefill solid,
-    decode dashed), one line per configuration."""
+    """Three panels against length, one colour per configuration, prefill solid and decode dashed: the stack's
+    median ms (log-log), the speedup over dsa timed in the same run (dsa ms / ms), and the selection share of the
+    stack's time (indexer + top-k, %)."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=120)
+    fig, (times, ratios, share_ax) = plt.subplots(1, 3, figsize=(18, 5.6), dpi=120)
     lengths = sorted(int(T) for T in report["setup"]["lengths"])
     colors = dict(zip(report["results"], plt.get_cmap("tab10").colors))
-    for ax, mode in zip(axes, MODES):
-        for config, res in report["results"].items():
-            pts = sorted((int(T), c["median_ms"]) for T, c in res[mode].items() if c.get("status") == "ok")
-            if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, color=colors[config],
-                        label=f"{config} ({res['pattern']})")
-        ax.set(xscale="log", yscale="log", xlabel="context T (tokens)", ylabel="median ms",
-               title=f"{mode}, {report['setup']['layers']} layers ({report['environment']['device_kind']})")
-    share_ax = axes[2]
-    for config in report["results"]:
-        for mode, style in zip(MODES, ("-", "--")):
-            pts = sorted((int(T), 100 * sh["selection"]) for T, sh in report["shares"][mode].get(config, {}).items())
-            if pts:
-                share_ax.plot(*zip(*pts), marker="o", markersize=3, linestyle=style, color=colors[config],
-                              label=f"{config} {mode}")
-    share_ax.set(xscale="log", xlabel="context T (tokens)", ylabel="% of stack time",
-                 title="selection (indexer + top-k) share: prefill solid, decode dashed")
-    import matplotlib.ticker  # noqa: PLC0415  (matplotlib is optional: imported once it is known to be there)
+    styles = dict(zip(MODES, ("-", "--")))
 
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.set_xticks(lengths, [length_label(T) for T in lengths])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        low, high = ax.get_ylim()
-        if ax.get_yscale() == "log" and high < 10 * low:  # less than a decade: no major tick, label the minor ones
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    def lines(ax, values_of):
+        for config in report["results"]:
+            for mode in MODES:
+                pts = sorted((int(T), v) for T, v in values_of(config, mode).items())
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", markersize=3, linestyle=styles[mode], color=colors[config],
+                            label=f"{config} {mode}")
+
+    results = report["results"]
+    lines(times, lambda config, mode: {T: c["median_ms"] for T, c in results[config][mode].items()
+                                       if c.get("status") == "ok"})
+    env = report["environment"]
+    times.set(yscale="log", ylabel="median ms", title=f"{report['setup']['layers']} layers, {env['device_kind']}: "
+                                                      f"median ms\nprefill solid, decode dashed")
+    if report["ratios"]:
+        lines(ratios, lambda config, mode: report["ratios"][f"{mode}_speedup_vs_{BASELINE}"].get(config, {}))
+        ratios.axhline(1.0, color="grey", linewidth=0.8)
+        ratios.set(yscale="log", ylabel=f"{BASELINE} ms / ms (x)",
+                   title=f"speedup over {BASELINE} timed in this run (> 1 = faster)\nprefill solid, decode dashed")
+    else:
+        no_data(ratios, f"no speedups: {BASELINE}, their baseline, is not in this run")
+    lines(share_ax, lambda config, mode: {T: 100 * sh["selection"]
+                                          for T, sh in report["shares"][mode].get(config, {}).items()})
+    share_ax.set(ylabel="% of stack time", title="selection (indexer + top-k) share of the stack's time\n"
+                                                "prefill solid, decode dashed")
+    share_ax.set_ylim(bottom=0)
+    for ax in (times, ratios, share_ax):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    return save_figure(fig, path)
+            length_axis(ax, lengths, "context T (tokens)")
+            if ax.get_yscale() == "log":
+                plain_log_y(ax)
+            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.1, which="minor")
+    if times.get_legend_handles_labels()[0]:  # one legend for the three panels: colour = configuration, style = mode
+        from matplotlib.lines import Line2D  # noqa: PLC0415  (matplotlib is optional: imported once it is there)
+
+        key = [Line2D([], [], color=colors[c], marker="o", markersize=3, label=f"{c} ({results[c]['pattern']})")
+               for c in results] + [Line2D([], [], color="black", linestyle=styles[m], label=m) for m in MODES]
+        fig.legend(handles=key, fontsize=8, ncol=len(key), loc="lower center", frameon=False)
+    return save_figure(fig, path, rect=(0, 0.05, 1, 1))
 
 
 def save(report: dict[str, Any], path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_index_jax.bench.plots import pyplot, save_figure
+from sparse_index_jax.bench.plots import length_axis, no_data, plain_log_y, pyplot, save_figure
 from sparse_index_jax.bench.reports import (
     backend_choices,
     environment,
@@ -589,44 +589,72 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def peak_note(report: dict[str, Any]) -> tuple[bool, str]:
+    """(whether fractions of peak are worth showing, what the plot says about them). Only a peak measured on an
+    accelerator counts: a CPU's bf16 matmul is no roofline (entries beat it, "% of peak" goes past 100)."""
+    env, peak = report["environment"], report["matmul_peak"]
+    if env["platform"] == "cpu":
+        return False, "no % of peak on CPU: its bf16 matmul is no roofline"
+    if "tflops" not in peak:
+        return False, f"no % of peak: the matmul peak was not measured ({peak.get('reason', 'no result')})"
+    fp8 = report.get("matmul_peak_fp8", {})
+    rate = lambda p: f"{p['tflops']:,.0f}" if p["tflops"] >= 10 else f"{p['tflops']:.3g}"  # noqa: E731
+    return True, (f"legend: % of the {peak['dtype']} matmul peak measured in this run, {rate(peak)} TFLOP/s"
+                  + (f"\n(fp8 entries: of the fp8 one, {rate(fp8)} TFLOP/s)" if "tflops" in fp8 else ""))
+
+
 def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | None:
-    """Two panels: median ms vs length (log-log) per entry; speedups and fractions of peak vs length."""
+    """Two panels against length (log-log): left, median ms per entry (selection solid, attention dashed, decode
+    dotted), with its fraction of the matmul peak in the legend where a peak was measured on an accelerator;
+    right, the ratios to the baseline timed in the same run (``SPEEDUPS``)."""
     plt = pyplot()
     if plt is None:
         return None
-    import matplotlib.ticker  # noqa: PLC0415  (matplotlib is optional: imported once it is known to be there)
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2), dpi=120)
-    for ax in (left, right):
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.6), dpi=120)
+    colors = plt.get_cmap("tab10").colors  # one per entry of a group; the group by line style
+    styles = ((INDEXER_ENTRIES, "-"), (MLA_ENTRIES, "--"), (DECODE_ENTRIES, ":"))
+    show_peak, note = peak_note(report)
+    fractions = report["ratios"].get("fraction_of_matmul_peak", {})
     for entry, cells in report["results"].items():
         pts = sorted((int(T), c["median_ms"]) for T, c in cells.items() if c.get("status") == "ok")
-        if pts:
-            line, = left.plot(*zip(*pts), marker="o", markersize=3, label=entry)
-            stopped = sorted(int(T) for T, c in cells.items() if c.get("status") != "ok" and int(T) > pts[-1][0])
-            if stopped:  # where a line stops, and why (the table's "not timed" lines say it in full)
-                left.annotate(cells[str(stopped[0])]["status"], pts[-1], textcoords="offset points", xytext=(4, 0),
-                              fontsize=6, color=line.get_color())
-    left.set(xscale="log", yscale="log", xlabel="T = S (tokens)", ylabel="median ms",
-             title=f"{report['environment']['device_kind']}, jax {report['environment']['jax']}")
+        if not pts:
+            continue
+        group, style = next(((g, s) for g, s in styles if entry in g), ((entry,), "-"))
+        label, last = entry, str(pts[-1][0])
+        if show_peak and last in fractions.get(entry, {}):
+            label += f" ({100 * fractions[entry][last]:.0f}% of peak at {length_label(int(last))})"
+        line, = left.plot(*zip(*pts), marker="o", markersize=3, linestyle=style, label=label,
+                          color=colors[group.index(entry) % len(colors)])
+        stopped = sorted(int(T) for T, c in cells.items() if c.get("status") != "ok" and int(T) > pts[-1][0])
+        if stopped:  # where a line stops, and why (the table's "not timed" lines say it in full)
+            left.annotate(cells[str(stopped[0])]["status"], pts[-1], textcoords="offset points", xytext=(4, -2),
+                          fontsize=6, color=line.get_color())
+    env = report["environment"]
+    left.set(yscale="log", ylabel="median ms", title=f"{env['device_kind']}, jax {env['jax']}: median ms\n{note}")
+    pairs = {name: (slow, fast) for name, slow, fast in SPEEDUPS}
     for name, values in report["ratios"].items():
-        series = ({f"{name} (x)": values} if name != "fraction_of_matmul_peak" else
-                  {f"{e} / matmul peak": v for e, v in values.items() if v})
-        for label, vals in series.items():
-            pts = sorted((int(T), v) for T, v in vals.items())
-            if pts:
-                right.plot(*zip(*pts), marker="o", markersize=3, label=label,
-                           linestyle="--" if "peak" in label else "-")
-    right.axhline(1.0, color="grey", linewidth=0.8)
-    right.set(xscale="log", yscale="log", xlabel="T = S (tokens)", ylabel="ratio",
-              title="speedups (x) and fraction of the matmul peak")
+        pts = sorted((int(T), v) for T, v in values.items()) if name in pairs else []
+        if not pts:
+            continue
+        slow, fast = pairs[name]
+        reads = name.startswith("cache_reads")  # not a speedup: decode selection time in key-cache reads
+        right.plot(*zip(*pts), marker="o", markersize=3, linestyle=":" if reads else "-",
+                   label=f"{slow} / {fast} (target <= 1.5)" if reads else f"{fast} vs {slow}")
+    if right.get_legend_handles_labels()[0]:
+        right.axhline(1.0, color="grey", linewidth=0.8)
+        right.set(yscale="log", ylabel="baseline ms / ms (x)",
+                  title="ratio to the baseline timed in this run: > 1 = faster than it\n"
+                        "(dotted: decode selection over one read of the key cache, not a speedup)")
+    else:
+        no_data(right, "no ratios: no entry ran with its baseline in this run")
     lengths = sorted(int(T) for T in report["setup"]["lengths"])
     for ax in (left, right):
-        ax.grid(alpha=0.3, which="both")
-        ax.set_xticks(lengths, [length_label(T) for T in lengths])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2 if ax is right else 1)
+            length_axis(ax, lengths)
+            plain_log_y(ax)
+            ax.grid(alpha=0.35)
+            ax.grid(alpha=0.1, which="minor")
+            ax.legend(fontsize=7, ncol=2 if ax is left else 3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     return save_figure(fig, path)
 
 

@@ -92,6 +92,25 @@ def test_a_run_without_dsa_has_no_ratios():
     assert model_speed._ratios(results) == {}
 
 
+def test_plot_is_times_speedups_over_dsa_and_the_selection_share(cli_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rep = cli_run[2]
+    figures, real = [], model_speed.save_figure
+    monkeypatch.setattr(model_speed, "save_figure",
+                        lambda fig, path, **kw: figures.append(fig) or real(fig, path, **kw))
+    assert model_speed.plot(rep, tmp_path / "model.png").stat().st_size > 0
+    times, speedups, share = figures[0].axes
+    configs = len(model_speed.CONFIGS)
+    assert len(times.lines) == len(speedups.lines) - 1 == len(share.lines) == 2 * configs  # prefill + decode each
+    assert "median ms" in times.get_title() and "speedup over dsa" in speedups.get_title()
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in speedups.lines)  # the baseline's level
+    legend = [t.get_text() for t in figures[0].legends[0].get_texts()]
+    assert legend == [f"{c} ({rep['results'][c]['pattern']})" for c in model_speed.CONFIGS] + list(model_speed.MODES)
+    no_dsa = {**rep, "ratios": {}}  # a run split over processes: no baseline, the panel says so
+    model_speed.plot(no_dsa, tmp_path / "no_dsa.png")
+    assert "no speedups" in figures[1].axes[1].texts[0].get_text()
+
+
 def test_layer_shares_take_the_components_sum_when_it_exceeds_the_stack():
     sh = model_speed.layer_shares(10.0, 1.0, 0.5, f_layers=2, layers=4)
     assert (sh["selection"], sh["attention"], sh["rest"]) == pytest.approx((0.2, 0.2, 0.6))

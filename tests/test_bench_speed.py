@@ -111,7 +111,8 @@ def test_help_explains_the_benchmark(capsys):
         main(["bench", "speed", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for phrase in ("naive_xla", "matmul", "compile", "median", "FLOPs", "2*H*d*T*(T+1)/2", "bench/results/speed_",
+    for phrase in ("naive_xla", "matmul", "compile", "median", "FLOPs", "2*H*d*T*(T+1)/2", "speed_<device-kind>.json",
+                   "sparse-index-runs/bench-speed-YYYYMMDD-HHMMSS/",
                    "--max-seconds", "--memory-budget-gb", "--lengths"):
         assert phrase in text, phrase
 
@@ -141,3 +142,41 @@ def test_attention_sweep_times_every_tile_candidate_or_says_why_not(monkeypatch)
         for name in ("forward", "forward_backward"):
             cell = row[name]
             assert ("median_ms" in cell and cell["fraction_of_peak"] > 0) or cell.get("reason"), (row, name)
+
+
+def _speed_report(platform: str, baseline: bool = True) -> dict:
+    """A report as ``run`` writes it, made up: dsa 4x faster than naive_xla, fractions of peak over 1 (as a CPU's
+    bf16 matmul gives them), a length where naive_xla ran out of memory."""
+    peak = {"n": 512, "dtype": "bfloat16", "median_ms": 1.0, "tflops": 0.1}
+    lengths = (1024, 2048)
+    results = {e: {str(T): {"status": "ok", "median_ms": 0.5 * T / 1024 * f, "fraction_of_peak": 3.0 / f}
+                   for T in lengths} for e, f in (("naive_xla", 4.0), ("dsa", 1.0), ("sparse_mla", 2.0),
+                                                  ("dsa_decode", 0.1))}
+    results["naive_xla"]["2048"] = {"status": "oom", "reason": "made up"}
+    if not baseline:
+        del results["naive_xla"]
+    return {"environment": {"platform": platform, "device_kind": "made up", "jax": "0"},
+            "setup": {"lengths": list(lengths)}, "matmul_peak": peak, "matmul_peak_fp8": peak,
+            "results": results, "ratios": bench_speed.ratios(results, peak)}
+
+
+def test_plot_is_times_and_ratios_with_fractions_of_peak_only_off_cpu(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    figures, real = [], bench_speed.save_figure
+    monkeypatch.setattr(bench_speed, "save_figure",
+                        lambda fig, path, **kw: figures.append(fig) or real(fig, path, **kw))
+    for platform in ("gpu", "cpu"):
+        path = bench_speed.plot(_speed_report(platform), tmp_path / f"{platform}.png")
+        assert path.is_file() and path.stat().st_size > 0
+    (gpu_times, gpu_ratios), (cpu_times, cpu_ratios) = (fig.axes for fig in figures)
+    gpu_legend = [t.get_text() for t in gpu_times.get_legend().get_texts()]
+    cpu_legend = [t.get_text() for t in cpu_times.get_legend().get_texts()]
+    assert "dsa (300% of peak at 2K)" in gpu_legend and "matmul peak measured in this run" in gpu_times.get_title()
+    assert cpu_legend == ["naive_xla", "dsa", "sparse_mla", "dsa_decode"]  # no fraction of a CPU "peak"
+    assert "no % of peak on CPU" in cpu_times.get_title()
+    assert [t.get_text() for t in gpu_ratios.get_legend().get_texts()] == ["dsa vs naive_xla"]
+    assert list(gpu_ratios.lines[0].get_ydata()) == [4.0] and "baseline" in gpu_ratios.get_title()
+    assert any(t.get_text() == "oom" for t in gpu_times.texts)  # where naive_xla stops, and why
+    # no entry with its baseline: the ratio panel says so, still two panels
+    bench_speed.plot(_speed_report("gpu", baseline=False), tmp_path / "alone.png")
+    assert len(figures[-1].axes) == 2 and "no ratios" in figures[-1].axes[1].texts[0].get_text()
