@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from sparse_index_jax.bench.reports import environment, failed_cell, save_json
 from sparse_index_jax.bench.speed import BACKWARD_FACTOR, SpeedInputs, SpeedSetup, matmul_peak, mla_flops
 from sparse_index_jax.bench.timing import time_call
+from sparse_index_jax.cli.arguments import report_out_help, report_path
 from sparse_index_jax.kernels.sparse_mla.triton import candidate_block_sizes, sparse_mla_triton
 
 
@@ -64,9 +65,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=32768, help="T = S (default 32768)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench/results/mla_sweep.json")
+    p.add_argument("--out", default=None, help=report_out_help("bench attention-sweep", "mla_sweep.json", plot=False))
     args = p.parse_args()
-    print(f"wrote {save_json(run(args.length, args.repeats), args.out)}")
+    out = report_path(args.out, "bench attention-sweep", "mla_sweep.json")
+    print(f"wrote {save_json(run(args.length, args.repeats), out)}")
     return 0
 
 

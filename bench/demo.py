@@ -18,7 +18,7 @@ from sparse_index_jax.kernels import dsa_topk, sparse_mla
 from sparse_index_jax.kernels.dsa_topk import index_scores
 from sparse_index_jax.layers.config import DSAConfig, IndexerConfig, MLAConfig, RopeConfig
 from sparse_index_jax.layers.dsa_attention import DSAAttention
-from sparse_index_jax.models.llama import greedy_continuation
+from sparse_index_jax.models.generation import generate
 from sparse_index_jax.selection import metrics
 from sparse_index_jax.training.data import python_stdlib_files, read_tokens
 
@@ -60,8 +60,9 @@ def model_demo(model, tokenizer, *, seq_len: int, show_layer: int, new_tokens: i
         prompt_ids = np.array([ids])
         report["generation"] = {
             "prompt_tokens": len(ids), "prompt_tail": tokenizer.decode(ids[-24:]),
-            **{name: tokenizer.decode(greedy_continuation(model, prompt_ids, new_tokens, dense=dense)[0, len(ids):]
-                                      .tolist()) for name, dense in (("dense", True), ("DSA", False))}}
+            **{name: tokenizer.decode(generate(model, prompt_ids, new_tokens, dense=dense,
+                                               stop_tokens=()).new_tokens()[0])
+               for name, dense in (("dense", True), ("DSA", False))}}
     return report
 
 

@@ -44,6 +44,7 @@ from sparse_index_jax.training.losses import lm_loss
 
 SELECTORS = ("hisa", "misa", "misa_h")
 TARGETS = {"DSA / HISA / MISA-H": 0.01, "IndexCache": 0.02}  # loss vs dense the methods aim to stay within
+LAYER_TARGETS = {"dsa_of_ceiling": 0.95, "hisa_iou": 0.99, "misa_recall": 0.92}  # per-layer floors (README's targets)
 BEYOND = "beyond the indexers' training length ({} tokens)"
 
 
@@ -488,36 +489,54 @@ def format_table(report: dict[str, Any]) -> str:
 
 # ---- the plot -------------------------------------------------------------------------------------------------
 
-def _heatmap(fig, ax, grid: np.ndarray, *, cmap: str = "viridis", annotate: bool = True):
-    """An annotated [rows, cols] heatmap on [0, 1] with its colour bar; labels dark or light by the cell's shade."""
-    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+def _heatmap(fig, ax, grid: np.ndarray, *, cmap: str = "viridis", annotate: bool = True, vmax: float = 1.0,
+             label: str | None = None):
+    """An annotated [rows, cols] heatmap on [0, vmax] with its colour bar; labels dark or light by the cell's shade."""
+    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     if annotate:
         for (r, c), v in np.ndenumerate(grid):
-            label = "1" if round(v, 2) >= 1 else f"{v:.2f}".lstrip("0")  # ".97"; 0.996 shows as "1", not ".00"
+            label_text = "1" if round(v, 2) >= 1 else f"{v:.2f}".lstrip("0")  # ".97"; 0.996 shows as "1", not ".00"
             red, green, blue, _ = im.cmap(im.norm(v))
-            ax.text(c, r, label, ha="center", va="center", fontsize=6,
+            ax.text(c, r, label_text, ha="center", va="center", fontsize=6,
                     color="black" if 0.3 * red + 0.59 * green + 0.11 * blue > 0.5 else "white")
-    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    bar = fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    if label:
+        bar.set_label(label, fontsize=7)
     return im
 
 
 def _plot_layers(fig, ax, sx, report):
-    """The quality metrics per layer, and the sink apart (another colour map): it says where attention goes."""
+    """The quality metrics per layer, their targets (rows with one: the floor in the label, cells below it framed
+    in red), and the sink apart, in its own strip with its own colour map and scale: it says where attention goes,
+    not how good a selection is."""
+    from matplotlib.patches import Rectangle  # noqa: PLC0415  (matplotlib is optional: imported once it is there)
+
     quality = ["ceiling", "dsa_mass", "dsa_of_ceiling"] + [f"{m}_{k}" for m in SELECTORS
                                                            for k in ("mass", "iou", "recall")]
     layers = report["per_layer"]
-    _heatmap(fig, ax, np.array([[layer[r] for layer in layers] for r in quality]))
-    ax.set_yticks(range(len(quality)), quality)
+    _heatmap(fig, ax, np.array([[layer[r] for layer in layers] for r in quality]), label="1 = best")
+    for r, name in enumerate(quality):
+        target = LAYER_TARGETS.get(name)
+        for c, layer in enumerate(layers if target is not None else []):
+            if layer[name] < target:
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.3))
+    ax.set_yticks(range(len(quality)), [f"{r}  (target >= {LAYER_TARGETS[r]:.2f})" if r in LAYER_TARGETS else r
+                                        for r in quality])
+    for tick, name in zip(ax.get_yticklabels(), quality):
+        if name in LAYER_TARGETS:
+            tick.set_color("darkred")
     ax.set_xticks(range(len(layers)), [])
     s, train = report["setup"], beyond_training(report)
     head = (f"{report['model'].get('name', 'model')}: k={s['topk']}, {s['seq_len']} tokens, n={report['sequences']} "
-            f"held-out sequences (means; ± standard error)" + (f"; {BEYOND.format(train)}" if train else ""))
+            f"held-out sequences (means; ± standard error)" + (f"\n{BEYOND.format(train)}" if train else ""))
     ax.set_title(f"{head}\nselection fidelity per layer (queries in the second half; MISA routes {s['misa_heads']} "
-                 f"of {s.get('indexer_heads', '?')} heads)")
-    _heatmap(fig, sx, np.array([[layer["sink"] for layer in layers]]), cmap="Oranges")
-    sx.set_yticks([0], ["sink (token 0)"])
+                 f"of {s.get('indexer_heads', '?')} heads); red frame: below the row's target", fontsize=10)
+    sink = np.array([[layer["sink"] for layer in layers]])
+    top = max(0.1, float(np.ceil(sink.max() * 10) / 10))  # its own scale: 0 to the largest sink, in tenths
+    _heatmap(fig, sx, sink, cmap="Oranges", vmax=top, label="sink")
+    sx.set_yticks([0], ["sink: mass on token 0"])
     sx.set_xticks(range(len(layers)))
-    sx.set_xlabel("layer")
+    sx.set_xlabel("layer (sink strip: where attention goes, not a quality measure; own colour scale)")
 
 
 def _plot_cross_layer(fig, ax, report):
@@ -557,13 +576,17 @@ def _plot_losses(ax, report):
     rows = [report["lm_loss"][n] for n in names]
     values = [r["vs_dense"] * 100 for r in rows]
     errors = [(r.get("vs_dense_se") or 0.0) * 100 for r in rows]
-    ax.barh(names, values, xerr=errors, capsize=3, color=["gray" if n == "dense" else "tab:blue" for n in names])
+    limits = [TARGETS["IndexCache" if n.startswith("indexcache") else "DSA / HISA / MISA-H"] * 100 for n in names]
+    colors = ["gray" if n == "dense" else "tab:orange" if v > t else "tab:blue"  # orange: over its target
+              for n, v, t in zip(names, values, limits)]
+    ax.barh(names, values, xerr=errors, capsize=3, color=colors)
     for y, (v, e) in enumerate(zip(values, errors)):
         ax.text(max(v + e, 0), y, f" {v:+.2f}%", va="center", fontsize=7)
     for (label, target), color in zip(TARGETS.items(), ("tab:green", "tab:red")):
         ax.axvline(target * 100, color=color, linestyle="--", label=f"+{target:.0%}: {label} target")
     ax.invert_yaxis()
-    ax.set_xlabel("held-out LM loss vs dense (%), bars: standard error of the paired differences")
+    ax.set_xlabel("held-out LM loss vs dense (%), bars: standard error of the paired differences; orange: over the "
+                  "method's target")
     ax.legend(loc="best", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
 
@@ -575,11 +598,12 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path | Non
     if plt is None:
         return None
     fig = plt.figure(figsize=(14, 18), dpi=110)
-    grid = fig.add_gridspec(4, 2, height_ratios=[3.5, 0.6, 5, 3.5])
-    _plot_layers(fig, fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :]), report)
-    _plot_cross_layer(fig, fig.add_subplot(grid[2, 0]), report)
-    _plot_by_position(fig, fig.add_subplot(grid[2, 1]), report)
-    _plot_losses(fig.add_subplot(grid[3, :]), report)
+    grid = fig.add_gridspec(3, 2, height_ratios=[4.4, 5, 3.5])
+    layer_grid = grid[0, :].subgridspec(2, 1, height_ratios=[len(SELECTORS) * 3 + 3, 1.2], hspace=0.04)
+    _plot_layers(fig, fig.add_subplot(layer_grid[0]), fig.add_subplot(layer_grid[1]), report)
+    _plot_cross_layer(fig, fig.add_subplot(grid[1, 0]), report)
+    _plot_by_position(fig, fig.add_subplot(grid[1, 1]), report)
+    _plot_losses(fig.add_subplot(grid[2, :]), report)
     return save_figure(fig, path)
 
 
@@ -598,15 +622,23 @@ def smollm2_indexer_heads(indexers: str) -> int:
 
 def smollm2_report(indexers: str, setup: ModelFidelitySetup, *, search_from: str | None = None,
                    indexcache_indexers: str | None = None, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, model: str = "smollm2") -> dict[str, Any]:
     """``run`` on SmolLM2-135M with DSA retrofitted (``indexers``: "shipped", "fresh" or a file): held-out
     CPython sources as the sequences, train-split batches for the IndexCache search, or the searched
     patterns of an earlier report (``search_from``: its JSON path; the search dominates on a CPU);
-    ``indexcache_indexers``: indexers distilled for an IndexCache pattern, scored at it as one more row."""
-    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
+    ``indexcache_indexers``: indexers distilled for an IndexCache pattern, scored at it as one more row.
+    ``model``: any Llama-family source ``models.load`` takes (an HF folder with its tokenizer.json, a GGUF file)."""
+    from sparse_index_jax import models
+    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers
     from sparse_index_jax.training.data import PackedDataset, python_stdlib_files, read_tokens
 
-    model, tokenizer = smollm2(indexers, progress=progress)
+    source = model
+    if models.family(source) != "llama":
+        raise ValueError(f"{source}: the fidelity report runs a Llama-family model with DSA retrofitted")
+    model, tokenizer = models.load(source, indexers=indexers, progress=progress)
+    if tokenizer is None:
+        raise ValueError(f"{source}: the held-out sources are tokenised; the folder has no tokenizer.json")
+    model.cfg.check_length(setup.seq_len)
     path = resolve_indexers(indexers)
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
     heldout_files = python_stdlib_files("heldout")
@@ -627,7 +659,8 @@ def smollm2_report(indexers: str, setup: ModelFidelitySetup, *, search_from: str
         calibration = [train.train_batch(i, setup.search_batch_size) for i in range(setup.search_batches)]
     ix = model.cfg.indexer
     indexers_info = read_indexer_file(path).info if path else {}
-    info = {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF) + DSA retrofit",
+    name = "SmolLM2-135M-Instruct (Q4_1 GGUF)" if source == "smollm2" else f"{source} ({model.cfg.model_type})"
+    info = {"name": f"{name} + DSA retrofit",
             "indexer": {"n_heads": ix.n_heads, "head_dim": ix.head_dim, "rope_dim": ix.rope_dim},
             "indexers": str(path or indexers), "indexers_info": indexers_info,
             "train_seq_len": indexers_info.get("seq_len"),  # the distillation length (sparse-index distill)

@@ -1,4 +1,4 @@
-"""What every causal LM here shares: the SwiGLU MLP, the layer loop and greedy decoding.
+"""What every causal LM here shares: the SwiGLU MLP and the layer loop (generation: ``generation.py``).
 
 ``CausalLM`` holds the embedding, the decoder layers and the head, and runs the layers under an
 IndexCache pattern (F layers select, S layers reuse the last F layer's Selection), densely (the
@@ -93,7 +93,7 @@ class CausalLM(nnx.Module):
         """Runs layers ``start..`` on hidden states x. ``selection`` is the one the previous F layer made
         (needed when layer ``start`` is S); ``selector`` the F layers' (default: their config's). ``dense``
         makes every layer attend to all causal keys (the dense baseline and the warm-up stage of indexer
-        training; no caches). ``remat``: each layer under ``nnx.remat``, so a backward pass keeps only the
+        training). ``remat``: each layer under ``nnx.remat``, so a backward pass keeps only the
         layers' inputs and recomputes one layer's activations at a time (training at length). ``observe(i, out)``
         sees each layer's output as soon as the layer has run and returns what to keep of it: a loss can use a
         large capture there (the dense warm-up's teacher) and drop it, so no two layers' captures live at once."""
@@ -101,8 +101,6 @@ class CausalLM(nnx.Module):
         name = type(self).__name__
         if caches is not None and len(caches) != len(self.layers) - start:
             raise ValueError(f"{name}: {len(caches)} caches for {len(self.layers) - start} layers")
-        if dense and caches is not None:
-            raise ValueError(f"{name}: dense attention runs without caches")
         if pattern[start] == "S" and selection is None and not dense:
             raise ValueError(f"layer {start} is S: pass the selection of the F layer before it")
         attention, new_caches = [], []
@@ -133,38 +131,3 @@ class CausalLM(nnx.Module):
         run = self.run_layers(self.embed(input_ids), caches=caches, index_pattern=index_pattern, selector=selector,
                               dense=dense)
         return CausalLMOutput(self.logits(run.hidden), run.caches, tuple(a.selection for a in run.attention))
-
-
-@nnx.jit
-def _forward(model: CausalLM, input_ids, caches):
-    out = model(input_ids, caches=caches)
-    return out.logits[:, -1], out.caches
-
-
-def generate(model: CausalLM, input_ids: jax.Array, max_new_tokens: int, *, stop_at_eos: bool = True) -> jax.Array:
-    """Greedy decoding with caches (``model.init_caches``): [B, T] prompt -> [B, T + n] tokens (n <= max_new_tokens).
-
-    Prompts of one batch share their length (no padding mask). Rows that reached an EOS token keep
-    emitting it; with ``stop_at_eos`` generation ends once every row has.
-    """
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"generate: input_ids must be a non-empty [B, T] prompt, got {input_ids.shape}")
-    if max_new_tokens <= 0:
-        raise ValueError(f"generate: max_new_tokens must be positive, got {max_new_tokens}")
-    B, T = input_ids.shape
-    caches = model.init_caches(B, T + max_new_tokens)
-    eos = jnp.asarray(model.cfg.eos_token_id or (-1,), jnp.int32)
-    tokens = [input_ids]
-    done = jnp.zeros((B,), bool)
-    step_input = input_ids
-    for _ in range(max_new_tokens):
-        logits, caches = _forward(model, step_input, caches)
-        nxt = jnp.argmax(logits, axis=-1).astype(input_ids.dtype)
-        nxt = jnp.where(done, tokens[-1][:, -1], nxt)
-        done = done | jnp.isin(nxt, eos)
-        tokens.append(nxt[:, None])
-        step_input = nxt[:, None]
-        if stop_at_eos and bool(jnp.all(done)):
-            break
-    return jnp.concatenate(tokens, axis=1)

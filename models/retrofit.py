@@ -1,4 +1,5 @@
-"""DSA retrofitted onto a pretrained Llama-family model: the indexers' weights file, and the SmolLM2 preset.
+"""DSA retrofitted onto a pretrained Llama-family model: the indexers' weights file, what a loader's ``indexers``
+argument means (``indexer_spec``), and the SmolLM2 preset.
 
 Only the indexers are new; the base model's weights stay as shipped. The indexers' weights go in one small
 safetensors file (float16) whose metadata holds what the weights are (``IndexerWeights`` fields), the
@@ -93,6 +94,12 @@ def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
              if stored.weights.get(f) != getattr(ix, f)}
     if wrong:
         raise ValueError(f"{path}: indexer {', '.join(f'{f}={a!r} (model: {b!r})' for f, (a, b) in wrong.items())}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        layers = (f.metadata() or {}).get("num_layers")
+    if layers is not None and int(layers) != model.cfg.num_hidden_layers:
+        raise ValueError(f"{path}: indexer num_layers={int(layers)} (model: {model.cfg.num_hidden_layers})")
     tensors = load_file(str(path))
     params = _indexer_params(model)
     if set(tensors) != set(params):
@@ -126,28 +133,50 @@ def resolve_indexers(indexers: str | pathlib.Path | None) -> pathlib.Path | None
     return SMOLLM2_INDEXERS if indexers == "shipped" else pathlib.Path(indexers)
 
 
+def indexer_spec(indexers: str | pathlib.Path | None, shape: dict | None = None,
+                 selector: Selector | dict | None = None) -> tuple[pathlib.Path | None, dict | None]:
+    """(indexers file or None, ``IndexerConfig`` fields or None) for a Llama-family loader's arguments.
+
+    ``indexers``: None (no indexers: the plain dense model), ``"fresh"`` (new indexers of shape
+    ``SMOLLM2_INDEXER``, or ``shape``'s ``n_heads`` / ``head_dim`` / ``rope_dim``, to distil), ``"shipped"``
+    (the distilled SmolLM2-135M file) or an indexers file (its metadata fixes the shape; ``load_indexers``
+    then checks it against the model, field by field). The selector is the file's (DSA top-256 for fresh
+    indexers); ``selector`` (a ``Selector`` or some of its fields) changes it.
+    """
+    unknown = sorted(set(shape or {}) - set(SMOLLM2_INDEXER))
+    if unknown:
+        raise ValueError(f"unknown indexer shape fields {unknown}; choose from {sorted(SMOLLM2_INDEXER)}")
+    if indexers is None:
+        if shape or selector:
+            raise ValueError("an indexer shape or selector needs indexers: pass indexers='fresh' or a file")
+        return None, None
+    path = resolve_indexers(indexers)
+    if shape and path is not None:
+        raise ValueError(f"an indexer shape ({shape}) applies to fresh indexers only; {path} fixes its own shape")
+    weights, base = {**SMOLLM2_INDEXER, **(shape or {})}, SMOLLM2_SELECTOR
+    if path is not None:
+        stored = read_indexer_file(path)
+        weights = {k: v for k, v in stored.weights.items() if k not in ("hidden_size", "q_input_dim")}
+        base = stored.selector
+    if isinstance(selector, Selector):
+        chosen = selector
+    else:
+        chosen = base.replace(**selector) if selector else base
+    return path, {**weights, **chosen.as_dict()}
+
+
 def smollm2(indexers: str | pathlib.Path | None = "shipped", *, dtype=jnp.float32, progress: bool = True,
             shape: dict | None = None, **selector) -> tuple[LlamaForCausalLM, object]:
     """(model, tokenizer): SmolLM2-135M-Instruct with DSA retrofitted.
 
     ``indexers``: ``"shipped"`` (the distilled weights in ``models/weights``), ``"fresh"`` (new indexers of
     shape ``SMOLLM2_INDEXER``, or ``shape``'s ``n_heads`` / ``head_dim`` / ``rope_dim``, to distil) or an
-    indexers file (its metadata fixes the shape). The selector is the file's (DSA top-256 for fresh
-    indexers); ``selector`` fields change it, e.g. ``method="hisa", block_size=64, num_blocks=16``.
+    indexers file (its metadata fixes the shape); see ``indexer_spec``. The selector is the file's (DSA
+    top-256 for fresh indexers); ``selector`` fields change it, e.g. ``method="hisa", block_size=64,
+    num_blocks=16``. ``models.load("smollm2", ...)`` is the same for every source.
     """
-    path = resolve_indexers(indexers)
-    weights, base = {**SMOLLM2_INDEXER, **(shape or {})}, SMOLLM2_SELECTOR
-    if shape and path is not None:
-        raise ValueError(f"an indexer shape ({shape}) applies to fresh indexers only; {path} fixes its own shape")
-    unknown = sorted(set(shape or {}) - set(SMOLLM2_INDEXER))
-    if unknown:
-        raise ValueError(f"smollm2: unknown indexer shape fields {unknown}; choose from {sorted(SMOLLM2_INDEXER)}")
-    if path is not None:
-        stored = read_indexer_file(path)
-        weights = {k: v for k, v in stored.weights.items() if k not in ("hidden_size", "q_input_dim")}
-        base = stored.selector
-    chosen = base.replace(**selector) if selector else base
-    model, tokenizer = load_smollm2(dtype=dtype, indexer={**weights, **chosen.as_dict()}, progress=progress)
+    path, indexer = indexer_spec(indexers, shape, selector)
+    model, tokenizer = load_smollm2(dtype=dtype, indexer=indexer, progress=progress)
     if path is not None:
         load_indexers(model, path)
     return model, tokenizer

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM, greedy_continuation
+from sparse_index_jax.models.generation import generate
+from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from sparse_index_jax.models.retrofit import load_indexers, read_indexer_file, save_indexers
 from sparse_index_jax.kernels.candidate_topk import gathered_scores
 from sparse_index_jax.training.data import python_stdlib_files, read_tokens
@@ -452,7 +453,7 @@ def test_smollm2_models_held_out_python_and_knows_facts(smollm2):
     loss = float(lm_loss_of(model, jnp.asarray(tokens[None, :-1]), jnp.asarray(tokens[None, 1:]), dense=True))
     assert 0.8 < loss < 3.0, loss  # a broken load (wrong q/k permutation, dequantisation) gives > 5
     prompt = np.array([tok.encode("The capital of France is").ids])
-    continuation = tok.decode(greedy_continuation(model, prompt, 4)[0, prompt.shape[1]:].tolist())
+    continuation = tok.decode(generate(model, prompt, 4, dense=True).new_tokens()[0])
     assert "Paris" in continuation, continuation
 
 
@@ -492,3 +493,39 @@ def test_a_selector_per_call_equals_set_selector_and_changes_nothing():
     model.set_selector(**hisa.as_dict())
     assert model.selector == hisa and before.indexer.method == "dsa"  # the old config is not mutated: swapped
     np.testing.assert_array_equal(np.asarray(model(ids).logits), np.asarray(per_call.logits))
+
+
+def test_fidelity_plot_sets_the_sink_apart_and_shows_the_targets(tmp_path, monkeypatch):
+    """From a made-up report: the sink in its own strip with its own colour map and scale; rows with a target
+    name it and frame the layers below it; the loss panel draws the loss targets."""
+    pytest.importorskip("matplotlib")
+    from sparse_index_jax.bench import model_fidelity as mf
+
+    keys = ["ceiling", "dsa_mass", "dsa_of_ceiling"] + [f"{m}_{k}" for m in mf.SELECTORS
+                                                        for k in ("mass", "iou", "recall")]
+    layers = [{**{k: 0.995 for k in keys}, "sink": sink} for sink in (0.0, 0.2, 0.45)]
+    layers[1]["dsa_of_ceiling"] = 0.9   # below its target (0.95): framed
+    layers[2]["misa_recall"] = 0.5      # below its target (0.92): framed
+    report = {"model": {"name": "made up", "train_seq_len": None}, "sequences": 2,
+              "setup": {"topk": 8, "seq_len": 64, "misa_heads": 1, "indexer_heads": 2},
+              "per_layer": layers, "cross_layer_iou": np.eye(3).tolist(), "mean": {"adjacent_layer_iou": 0.5},
+              "by_position": {"edges": [8, 36, 64], "dsa_of_ceiling": [[0.9, 0.95]] * 3},
+              "lm_loss": {"dense": {"vs_dense": 0.0, "vs_dense_se": 0.0}, "dsa": {"vs_dense": 0.005},
+                          "indexcache uniform 1/2": {"vs_dense": 0.03, "vs_dense_se": 0.004}}}
+    figures, real = [], mf.save_figure
+    monkeypatch.setattr(mf, "save_figure", lambda fig, path, **kw: figures.append(fig) or real(fig, path, **kw))
+    assert mf.plot(report, tmp_path / "fidelity.png").stat().st_size > 0
+    quality, sink = figures[0].axes[:2]  # made before their colour bars
+    (q_image,), (s_image,) = quality.images, sink.images
+    assert q_image.get_cmap().name == "viridis" and q_image.get_clim() == (0, 1)
+    assert s_image.get_cmap().name == "Oranges" and s_image.get_clim() == (0, 0.5)  # its own scale: 0 to its max
+    assert s_image.get_array().shape == (1, 3) and "sink" in sink.get_yticklabels()[0].get_text()
+    assert len(q_image.get_array()) == len(keys)  # the sink is not a quality row
+    labels = [t.get_text() for t in quality.get_yticklabels()]
+    assert [label for label in labels if "target" in label] == [f"{k}  (target >= {t:.2f})"
+                                                              for k, t in mf.LAYER_TARGETS.items()]
+    frames = [(p.get_x() + 0.5, p.get_y() + 0.5) for p in quality.patches]
+    assert sorted(frames) == [(1, keys.index("dsa_of_ceiling")), (2, keys.index("misa_recall"))]
+    losses = figures[0].axes[-1]
+    targets = sorted(line.get_xdata()[0] for line in losses.lines if line.get_linestyle() == "--")
+    assert targets == [100 * t for t in sorted(mf.TARGETS.values())]

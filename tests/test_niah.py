@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from sparse_index_jax.bench import niah
-from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM, greedy_continuation
+from sparse_index_jax.models.generation import generate
+from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from sparse_index_jax.models.retrofit import indexers_swapped, load_indexers, save_indexers
 
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -76,7 +77,7 @@ def test_scoring_equals_greedy_decoding():
     tok, model = byte_tokenizer(), tiny_model()
     prompt = niah.build_prompt(tok, "passkey", 320, 0.5, "12345", np.random.default_rng(0))
     context = prompt.ids[:-5]
-    greedy = greedy_continuation(model, context[None], 5)[0, -5:]
+    greedy = np.asarray(generate(model, context[None], 5, stop_tokens=(), dense=True).new_tokens()[0])
     own = niah.Prompt(np.concatenate([context, greedy]).astype(np.int32), greedy.astype(np.int32), "", 0.5, 0)
     wrong_answer = greedy.copy()
     wrong_answer[4] = (wrong_answer[4] + 1) % 256  # the last: no later prediction sees it

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import email.parser
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 
@@ -22,6 +25,54 @@ def source_packages() -> set[str]:
         for init in (ROOT / folder).rglob("__init__.py"):
             names.add(".".join((package, *init.parent.relative_to(ROOT / folder).parts)))
     return names
+
+
+def package_version() -> str:
+    """``sparse_index_jax.__version__``, read from the file (as setuptools does)."""
+    tree = ast.parse((ROOT / "sparse_index_jax" / "__init__.py").read_text())
+    (value,) = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(target, "id", None) for target in node.targets] == ["__version__"]]
+    return value
+
+
+def check_metadata(text: str) -> None:
+    """A built distribution's core metadata: the one version, the license, the base dependencies, the URLs."""
+    fields = email.parser.HeaderParser().parsestr(text)
+    assert fields["Version"] == package_version()
+    assert fields["License-Expression"] == "Apache-2.0" and fields.get_all("License-File") == ["LICENSE"]
+    requires = {re.split(r"[ ;<>=!~\[]", line, maxsplit=1)[0].lower() for line in fields.get_all("Requires-Dist")
+                if "extra ==" not in line}
+    assert {"jax", "flax", "matplotlib", "jinja2"} <= requires, requires
+    urls = dict(line.split(", ", 1) for line in fields.get_all("Project-URL"))
+    assert set(urls) == {"Homepage", "Repository", "Issues", "Documentation"}, urls
+    assert "Programming Language :: Python :: 3.13" in fields.get_all("Classifier")
+
+
+def test_the_version_has_one_source():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert SETUPTOOLS["dynamic"]["version"] == {"attr": "sparse_index_jax.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", package_version())
+
+
+def test_the_sdist_carries_the_license_and_its_build_does_not_import_jax(tmp_path):
+    fake = tmp_path / "fake" / "jax"  # setuptools must read __version__ from the file, not import the package
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the build imported jax')\n")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
+                                                             "__pycache__", "results", ".pytest_cache",
+                                                             "sparse-index-runs", "weights"))
+    build = "import sys, setuptools.build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    done = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=src, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sdist = tmp_path / "dist" / done.stdout.split()[-1]
+    with tarfile.open(sdist) as tf:
+        top = sdist.name.removesuffix(".tar.gz")
+        assert tf.extractfile(f"{top}/LICENSE").read() == (ROOT / "LICENSE").read_bytes()
+        check_metadata(tf.extractfile(f"{top}/PKG-INFO").read().decode())
 
 
 def test_the_package_list_names_every_package_folder():
@@ -44,6 +95,10 @@ def test_the_wheel_installs_one_root_and_a_project_with_its_own_models_package_r
         for path in (ROOT / folder).rglob("*.py"):
             assert "/".join((*package.split("."), *path.relative_to(ROOT / folder).parts)) in files, path
     assert "sparse_index_jax/models/weights/smollm2_135m_indexers.safetensors" in files
+    with zipfile.ZipFile(wheel) as zf:
+        info = next(name.rpartition("/")[0] for name in files if name.endswith(".dist-info/METADATA"))
+        check_metadata(zf.read(f"{info}/METADATA").decode())
+        assert zf.read(f"{info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
 
     site, project = tmp_path / "site", tmp_path / "project"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site), str(wheel)],

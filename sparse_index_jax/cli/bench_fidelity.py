@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparse_index_jax.bench import Benchmark, fidelity, model_fidelity
-from sparse_index_jax.cli.arguments import positive
+from sparse_index_jax.cli.arguments import positive, report_out_help, report_path
 
 DESCRIPTION = (
     "Without --model: scores HISA, MISA and MISA-H against DSA's exact top-k on synthetic activations with topic "
@@ -20,9 +20,13 @@ DESCRIPTION = (
     "figure is a mean over the held-out sequences with its standard error. JSON + PNG heatmaps.")
 
 
+SMOLLM2_REPORT = "fidelity_smollm2.json"  # the report's name with --model smollm2
+
+
 def add_parser(sub, spec: Benchmark) -> None:
     p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION)
-    p.add_argument("--model", choices=("smollm2",), default=None, help="measure on a real model (see above)")
+    p.add_argument("--model", default=None, help="measure on a real model (see above): 'smollm2', an HF Llama / "
+                                                 "Qwen2 / Mistral folder (with tokenizer.json) or a .gguf file")
     p.add_argument("--indexers", default="shipped", help="with --model: 'shipped', 'fresh' or a weights file")
     p.add_argument("--seq-len", **positive(default=4096, help="keys per sequence (default 4096)"))
     p.add_argument("--topk", **positive(default=256, help="keys kept per query (default 256)"))
@@ -48,9 +52,9 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--head-dim", **positive(default=64, help="synthetic: indexer head dim (default 64)"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None, help="JSON report path (default bench/results/fidelity_synthetic.json, or "
-                                               "fidelity_smollm2.json with --model; PNG alongside)")
-    p.set_defaults(func=run, default_out=spec.default_out)
+    p.add_argument("--out", default=None, help=report_out_help(
+        "bench fidelity", f"{spec.report}; with --model smollm2 {SMOLLM2_REPORT} and its PNG", plot=False))
+    p.set_defaults(func=run, report=spec.report)
 
 
 def fraction(text: str) -> float:
@@ -65,7 +69,7 @@ def fraction(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model == "smollm2":
+    if args.model is not None:
         return run_smollm2(args)
     setup = fidelity.FidelitySetup(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, topk=args.topk,
                                    queries=args.queries, seed=args.seed)
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     report = fidelity.run(setup, progress=lambda m: print(f"  running {m} ...", flush=True))
     print()
     print(fidelity.format_table(report))
-    out = fidelity.save(report, args.out or args.default_out)
+    out = fidelity.save(report, report_path(args.out, "bench fidelity", args.report))
     print(f"\nwrote {out}")
     return 0
 
@@ -86,16 +90,17 @@ def run_smollm2(args: argparse.Namespace) -> int:
         misa_heads=args.misa_heads, position_bins=args.position_bins, search_seq_len=args.search_seq_len,
         search_batches=args.search_batches, seed=args.seed)
     heads = model_fidelity.smollm2_indexer_heads(args.indexers)
-    print(f"selection fidelity of SmolLM2-135M + DSA ({args.indexers} indexers, {heads} heads): {setup.sequences} "
+    name = "SmolLM2-135M" if args.model == "smollm2" else args.model
+    print(f"selection fidelity of {name} + DSA ({args.indexers} indexers, {heads} heads): {setup.sequences} "
           f"held-out sequences of {setup.seq_len} tokens (CPython sources); "
           + "; ".join(f"{m} {setup.selector(m, heads).as_dict()}" for m in ("dsa", *model_fidelity.SELECTORS))
           + f"; IndexCache keeps {list(setup.keeps)}"
           + (f" and trained {args.indexcache_indexers}" if args.indexcache_indexers else ""), flush=True)
     report = model_fidelity.smollm2_report(args.indexers, setup, search_from=args.search_from,
                                            indexcache_indexers=args.indexcache_indexers, progress=not args.quiet,
-                                           log=print)
+                                           log=print, model=args.model)
     print()
     print(model_fidelity.format_table(report))
-    json_path, png_path = model_fidelity.save(report, args.out or "bench/results/fidelity_smollm2.json")
+    json_path, png_path = model_fidelity.save(report, report_path(args.out, "bench fidelity", SMOLLM2_REPORT))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else " (matplotlib is not installed: no plot)"))
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from sparse_index_jax.bench import Benchmark, model_speed
 from sparse_index_jax.bench.reports import device_slug
-from sparse_index_jax.cli.arguments import lengths, names, positive
+from sparse_index_jax.cli.arguments import lengths, names, positive, report_out_help, report_path
 
 DESCRIPTION = """\
 Times, in one process on the default device, a stack of DeepSeek-V3.2 layers (the library's
@@ -37,10 +37,12 @@ token) unless --ffn moe (the model's MoE with --routed-experts, default 32 of V3
 would not fit an H200 beside the 128K activations). tiny: toy dimensions, float32, for CPU
 checks of the plumbing (its times mean nothing).
 
-Output: a table (per section: configurations x lengths), a JSON report (--out, default
-bench/results/model_<device-kind>.json: environment, setup with shapes and dtypes, the backend
-of each op, per configuration / mode / length the timing, the components, the shares and the
-ratios) and a PNG next to it (time vs length, selection share vs length).
+Output: a table (per section: configurations x lengths), a JSON report model_<device-kind>.json
+(environment, setup with shapes and dtypes, the backend of each op, per configuration / mode /
+length the timing, the components, the shares and the ratios) and a PNG next to it (time vs
+length, selection share vs length), in --out: by default a fresh folder
+./sparse-index-runs/bench-model-YYYYMMDD-HHMMSS/ under the current directory (a path ending in
+.json names the report itself).
 Time on an H200 is mostly compiling: 23 programs per length (each configuration's prefill and
 decode stack, each method's two selection components, the attention, layer 0's inputs), about
 1.5 min per length; the runs add about a minute at 128K. Lengths run in the order given, so with
@@ -73,10 +75,9 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: measurements not started when it is spent are skipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="JSON report path (default bench/results/model_<device-kind>.json); PNG alongside")
+    p.add_argument("--out", default=None, help=report_out_help("bench model", "model_<device-kind>.json"))
     p.add_argument("--quiet", action="store_true", help="no line per measurement")
-    p.set_defaults(func=run, default_out=spec.default_out)
+    p.set_defaults(func=run, report=spec.report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         configs=tuple(args.configs or model_speed.CONFIGS), decode_batch=args.decode_batch, repeats=args.repeats,
         ffn=args.ffn, routed_experts=args.routed_experts, max_seconds=args.max_seconds, seed=args.seed)
     resolved = setup.resolved()
-    out = args.out or args.default_out.format(device=device_slug())
+    out = report_path(args.out, "bench model", args.report.format(device=device_slug()))
     print(f"bench model on {device_slug()}: preset {resolved.preset}, {resolved.layers} layers, T in "
           f"{list(resolved.lengths)}, configurations {list(resolved.configs)}, FFN {resolved.ffn}, decode batch "
           f"{resolved.decode_batch}, {resolved.repeats} repeats", flush=True)

@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from sparse_index_jax.bench import Benchmark, niah
-from sparse_index_jax.cli.arguments import lengths, names, positive
+from sparse_index_jax.cli.arguments import lengths, names, positive, report_out_help, report_path
 
 METHODS = ("dense", "dsa", "hisa", "misa", "misa_h", "indexcache")
 GRIDS = {  # fast: about 40 minutes on 2 CPU cores (each run compiles the model per length); full: for a GPU
@@ -39,8 +39,10 @@ def _depths(text: str) -> list[float]:
 
 def add_parser(sub, spec: Benchmark) -> None:
     p = sub.add_parser(spec.name, help=spec.summary, description=DESCRIPTION)
-    p.add_argument("--model", choices=("smollm2",), default="smollm2", help="the model (default smollm2)")
-    p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default), an HF Llama / Qwen2 / Mistral folder "
+                                                      "(with tokenizer.json) or a .gguf file: DSA retrofitted")
+    p.add_argument("--indexers", default="shipped", help="'shipped' (default; SmolLM2's), 'fresh' or an indexers "
+                                                         "file (refused if its shape does not fit the model)")
     p.add_argument("--task", choices=niah.TASKS, default="passkey",
                    help="passkey: repeated filler (LongLoRA's test); needle: varied generated sentences (RULER's "
                         "single needle). Default passkey")
@@ -61,9 +63,8 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--batch-size", **positive(default=1, help="prompts per forward pass (default 1)"))
     p.add_argument("--seed", type=int, default=0, help="keys and filler draws")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=spec.default_out, help=f"JSON report path (default {spec.default_out}; PNG "
-                                                           "alongside)")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default=None, help=report_out_help("bench niah", spec.report))
+    p.set_defaults(func=run, report=spec.report)
 
 
 def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
@@ -89,17 +90,26 @@ def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparse_index_jax import models
     from sparse_index_jax.bench import model_fidelity
     from sparse_index_jax.bench.reports import save_json
-    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
+    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers
 
     if not 0 < args.keep < 1:
         raise ValueError(f"--keep must lie in (0, 1), got {args.keep}")
     grid = GRIDS[args.grid]
+    out = report_path(args.out, "bench niah", args.report)
+    print(f"writing to {out} (after every length)")
     setup = niah.NiahSetup(lengths=tuple(args.lengths or grid["lengths"]), depths=tuple(args.depths or grid["depths"]),
                            trials=args.trials or grid["trials"], task=args.task, batch_size=args.batch_size,
                            seed=args.seed)
-    model, tokenizer = smollm2(args.indexers, progress=not args.quiet)
+    if models.family(args.model) != "llama":
+        raise ValueError(f"--model {args.model}: bench niah runs a Llama-family model with DSA retrofitted")
+    model, tokenizer = models.load(args.model, indexers=args.indexers, progress=not args.quiet)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model}: the prompts are tokenised; the folder has no tokenizer.json")
+    model.cfg.check_length(max(setup.lengths))
+    name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else f"{args.model} ({model.cfg.model_type})"
     path = resolve_indexers(args.indexers)
     info = read_indexer_file(path).info if path else {}
     ix = model.cfg.indexer
@@ -113,15 +123,15 @@ def run(args: argparse.Namespace) -> int:
             runs.update(_indexcache_runs(args, model))
         else:
             runs[method] = {"selector": selectors.selector(method, ix.n_heads)}
-    model_info = {"name": "SmolLM2-135M-Instruct + DSA retrofit", "indexers": str(path or args.indexers),
+    model_info = {"name": f"{name} + DSA retrofit", "indexers": str(path or args.indexers),
                   "indexer": {"n_heads": ix.n_heads, "head_dim": ix.head_dim, "rope_dim": ix.rope_dim}}
-    print(f"{setup.task} retrieval, SmolLM2-135M + DSA ({args.indexers} indexers, {ix.n_heads} heads, trained at "
+    print(f"{setup.task} retrieval, {name} + DSA ({args.indexers} indexers, {ix.n_heads} heads, trained at "
           f"{info.get('seq_len', '?')} tokens): lengths {list(setup.lengths)}, depths {list(setup.depths)}, "
           f"{setup.trials} prompt(s) per cell; runs: {', '.join(runs)}", flush=True)
     report = niah.run(model, tokenizer, setup, runs, train_seq_len=info.get("seq_len"), model_info=model_info,
-                      progress=not args.quiet, log=print, after_length=lambda r: save_json(r, args.out))
+                      progress=not args.quiet, log=print, after_length=lambda r: save_json(r, out))
     print()
     print(niah.format_table(report))
-    json_path, png = niah.save(report, args.out)
+    json_path, png = niah.save(report, out)
     print(f"\nwrote {json_path}" + (f" and {png}" if png else " (matplotlib is not installed: no plot)"))
     return 0

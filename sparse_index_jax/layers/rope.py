@@ -1,4 +1,4 @@
-"""Rotary position embedding: frequencies (plain and YaRN) and the two pairings.
+"""Rotary position embedding: frequencies (plain, linear, dynamic NTK, Llama 3.1, YaRN) and the two pairings.
 
 ``layout="interleaved"`` rotates pairs ``(2i, 2i+1)``; ``layout="half"`` (NeoX) rotates pairs
 ``(i, i + n/2)``. Both use frequency ``inv_freq[i]`` for pair ``i`` and keep every element where it
@@ -17,11 +17,25 @@ from sparse_index_jax.layers.config import RopeConfig, RopeLayout
 
 
 def inverse_frequencies(cfg: RopeConfig, dim: int) -> np.ndarray:
-    """[dim // 2] float32 inverse frequencies, following HF transformers' default and YaRN rules."""
+    """[dim // 2] float32 inverse frequencies, following HF transformers' rules for each ``rope_type``.
+    ``dynamic`` gives the frequencies of sequences up to ``max_position_embeddings`` (longer ones: see
+    ``rotary_cos_sin``)."""
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     pos_freqs = np.float32(cfg.theta) ** exponents
-    if cfg.rope_type == "default":
+    if cfg.rope_type in ("default", "dynamic"):
         return (1.0 / pos_freqs).astype(np.float32)
+    if cfg.rope_type == "linear":
+        return (1.0 / pos_freqs / np.float32(cfg.factor)).astype(np.float32)
+    if cfg.rope_type == "llama3":
+        inv_freq = (1.0 / pos_freqs).astype(np.float32)
+        old = cfg.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / cfg.low_freq_factor, old / cfg.high_freq_factor
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(cfg.factor), inv_freq)
+        smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / np.float32(cfg.factor) + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
 
     def correction_dim(num_rotations: float) -> float:
         return (dim * math.log(cfg.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
@@ -40,9 +54,21 @@ def inverse_frequencies(cfg: RopeConfig, dim: int) -> np.ndarray:
     return (interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight).astype(np.float32)
 
 
+def _dynamic_frequencies(cfg: RopeConfig, positions: jnp.ndarray, dim: int) -> jnp.ndarray:
+    """HF's dynamic NTK: the base grows with the sequence length ``max(positions) + 1`` once it passes
+    ``max_position_embeddings`` (over the whole batch, as HF takes it); shorter sequences get the default."""
+    max_pos = cfg.max_position_embeddings
+    seq_len = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1, jnp.float32(max_pos))
+    base = cfg.theta * ((cfg.factor * seq_len / max_pos) - (cfg.factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
 def rotary_cos_sin(cfg: RopeConfig, positions: jnp.ndarray, dim: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin of shape ``positions.shape + [dim // 2]`` in float32, times YaRN's attention factor."""
-    inv_freq = jnp.asarray(inverse_frequencies(cfg, dim))
+    if cfg.rope_type == "dynamic":
+        inv_freq = _dynamic_frequencies(cfg, positions, dim)
+    else:
+        inv_freq = jnp.asarray(inverse_frequencies(cfg, dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     factor = cfg.attention_factor
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
