@@ -89,17 +89,20 @@ SEARCH_MIN_SPAN = 1.0  # percent: the least y range of the search plot, so 1e-6 
 
 
 def search_plot(report: Mapping, path: str | pathlib.Path) -> pathlib.Path | None:
-    """IndexCache's greedy search (``SearchState.report()``): the calibration LM loss after each flip as a change
-    (%) from the start pattern's loss, against the F layers kept; each point labelled with the layer it flipped."""
+    """IndexCache's greedy search (``SearchState.report()``): the calibration LM loss of the start pattern and after
+    each flip, as a change (%) from dense attention's loss on the same batches (from the start pattern's in reports
+    without one), against the F layers kept; each point labelled with the layer it flipped."""
     plt = pyplot()
     if plt is None:
         return None
     import matplotlib.ticker
 
-    curve, base = report["curve"], report["base_loss"]
+    curve, start = report["curve"], report["base_loss"]
+    dense = report.get("dense_loss")  # reports written before the search measured it: read against the start
+    base, against = (dense, "dense attention") if dense else (start, "the start pattern")
     n = len(report["pattern"])
     fig, ax = plt.subplots(figsize=(8, 4.6), dpi=120)
-    if base is None or not report["history"]:  # nothing flipped: the start pattern already keeps few enough F
+    if start is None or not report["history"]:  # nothing flipped: the start pattern already keeps few enough F
         no_data(ax, f"no flips: {report['pattern']} already keeps {report['kept_layers']} of {n} layers F")
         return save_figure(fig, path)
     kept = list(curve["f_layers"])
@@ -120,7 +123,7 @@ def search_plot(report: Mapping, path: str | pathlib.Path) -> pathlib.Path | Non
     ax.set_xlim(kept[0] + 0.5, kept[-1] - 0.5)  # the search runs left to right: F layers kept fall
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel=f"F layers kept (of {n}); each point: the layer that flipped F -> S",
-           ylabel=f"calibration LM loss vs start ({base:.4f})",
+           ylabel=f"calibration LM loss vs {against} ({base:.4f})",
            title=f"IndexCache greedy search: {report['pattern']}")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)

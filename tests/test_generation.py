@@ -166,3 +166,46 @@ def test_a_cache_for_another_selector_is_refused(model):
     caches = model.init_caches(1, 8, SELECTORS["dsa"])
     with pytest.raises(ValueError, match="pools key blocks"):
         model(jnp.asarray([[1, 2]]), caches=caches, selector=SELECTORS["hisa"])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_generate_command_streams_from_a_folder_with_a_chat_template(tmp_path, monkeypatch, capsys):
+    """``sparse-index generate`` on an HF Llama folder: the chat template applied (or not, --raw), the prompt
+    from the argument or stdin, dense without indexers, a selector with fresh ones."""
+    import io
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+
+    from sparse_index_jax.cli import main
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(tok_models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    hf.save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+
+    assert main(["generate", "hi", "--model", str(tmp_path), "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    chat = len(tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").ids)
+    assert f"{chat} prompt tokens, dense, greedy" in err and "[5 tokens in" in err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello"))
+    assert main(["generate", "--model", str(tmp_path), "--raw", "--indexers", "fresh", "--topk", "4",
+                 "--max-new-tokens", "3", "--temperature", "0.7", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "5 prompt tokens, dsa top-4, sampling T=0.7" in err and "[3 tokens in" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi", "--model", str(tmp_path), "--raw", "--system", "be brief"])
+    assert exit_info.value.code == 2 and "--system needs a chat template" in capsys.readouterr().err

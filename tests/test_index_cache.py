@@ -16,7 +16,7 @@ from sparse_index_jax.layers.index_cache import IndexCacheConfig
 from sparse_index_jax.training.data import PackedDataset
 from sparse_index_jax.training.distill import INDEXER_PARAMS, DistillConfig, distill, distill_losses, evaluate
 from sparse_index_jax.training.index_cache_search import greedy_search
-from sparse_index_jax.training.losses import indexer_kl
+from sparse_index_jax.training.losses import indexer_kl, lm_loss
 
 VOCAB, SEQ = 96, 24
 
@@ -108,6 +108,8 @@ def test_search_recovers_a_planted_redundant_layer(checkpoint, tmp_path):
     assert state.history[0]["loss"] == pytest.approx(state.base_loss, abs=1e-6)
     others = [v for j, v in state.history[0]["candidates"].items() if j != "2"]
     assert min(others) > state.base_loss + 1e-4
+    dense = np.mean([float(lm_loss(model(jnp.asarray(i), dense=True).logits, jnp.asarray(t))) for i, t in batches])
+    assert state.report()["dense_loss"] == pytest.approx(dense, rel=1e-5)  # what search.png reads losses against
 
 
 def test_search_resumes_from_its_state_file(checkpoint, tmp_path):

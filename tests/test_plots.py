@@ -57,6 +57,15 @@ def test_search_plot_shows_the_loss_change_in_percent_with_each_flipped_layer(tm
     assert all(t.get_text().endswith("%") for t in ax.get_yticklabels() if t.get_text())
 
 
+def test_search_plot_reads_losses_against_dense_when_the_report_has_it(tmp_path, figures):
+    report = {**_search_report([0.01, 0.02, 0.03, 0.04], base=1.5), "dense_loss": 1.2}
+    plots.search_plot(report, tmp_path / "dense.png")
+    ax, = figures[0].axes
+    ys = ax.lines[-1].get_ydata()
+    assert abs(ys[0] - 25.0) < 1e-9 and abs(ys[-1] - 100 * (1.5 * 1.04 / 1.2 - 1)) < 1e-9
+    assert "vs dense attention" in ax.get_ylabel()
+
+
 def test_search_plot_without_flips_says_so(tmp_path, figures):
     report = SearchState("FSFS", 0.5, "data").report()  # already at the target: no flip, no loss
     assert plots.search_plot(report, tmp_path / "none.png").is_file()

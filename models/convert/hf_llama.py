@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_index_jax.layers.indexer import LightningIndexer
-from sparse_index_jax.models.convert.loader import _place, _progress
+from sparse_index_jax.models.convert.loader import place_slices, progress_bar
 from sparse_index_jax.models.convert.safetensors_reader import CheckpointError, CheckpointReader
 from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -106,7 +106,7 @@ def load_hf_llama(path: str | pathlib.Path, *, dtype=None, indexer: dict | None 
             raise CheckpointError(f"{path}: {len(unexpected)} checkpoint tensor(s) the {cfg.model_type} model has no "
                                   f"place for: {', '.join(unexpected[:6])}. Is config.json the one it was saved with?")
         leaves = []
-        for param_path, var in _progress(flat, progress, f"loading {path.name}"):
+        for param_path, var in progress_bar(flat, progress, f"loading {path.name}"):
             shape, param_dtype = tuple(var.get_value().shape), var.get_value().dtype
             if param_path in fresh:
                 value = fresh[param_path]
@@ -122,6 +122,6 @@ def load_hf_llama(path: str | pathlib.Path, *, dtype=None, indexer: dict | None 
                 if sharding is None:
                     array = jnp.asarray(read((slice(None),) * len(shape)), param_dtype)
                 else:
-                    array = _place(read, shape, param_dtype, sharding(param_path, shape))
+                    array = place_slices(read, shape, param_dtype, sharding(param_path, shape))
             leaves.append((param_path, var.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))

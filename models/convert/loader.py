@@ -90,7 +90,7 @@ def _read(reader: CheckpointReader, names: list[str], kind: str, block, index: t
     return np.stack([reader.get_dequantized(name, block, index[1:][::-1]).T for name in names[index[0]]])
 
 
-def _place(read, shape: tuple, dtype, sharding) -> jax.Array:
+def place_slices(read, shape: tuple, dtype, sharding) -> jax.Array:
     """The parameter on ``sharding``, each device's slice from ``read(index)``. Devices that replicate a slice
     (over the other mesh axes) get the one read of it: a cache per distinct slice, dropped on return."""
     cache: dict[tuple, np.ndarray] = {}
@@ -108,7 +108,7 @@ def _abstract_model(cfg: ModelConfig, dtype) -> DSAForCausalLM:
     return nnx.eval_shape(lambda: DSAForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_bar(items, enabled: bool, desc: str):
     if not enabled:
         return items
     try:
@@ -136,7 +136,7 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
     with CheckpointReader(path) as reader:
         plan = _plan(reader, flat, cfg, dropped)  # every header check before the first byte of data is read
         leaves = []
-        for (param_path, var), (names, kind) in zip(_progress(flat, progress, f"loading {path.name}"), plan):
+        for (param_path, var), (names, kind) in zip(progress_bar(flat, progress, f"loading {path.name}"), plan):
             shape, param_dtype = tuple(var.get_value().shape), var.get_value().dtype  # f32: indexer heads, router
 
             def read(index, names=names, kind=kind):
@@ -145,7 +145,7 @@ def load_hf_checkpoint(path: str | pathlib.Path, *, dtype=jnp.bfloat16, sharding
             if sharding is None:
                 array = jnp.asarray(read((slice(None),) * len(shape)), param_dtype)
             else:  # each device (each host, on multi-host) reads only its own slice
-                array = _place(read, shape, param_dtype, sharding(param_path, shape))
+                array = place_slices(read, shape, param_dtype, sharding(param_path, shape))
             leaves.append((param_path, var.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 

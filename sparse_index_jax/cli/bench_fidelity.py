@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 from sparse_index_jax.bench import Benchmark, fidelity, model_fidelity
 from sparse_index_jax.cli.arguments import positive, report_out_help, report_path
@@ -53,7 +54,8 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help=report_out_help(
-        "bench fidelity", f"{spec.report}; with --model smollm2 {SMOLLM2_REPORT} and its PNG", plot=False))
+        "bench fidelity", f"{spec.report}; with --model smollm2 {SMOLLM2_REPORT} (another model: "
+        f"fidelity_<its name>.json) and its PNG", plot=False))
     p.set_defaults(func=run, report=spec.report)
 
 
@@ -101,6 +103,7 @@ def run_smollm2(args: argparse.Namespace) -> int:
                                            log=print, model=args.model)
     print()
     print(model_fidelity.format_table(report))
-    json_path, png_path = model_fidelity.save(report, report_path(args.out, "bench fidelity", SMOLLM2_REPORT))
+    report_name = SMOLLM2_REPORT if args.model == "smollm2" else f"fidelity_{pathlib.Path(args.model).stem}.json"
+    json_path, png_path = model_fidelity.save(report, report_path(args.out, "bench fidelity", report_name))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else " (matplotlib is not installed: no plot)"))
     return 0

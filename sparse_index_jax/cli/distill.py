@@ -20,7 +20,8 @@ DESCRIPTION = (
     "keys, a key chunk at a time. Stage 2 (sparse): KL over the selected keys for the indexers (detached inputs); "
     "with --train-base the rest of the model learns from the LM loss with sparse attention. Writes to --out (OUT, "
     "default a fresh folder per run): Orbax checkpoints in OUT/checkpoints, OUT/metrics.jsonl, OUT/eval.json, "
-    "OUT/distill.png; smollm2 also OUT/indexers.safetensors. An interrupted run resumes from its checkpoints when "
+    "OUT/distill.png; a retrofitted Llama-family model (smollm2, a folder, a GGUF) also "
+    "OUT/indexers.safetensors. An interrupted run resumes from its checkpoints when "
     "run again with the same --out.")
 
 
@@ -52,7 +53,7 @@ def add_parser(sub) -> None:
                            "goes on")
     dist.add_argument("--eval-batches", **positive(default=4, help="held-out batches evaluated (default 4)"))
     dist.add_argument("--out", default=None, help=resumable_out_help(
-        "distill", "checkpoints, metrics.jsonl, eval.json, distill.png (smollm2: indexers.safetensors)"))
+        "distill", "checkpoints, metrics.jsonl, eval.json, distill.png (Llama family: indexers.safetensors)"))
     add_distributed_args(dist)
     dist.set_defaults(func=run)
 

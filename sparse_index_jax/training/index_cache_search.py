@@ -41,6 +41,12 @@ def _lm_loss(model, x, targets):
     return lm_loss(model.logits(x), targets)
 
 
+def _dense_loss(model, inputs, targets) -> float:
+    """LM loss of the model without selection (every causal key): the reference a pattern's loss is read against."""
+    x = model.run_layers(model.embed(inputs), dense=True).hidden
+    return float(_lm_loss(model, x, targets))
+
+
 def _loss_from(model, j: int, pattern: str, x, selection, targets) -> float:
     """LM loss running layers j.. under ``pattern`` from layer j's input (x, selection handed in)."""
     for i in range(j, len(model.layers)):
@@ -55,6 +61,7 @@ class SearchState:
     fingerprint: str
     base_loss: float | None = None
     history: list[dict] = dataclasses.field(default_factory=list)
+    dense_loss: float | None = None  # the same batches without selection (absent in states saved before it)
 
     def report(self) -> dict:
         """The pattern, the losses, and the curve of F layers kept vs calibration loss, flip by flip."""
@@ -62,7 +69,8 @@ class SearchState:
         kept += [h["pattern"].count("F") for h in self.history]
         losses = [self.base_loss] + [h["loss"] for h in self.history]
         return {"pattern": self.pattern, "keep": self.keep, "kept_layers": kept[-1], "base_loss": self.base_loss,
-                "final_loss": losses[-1], "curve": {"f_layers": kept, "loss": losses}, "history": self.history}
+                "dense_loss": self.dense_loss, "final_loss": losses[-1], "curve": {"f_layers": kept, "loss": losses},
+                "history": self.history}
 
     def save(self, path: pathlib.Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -113,6 +121,8 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
         total = sum(state.pattern[1:].count("F") - k for k in range(max(0, state.pattern.count("F") - target)))
         bar = tqdm(total=total * len(batches), desc="IndexCache search", unit="pass", file=sys.stderr)
     with layers_context(mesh):  # context axis: the layers run context-parallel
+        if state.dense_loss is None and state.pattern.count("F") > target:
+            state.dense_loss = sum(_dense_loss(model, i, t) for i, t in batches) / len(batches)
         while state.pattern.count("F") > target:
             start = time.perf_counter()
             pattern = state.pattern
