@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sparse_index_jax.kernels.ranking import relu
+
 
 def num_blocks_for(S: int, block_size: int) -> int:
     return -(-S // block_size)
@@ -74,7 +76,7 @@ def last_eligible(q_positions: jax.Array, kv_lengths: jax.Array) -> jax.Array:
 
 def head_block_logits(q_c: jax.Array, means: jax.Array) -> jax.Array:
     """ReLU(q . kbar) per head and block: q_c [B,c,H,d], means [B,M,d] -> [B,c,H,M] float32."""
-    return jax.nn.relu(jnp.einsum("bchd,bmd->bchm", q_c.astype(jnp.float32), means))
+    return relu(jnp.einsum("bchd,bmd->bchm", q_c.astype(jnp.float32), means))
 
 
 def check_block_sums(op: str, block_sums, k: jax.Array, block_size: int) -> None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from sparse_index_jax.kernels.chunking import to_shard
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import ranking_keys, relu, top_k_by_key
 
 
 def gathered_logits(q: jax.Array, k: jax.Array, k_scale: jax.Array | None, positions: jax.Array):
@@ -34,7 +34,7 @@ def gathered_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array
     """Flat DSA scores of per-query key lists: q [B,T,H,d], w [B,T,H], k [B,S,d], k_scale [B,S] or None,
     positions [B,T,C] (-1 allowed: scored as position 0, mask it yourself) -> [B,T,C] float32."""
     logits, scales = gathered_logits(q, k, k_scale, positions)
-    return jnp.einsum("bchn,bch->bcn", jax.nn.relu(logits), w.astype(jnp.float32)) * scales
+    return jnp.einsum("bchn,bch->bcn", relu(logits), w.astype(jnp.float32)) * scales
 
 
 def refine_topk(q_c: jax.Array, w_c: jax.Array, k: jax.Array, k_scale: jax.Array | None, cand_pos: jax.Array,

@@ -29,7 +29,7 @@ import numpy as np
 from sparse_index_jax.kernels.chunking import map_query_chunks, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, relu, top_k_by_key
 from sparse_index_jax.kernels.tpu_block_sizes import DsaTpuBlockSizes, dsa_block_sizes
 
 # bit b of a 32-bit word as an int32 (bit 31 is the sign bit)
@@ -57,7 +57,7 @@ def _score_kernel(pos_ref, lim_ref, w_ref, q_ref, k_ref, ks_ref, out_ref, *, hea
         def head(h, acc):
             logits = jax.lax.dot_general(q_ref[0, h], k, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)          # [bq, bk]
-            return acc + jnp.maximum(logits, 0.0) * w_ref[0, h]
+            return acc + relu(logits) * w_ref[0, h]
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(out_ref.shape[1:], jnp.float32))
         out_ref[0] = jnp.where(eligible, ordered_keys(acc * ks_ref[0]), INELIGIBLE_KEY)

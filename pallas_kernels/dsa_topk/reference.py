@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sparse_index_jax.kernels.chunking import chunk_axis, map_query_chunks
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import ranking_keys, relu, top_k_by_key
 
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None = None) -> jax.Array:
@@ -33,7 +33,7 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | 
     """
     dt = matmul_dtype(q, k)
     logits = jnp.einsum("bthd,bsd->bths", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
-    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), w.astype(jnp.float32))
+    scores = jnp.einsum("bths,bth->bts", relu(logits), w.astype(jnp.float32))
     if k_scale is not None:
         scores = scores * k_scale.astype(jnp.float32)[:, None, :]
     return scores

@@ -40,25 +40,29 @@ from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.inputs import matmul_dtype
 from sparse_index_jax.kernels.radix_select import output_columns, padding_slots
 from sparse_index_jax.kernels.radix_topk_triton import radix_topk_rows
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, relu, top_k_by_key
 from sparse_index_jax.kernels.streaming_topk_triton import barrier, compact, kth_largest, rank_survivors
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
-def _block_scores(k_ref, scale_ref, b, j, q, w, bk: int, bq: int, heads: int):
+def _block_scores(k_ref, scale_ref, b, j, q, w, bk: int, bq: int, heads: int, real_heads: int):
     """float32 scores [bk, bq] of key block ``j`` for the program's queries (q [bq*H, d], w [1, bq, H])."""
     keys = pl.ds(j * bk, bk)
-    return _scores(k_ref[b, keys, :], scale_ref[b, keys], q, w, bk, bq, heads)
+    return _scores(k_ref[b, keys, :], scale_ref[b, keys], q, w, bk, bq, heads, real_heads)
 
 
-def _scores(k_blk, scale, q, w, bk: int, bq: int, heads: int):
-    """float32 scores [bk, bq] of ``bk`` key rows (k_blk [bk, d], their scales [bk])."""
+def _scores(k_blk, scale, q, w, bk: int, bq: int, heads: int, real_heads: int):
+    """float32 scores [bk, bq] of ``bk`` key rows (k_blk [bk, d], their scales [bk]); heads from
+    ``real_heads`` on are ``kernel_layout``'s padding and add nothing."""
     # Keys are the matmul's M and head queries its N: the sum over heads then runs along each
     # accumulator row (a few lanes apart), not across the register layout.
     logits = jax.lax.dot_general(k_blk, q.astype(k_blk.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)   # [bk, bq*H], tensor cores
-    logits = jnp.maximum(logits, 0.0).reshape(bk, bq, heads)
-    return jnp.sum(logits * w, axis=2) * scale[:, None]
+    # ranking.relu, not jnp.maximum: Triton's maxnumf would turn a NaN logit into 0 (the contract: NaN score)
+    terms = relu(logits).reshape(bk, bq, heads) * w
+    if real_heads < heads:  # a padded head's zero query meets an inf key: 0 * inf = NaN, not the reference's
+        terms = jnp.where(jax.lax.iota(jnp.int32, heads)[None, None, :] < real_heads, terms, 0.0)
+    return jnp.sum(terms, axis=2) * scale[:, None]
 
 
 def _program_queries(q_ref, w_ref, b, rows, bq: int, heads: int):
@@ -66,7 +70,8 @@ def _program_queries(q_ref, w_ref, b, rows, bq: int, heads: int):
     return q.reshape(bq * heads, q.shape[-1]), w_ref[b, rows, :].reshape(1, bq, heads)
 
 
-def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int):
+def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int, heads: int, bk: int,
+                  real_heads: int):
     b, i = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * bq, bq)
     q, w = _program_queries(q_ref, w_ref, b, rows, bq, heads)
@@ -74,7 +79,7 @@ def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int
 
     def block(j, carry):
         out_ref[b, rows, pl.ds(j * bk, bk)] = ordered_keys(_block_scores(k_ref, scale_ref, b, j, q, w, bk, bq,
-                                                                         heads)).T
+                                                                         heads, real_heads)).T
         return carry
 
     jax.lax.fori_loop(0, n_blocks, block, 0)
@@ -83,19 +88,20 @@ def _score_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, out_ref, *, bq: int
 def score_keys(q: jax.Array, w: jax.Array, k: jax.Array, k_scale: jax.Array, limits: jax.Array, *,
                width: int, bk: int = DsaTritonBlockSizes.block_k, bq: int | None = None,
                num_warps: int = DsaTritonBlockSizes.num_warps, num_stages: int = DsaTritonBlockSizes.num_stages,
-               interpret: bool | None = None) -> jax.Array:
+               interpret: bool | None = None, real_heads: int | None = None) -> jax.Array:
     """int32 ranking keys [B, T, width] of every query against keys ``0 .. limits[b, t]`` (later columns
     are not written). q [B,T,H,d], w [B,T,H] f32, k [B,width,d], k_scale [B,width] f32, limits [B,T].
     q is cast to k's dtype in the kernel; float32 products use TF32 on GPU (HISA's block means).
 
     Shapes must already be kernel-friendly: H, d, bk powers of two, T a multiple of ``bq`` (default
-    ``query_block(H)``), ``width`` a multiple of ``bk``.
+    ``query_block(H)``), ``width`` a multiple of ``bk``. Heads from ``real_heads`` on (None: none) are
+    padding and ignored.
     """
     B, T, H, d = q.shape
     bq = bq or query_block(H)
     if T % bq:
         raise ValueError(f"score_keys: T={T} must be a multiple of the query block {bq}")
-    kernel = functools.partial(_score_kernel, bq=bq, heads=H, bk=bk)
+    kernel = functools.partial(_score_kernel, bq=bq, heads=H, bk=bk, real_heads=real_heads or H)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, T, width), jnp.int32),
@@ -149,7 +155,7 @@ NO_UNIT = jnp.iinfo(jnp.int32).max  # pads a listed kernel's per-query unit list
 
 def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, heads: int, bk: int, topk: int,
                    cap: int, tile: int, rank_tile: int, blocks_per_segment: int, probe_blocks: int, out_tile: int,
-                   out_len: int, ranked: bool, unit: int, unit_slice: int, sync: bool):
+                   out_len: int, ranked: bool, unit: int, unit_slice: int, sync: bool, real_heads: int):
     units_ref, (idx_ref, key_ref, buf_key_ref, buf_pos_ref) = (refs[0], refs[1:]) if unit else (None, refs)
     b, g = pl.program_id(0), pl.program_id(2)
     i = pl.num_programs(1) - 1 - pl.program_id(1)  # the last (causal: heaviest) query blocks go first
@@ -195,11 +201,12 @@ def _stream_kernel(limit_ref, q_ref, w_ref, k_ref, scale_ref, *refs, bq: int, he
 
     def insert_block(j, state, member=True):  # scores key block j (all of it, or the ``member`` keys)
         positions = j * bk + jax.lax.iota(jnp.int32, bk)
-        return insert(positions, _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads), member, state)
+        return insert(positions, _block_scores(k_ref, scale_ref, b, j, q, w, bk, bq, heads, real_heads), member,
+                      state)
 
     def insert_rows(positions, state):  # scores the key rows ``positions`` [bk] (gathered; bq == 1)
         safe = jnp.maximum(positions, 0)
-        scores = _scores(k_ref[b, safe, :], scale_ref[b, safe], q, w, bk, bq, heads)
+        scores = _scores(k_ref[b, safe, :], scale_ref[b, safe], q, w, bk, bq, heads, real_heads)
         return insert(positions, scores, (positions >= 0)[:, None], state)
 
     def room(state):  # room for a whole block in every buffer; loops over the queries: one copy of the code
@@ -306,11 +313,13 @@ def stream_buffer(topk: int, bk: int, radix_tile: int) -> tuple[int, int]:
 
 
 def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, segments: int, ranked: bool,
-                  block_sizes: DsaTritonBlockSizes, interpret: bool, units=None, unit: int = 0):
+                  block_sizes: DsaTritonBlockSizes, interpret: bool, units=None, unit: int = 0,
+                  real_heads: int | None = None):
     """(positions, keys), each [B, T, segments, topk] int32: every query's top ``topk`` keys among
     ``0 .. limits[b, t]`` within each of ``segments`` equal runs of key blocks, -1 / INELIGIBLE_KEY
     padded; in the contract's order if ``ranked``, else in position order (what ``merge_segments`` and
-    MISA-H's candidates take). Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``.
+    MISA-H's candidates take). Kernel layout as ``kernel_layout`` gives it; T a multiple of ``bq``;
+    heads from ``real_heads`` on (None: none) are the layout's padding.
 
     ``units`` [B, T, L] int32 (one segment, no probe): each query selects only among the keys of the
     units it lists, runs of ``unit`` keys (unit u holds keys ``u * unit .. (u + 1) * unit - 1``), listed
@@ -326,7 +335,7 @@ def stream_select(q, w, k, scale, limits, *, topk: int, width: int, bq: int, seg
     kernel = functools.partial(
         _stream_kernel, bq=bq, heads=H, bk=bk, topk=topk, cap=cap, tile=tile, rank_tile=min(bs.rank_tile, tile),
         blocks_per_segment=blocks_per_segment, probe_blocks=-(-2 * topk // bk), out_tile=out_tile, out_len=out_len,
-        ranked=ranked, unit=unit, unit_slice=unit_slice, sync=not interpret)
+        ranked=ranked, unit=unit, unit_slice=unit_slice, sync=not interpret, real_heads=real_heads or H)
     listed = ()
     if unit:
         if segments != 1 or (unit == 1 and bq != 1):
@@ -443,7 +452,8 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, 
         def one_chunk(q_c, w_c, lim_c, *units_c):
             idx, keys = stream_select(q_c, w_c, k, scale, lim_c, topk=topk, width=width, bq=bq, segments=segments,
                                       ranked=segments == 1 and not position_order, block_sizes=bs,
-                                      interpret=interpret, units=units_c[0] if units_c else None, unit=unit)
+                                      interpret=interpret, units=units_c[0] if units_c else None, unit=unit,
+                                      real_heads=H)
             if segments > 1:
                 return merge_segments(idx, keys, topk, return_keys, position_order=position_order, block_sizes=bs,
                                       interpret=interpret)
@@ -454,7 +464,7 @@ def _dsa_topk_triton(q, k, w, k_scale, q_positions, kv_lengths, units, *, topk, 
 
         def one_chunk(q_c, w_c, lim_c):
             keys = score_keys(q_c, w_c, k, scale, lim_c, width=width, bk=min(bs.block_k, tile), bq=bq,
-                              num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+                              num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret, real_heads=H)
             positions = radix_topk_rows(keys, lim_c, topk, tile=tile, bucket=bs.radix_bucket, interpret=interpret)
             if position_order:
                 return winners_in_position_order(positions, keys, return_keys)

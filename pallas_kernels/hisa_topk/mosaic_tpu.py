@@ -24,7 +24,7 @@ from sparse_index_jax.kernels.dispatch import mosaic_tpu_interpret
 from sparse_index_jax.kernels.dsa_topk.mosaic_tpu import compact, kth_keys, score_keys
 from sparse_index_jax.kernels.hisa_topk.reference import block_ranking_keys
 from sparse_index_jax.kernels.inputs import matmul_dtype
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, relu
 from sparse_index_jax.kernels.tpu_block_sizes import LANES, DsaTpuBlockSizes, dsa_block_sizes
 
 
@@ -36,7 +36,7 @@ def _refine_kernel(kept_ref, last_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *, 
     block = kept_ref[b, t, j]
     logits = jax.lax.dot_general(q_ref[0, 0], k_ref[0], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)                         # [H, bs]
-    scores = jnp.dot(w_ref[0, 0], jnp.maximum(logits, 0.0), preferred_element_type=jnp.float32) * ks_ref[0]
+    scores = jnp.dot(w_ref[0, 0], relu(logits), preferred_element_type=jnp.float32) * ks_ref[0]
     position = block * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
     ok = (block >= 0) & (position <= last_ref[b, t])
     out_ref[0, 0, 0] = jnp.where(ok, ordered_keys(scores), INELIGIBLE_KEY)

@@ -22,14 +22,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparse_index_jax.kernels.block_pooling import block_means, head_block_logits, last_eligible
 from sparse_index_jax.kernels.candidate_topk import refine_topk
 from sparse_index_jax.kernels.chunking import map_query_chunks
-from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, ordered_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import INELIGIBLE_KEY, POS_INF_KEY, ordered_keys, top_k_by_key
 
-FORCED_KEY = np.int32(0x7F800000)  # ordered_keys(+inf): the first and the own block rank before any other
+FORCED_KEY = POS_INF_KEY  # ordered_keys(+inf): the first and the own block rank before any other
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_size", "num_blocks", "query_chunk", "return_keys"))

@@ -26,7 +26,7 @@ from sparse_index_jax.kernels.block_pooling import block_means, head_block_logit
 from sparse_index_jax.kernels.candidate_topk import gathered_logits, refine_topk
 from sparse_index_jax.kernels.chunking import map_query_chunks, to_shard
 from sparse_index_jax.kernels.dsa_topk.reference import dsa_topk_reference
-from sparse_index_jax.kernels.ranking import ranking_keys, top_k_by_key
+from sparse_index_jax.kernels.ranking import ranking_keys, relu, top_k_by_key
 
 
 def route_heads(q, w, k, k_scale, q_positions, kv_lengths, block_sums, *, block_size: int, active_heads: int,
@@ -58,7 +58,9 @@ def head_energies(q_c, w_c, k, k_scale, pos_c, kv_lengths, block_sums, *, block_
     last = last_eligible(pos_c, kv_lengths)                          # [B, c]
     own = jnp.where(last >= 0, last // block_size, -1)
     before = (block_ids < own[..., None]) & (counts[:, None, :] > 0)  # [B, c, M]
-    energy = jnp.einsum("bchm,bcm->bch", head_block_logits(q_c, means), before.astype(jnp.float32))
+    # A masked sum, not a product with the mask: a NaN or inf mean of a later (or empty) block must not reach
+    # the energies (NaN * 0 is NaN).
+    energy = jnp.sum(jnp.where(before[:, :, None, :], head_block_logits(q_c, means), 0.0), axis=-1)
     # The own block's causal partial mean: keys own*B .. last, gathered per query.
     own_pos = jnp.maximum(own, 0)[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)  # [B, c, B]
     mask = own_pos <= last[..., None]
@@ -67,7 +69,7 @@ def head_energies(q_c, w_c, k, k_scale, pos_c, kv_lengths, block_sums, *, block_
     partial = jnp.sum(jnp.where((mask & in_shard)[:, :, None, :], logits * scales[:, :, None, :], 0.0), axis=-1)
     if axis_name is not None:
         partial = jax.lax.psum(partial, axis_name)
-    own_logit = jax.nn.relu(partial / jnp.maximum(jnp.sum(mask, axis=-1), 1)[..., None].astype(jnp.float32))
+    own_logit = relu(partial / jnp.maximum(jnp.sum(mask, axis=-1), 1)[..., None].astype(jnp.float32))
     return (energy + jnp.where((last >= 0)[..., None], own_logit, 0.0)) * jnp.abs(w_c.astype(jnp.float32))
 
 

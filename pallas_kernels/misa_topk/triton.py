@@ -26,6 +26,7 @@ from sparse_index_jax.kernels.chunking import next_pow2, pad_axis, round_up
 from sparse_index_jax.kernels.dispatch import triton_interpret, triton_params
 from sparse_index_jax.kernels.dsa_topk.triton import NO_UNIT, dsa_topk_triton, kernel_layout, program_queries
 from sparse_index_jax.kernels.misa_topk.reference import gather_heads, heads_by_energy
+from sparse_index_jax.kernels.ranking import relu
 from sparse_index_jax.kernels.triton_block_sizes import DsaTritonBlockSizes
 
 
@@ -73,7 +74,7 @@ def _router_kernel(last_ref, q_ref, w_ref, means_ref, k_ref, scale_ref, out_ref,
 
     def means_tile(j, acc):  # blocks fully before each query's own block, by their means
         ids = j * bm + jax.lax.iota(jnp.int32, bm)
-        logits = jnp.maximum(logits_of(means_ref[b, pl.ds(j * bm, bm), :], jnp.float32, bm), 0.0)
+        logits = relu(logits_of(means_ref[b, pl.ds(j * bm, bm), :], jnp.float32, bm))
         return acc + jnp.sum(jnp.where((ids[:, None] < own[None, :])[:, :, None], logits, 0.0), axis=0)
 
     def own_tile(j, acc):  # the own block's keys up to the query: sum of scale * (q . k)
@@ -89,7 +90,7 @@ def _router_kernel(last_ref, q_ref, w_ref, means_ref, k_ref, scale_ref, out_ref,
     first = jnp.min(jnp.where(last >= 0, start, jnp.iinfo(jnp.int32).max)) // bk  # past every key if none
     partial = jax.lax.fori_loop(first, (jnp.max(last) + bk) // bk, own_tile, zeros)
     count = jnp.maximum(last - start + 1, 1).astype(jnp.float32)
-    own_logit = jnp.where((last >= 0)[:, None], jnp.maximum(partial / count[:, None], 0.0), 0.0)
+    own_logit = jnp.where((last >= 0)[:, None], relu(partial / count[:, None]), 0.0)
     out_ref[b, rows, :] = (energy + own_logit) * jnp.abs(w_ref[b, rows, :])
 
 

@@ -10,7 +10,11 @@ Rules every method and backend keeps:
 * **Padding**: ``indices == -1`` and ``valid == False``, always after the valid slots.
 * **Order and ties**: valid slots are sorted by score, highest first; equal scores are ordered by
   position, the lower position first, and the lower position wins the last slot. Scores compare as
-  float32; -0.0 equals +0.0; NaN ranks as -inf; +inf ranks first. Same inputs give the same
+  float32 (``kernels.ranking.ordered_keys``): +inf ranks first; -0.0, +0.0 and subnormals are equal;
+  NaN (any sign or payload) ranks exactly as -inf, so NaN and -inf keys tie and go by position, after
+  every finite score and before the padding. Ineligible keys are never selected, whatever their score.
+  A score is NaN when q or k holds a NaN (the ReLU keeps NaN: ``kernels.ranking.relu``), when an inf
+  head weight or key scale meets a zero, or when +inf and -inf terms meet. Same inputs give the same
   indices on every run and backend.
 """
 
