@@ -14,7 +14,13 @@ from flax import nnx
 from sparse_index_jax.layers.sharding import param_sharding
 from sparse_index_jax.models.causal_lm import CausalLMOutput
 from sparse_index_jax.models.config import ModelConfig
-from sparse_index_jax.models.convert.loader import is_converted, load_converted, load_hf_checkpoint, save_converted
+from sparse_index_jax.models.convert.loader import (
+    check_new_folder,
+    is_converted,
+    load_converted,
+    load_hf_checkpoint,
+    save_converted,
+)
 from sparse_index_jax.models.convert.safetensors_reader import CheckpointError
 from sparse_index_jax.models.deepseek import DSAForCausalLM
 from sparse_index_jax.models.generation import Generation, Sampling, generate, stream
@@ -180,6 +186,7 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype=jnp.b
     if family(hf_dir) == "llama":
         raise ValueError(f"{hf_dir} is a Llama-family checkpoint: from_pretrained reads it directly; convert writes "
                          f"DeepSeek-V3.2 / GLM-5 checkpoints only")
+    check_new_folder(out_dir)  # before the (long) load
     sharding = param_sharding(mesh) if mesh is not None else None
     model = load_hf_checkpoint(hf_dir, dtype=dtype, progress=progress, sharding=sharding)
     return save_converted(model, hf_dir, out_dir)

@@ -66,20 +66,32 @@ def read_indexer_file(path: str | pathlib.Path) -> IndexersFile:
     from safetensors import safe_open
 
     path = pathlib.Path(path)
+    written_by = "--indexers takes the .safetensors file that distill (save_indexers) writes"
+    if path.is_dir():
+        raise ValueError(f"indexer weights {path} is a folder; {written_by}")
     if not path.is_file():
         raise FileNotFoundError(f"indexer weights {path} do not exist (distil them: sparse-index distill --model "
                                 f"smollm2 ...)")
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError (not a ValueError) for any bad file
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); {written_by}") from None
     if "indexer" not in meta:
-        raise ValueError(f"{path} is not an indexers file written by save_indexers (no 'indexer' metadata)")
-    fields = json.loads(meta["indexer"])
-    weights = {name: fields[name] for name in IndexerWeights.field_names() if name in fields}
-    if "selector" in meta:
-        selector = Selector.from_dict(json.loads(meta["selector"]))
-    else:  # earlier files kept method and topk among the indexer fields (their option fields held defaults)
-        selector = Selector(fields.get("method", "dsa"), fields.get("topk", SMOLLM2_SELECTOR.topk))
-    return IndexersFile(weights, json.loads(meta.get("info", "{}")), selector)
+        raise ValueError(f"{path} is not an indexers file written by save_indexers (no 'indexer' metadata); "
+                         f"{written_by}")
+    try:
+        fields = json.loads(meta["indexer"])
+        weights = {name: fields[name] for name in IndexerWeights.field_names() if name in fields}
+        if "selector" in meta:
+            selector = Selector.from_dict(json.loads(meta["selector"]))
+        else:  # earlier files kept method and topk among the indexer fields (their option fields held defaults)
+            selector = Selector(fields.get("method", "dsa"), fields.get("topk", SMOLLM2_SELECTOR.topk))
+        info = json.loads(meta.get("info", "{}"))
+    except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{path}: the indexers file's metadata is damaged ({err!r}); distil again or restore "
+                         f"the file") from None
+    return IndexersFile(weights, info, selector)
 
 
 def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_index_jax.layers.config import RopeConfig
+from sparse_index_jax.models.convert.safetensors_reader import CheckpointError
 from sparse_index_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +48,20 @@ def _reader(path):
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    return gguf, gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as err:  # gguf's own, unexplained
+        size = path.stat().st_size
+        raise CheckpointError(f"{path}: not a readable GGUF file ({size:,} bytes; the gguf package says "
+                              f"{type(err).__name__}: {err or 'no detail'}): truncated, corrupt or not GGUF; "
+                              f"download it again") from None
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    short = [t.name for t in reader.tensors if t.data.nbytes != int(t.n_bytes)]
+    if short or end > path.stat().st_size:
+        raise CheckpointError(f"{path}: the file ends at byte {path.stat().st_size:,} but its tensors need "
+                              f"{end:,} bytes ({short[:3] or 'the last tensor'} cut short): the file is truncated; "
+                              f"download it again")
+    return gguf, reader
 
 
 def _field(reader, key: str, default=None):

@@ -21,6 +21,7 @@ import pathlib
 import re
 import shutil
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -179,37 +180,106 @@ def is_converted(path: str | pathlib.Path) -> bool:
     return (pathlib.Path(path) / ORBAX_MARKER).is_file()
 
 
-def save_converted(model: DSAForCausalLM, hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """Writes ``out_dir`` = config.json (copied) + an Orbax checkpoint of the model state + a marker file."""
-    import orbax.checkpoint as ocp
-
+def check_new_folder(out_dir: str | pathlib.Path) -> pathlib.Path:
+    """``out_dir`` as an absolute path if ``save_converted`` may write there (it does not exist, or is an empty
+    folder); else ``FileExistsError`` saying what is in the way. Call it before the (long) load."""
     out = pathlib.Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(pathlib.Path(hf_dir) / "config.json", out / "config.json")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "state", nnx.state(model))
-    checkpointer.wait_until_finished()
-    dtype = str(jnp.dtype(model.dtype))
-    (out / ORBAX_MARKER).write_text(json.dumps({"format": "orbax", "dtype": dtype, "source": str(hf_dir)}, indent=2))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not a folder; choose a new folder for the converted model")
+    if out.is_dir() and any(out.iterdir()):
+        what = "a converted model" if is_converted(out) else "files"
+        raise FileExistsError(f"{out} exists and is not empty (it holds {what}); choose a new folder, or delete this "
+                              f"one first: convert never overwrites")
     return out
 
 
-def load_converted(path: str | pathlib.Path, *, dtype=None, sharding=None,
-                   prefill_chunk: int | None = None) -> DSAForCausalLM:
+def _key(param_path: tuple) -> str:
+    return "/".join(map(str, param_path))
+
+
+def _checksum(array) -> dict:
+    """crc32 of an array's bytes (C order), with its dtype and shape: what ``load_converted`` compares."""
+    if jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
+        array = jax.random.key_data(array)
+    value = np.ascontiguousarray(np.asarray(array))
+    return {"crc32": zlib.crc32(value.reshape(-1).view(np.uint8)), "dtype": str(value.dtype),
+            "shape": list(value.shape)}
+
+
+def save_converted(model: DSAForCausalLM, hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Writes ``out_dir`` = config.json (copied) + an Orbax checkpoint of the model state + a marker file.
+
+    The marker holds a crc32 of every array's bytes (one more pass over the weights, on the host; arrays that
+    span hosts are left out), which ``load_converted`` checks: Orbax itself keeps no checksums, so a flipped
+    byte in its files would otherwise load silently as a wrong weight.
+    """
+    import orbax.checkpoint as ocp
+
+    out = check_new_folder(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pathlib.Path(hf_dir) / "config.json", out / "config.json")
+    state = nnx.state(model)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "state", state)
+    checksums = {_key(p): _checksum(v.get_value()) for p, v in nnx.to_flat_state(state)
+                 if getattr(v.get_value(), "is_fully_addressable", True)}
+    checkpointer.wait_until_finished()
+    dtype = str(jnp.dtype(model.dtype))
+    marker = {"format": "orbax", "dtype": dtype, "source": str(pathlib.Path(hf_dir).absolute()),
+              "checksums": checksums}
+    (out / ORBAX_MARKER).write_text(json.dumps(marker, indent=1))
+    return out
+
+
+def load_converted(path: str | pathlib.Path, *, dtype=None, sharding=None, prefill_chunk: int | None = None,
+                   verify: bool = True) -> DSAForCausalLM:
     """Restores a folder written by ``save_converted``, in ``dtype`` (default: the dtype it was saved in),
-    each parameter straight onto ``sharding(path, shape)`` when given; ``prefill_chunk``: ``ModelConfig``'s."""
+    each parameter straight onto ``sharding(path, shape)`` when given; ``prefill_chunk``: ``ModelConfig``'s.
+
+    ``verify`` (default on) compares every array with the crc32 stored at convert time: one pass over the
+    restored bytes on the host (for a 1.3 TB model, minutes); arrays are restored in their stored dtype for the
+    check and cast to ``dtype`` after it. A mismatch raises ``CheckpointError`` naming the array and the folder.
+    Folders converted before checksums were stored (or arrays spanning hosts) are not checked.
+    """
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
-    info = json.loads((path / ORBAX_MARKER).read_text())
+    try:
+        info = json.loads((path / ORBAX_MARKER).read_text())
+        checksums = (info.get("checksums") or {}) if verify else {}
+        saved_dtype = jnp.dtype(info["dtype"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / ORBAX_MARKER}: unreadable marker of a converted model ({err!r}); "
+                              f"convert the HF checkpoint again") from None
     cfg = dataclasses.replace(ModelConfig.from_pretrained(path), prefill_chunk=prefill_chunk)
-    graphdef, abstract = nnx.split(_abstract_model(cfg, dtype or jnp.dtype(info["dtype"])))
-    if sharding is not None:
-        abstract = nnx.from_flat_state([
-            (p, v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                               sharding=sharding(p, v.get_value().shape))))
-            for p, v in nnx.to_flat_state(abstract)])
-    state = ocp.StandardCheckpointer().restore(path / "state", abstract)  # casts to the abstract dtypes
-    return nnx.merge(graphdef, state)
+    graphdef, abstract = nnx.split(_abstract_model(cfg, dtype or saved_dtype))
+    wanted = {_key(p): v.get_value().dtype for p, v in nnx.to_flat_state(abstract)}
+
+    def restore_as(p, v):
+        stored = checksums.get(_key(p), {}).get("dtype")
+        value = v.get_value()
+        return v.replace(jax.ShapeDtypeStruct(value.shape, jnp.dtype(stored) if stored else value.dtype,
+                                              sharding=sharding(p, value.shape) if sharding is not None else None))
+
+    abstract = nnx.from_flat_state([(p, restore_as(p, v)) for p, v in nnx.to_flat_state(abstract)])
+    try:
+        state = ocp.StandardCheckpointer().restore(path / "state", abstract)  # casts to the abstract dtypes
+    except Exception as err:  # TensorStore and Orbax raise many kinds; the folder is what the user can act on
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: the converted checkpoint could not be read ({type(err).__name__}: {first}); "
+                              f"it is damaged or incomplete: convert the HF checkpoint again") from err
+    leaves = []
+    for p, v in nnx.to_flat_state(state):
+        value, expected = v.get_value(), checksums.get(_key(p))
+        if expected is not None and getattr(value, "is_fully_addressable", True):
+            got = _checksum(value)
+            if got != expected:
+                raise CheckpointError(f"{path}: array {_key(p)!r} does not match the checksum stored when it was "
+                                      f"converted (crc32 {got['crc32']:#010x}, expected {expected['crc32']:#010x}; "
+                                      f"{got['dtype']} {got['shape']} vs {expected['dtype']} {expected['shape']}): "
+                                      f"the checkpoint is damaged; convert {info.get('source', 'the HF checkpoint')} "
+                                      f"again")
+        if value.dtype != wanted[_key(p)]:
+            value = value.astype(wanted[_key(p)])
+        leaves.append((p, v.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

@@ -9,6 +9,11 @@ memory-mapped, so the bytes a loader touches are the bytes it asked for, and ``b
 ``CheckpointReader.get_dequantized(name, block, index)`` reads an FP8 weight's slice and only the
 ``weight_scale_inv`` blocks that cover it.
 
+Opening a file checks its header as the format (and the ``safetensors`` package) requires: every entry's size is
+numel * itemsize, and sorted by offset the tensors tile the data section exactly, from byte 0 to the end of the
+file (an overlap, gap or trailing bytes would mean wrong weights); block scales must be finite floats (F32, BF16,
+F16). Errors (``CheckpointError``, a ``ValueError``) name the file, the tensor and the fix.
+
 Why not ``safetensors.safe_open(..., framework="np").get_slice``: with the installed safetensors 0.8.0
 it slices F32 and BF16 (as ml_dtypes.bfloat16) but fails on F8_E4M3 (``AttributeError: module 'numpy'
 has no attribute 'float8_e4m3fn'``), the dtype of the official DeepSeek-V3.2 and GLM-5 weights; its
@@ -33,6 +38,10 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 256 * 1024 * 1024
+# the dtypes a block-scale (``weight_scale_inv``) may have: DeepSeek-V3.2 and GLM-5 store float32
+SCALE_DTYPES = (DTYPES["F32"], DTYPES["BF16"], DTYPES["F16"])
+_FIX = "the file is corrupt or was not written by a safetensors writer: download it again (compare its sha256 with " \
+       "the one the hub lists) or save it again"
 
 
 def scale_name_of(weight_name: str) -> str:
@@ -45,6 +54,65 @@ class CheckpointError(ValueError):
 
 
 Index = tuple[slice, ...]
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object's pairs as a dict; a key given twice (the later one would silently win) is refused."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: pathlib.Path, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each field checked as the format requires."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list) \
+            or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (it needs dtype, shape "
+                              f"and data_offsets [begin, end]); {_FIX}")
+    if info["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which this reader does not know "
+                              f"(known: {', '.join(sorted(DTYPES))}); {_FIX}")
+    if not all(map(_is_count, info["shape"])) or not all(map(_is_count, info["data_offsets"])):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {info['shape']} and data_offsets "
+                              f"{info['data_offsets']}: both must hold non-negative integers; {_FIX}")
+    dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
+                              f"shape {list(shape)} of {info['dtype']} is {math.prod(shape) * dtype.itemsize} bytes; "
+                              f"{_FIX}")
+    return dtype, shape, begin, end
+
+
+def _check_tiling(path: pathlib.Path, entries: dict, data_size: int) -> None:
+    """The format's rule (which the ``safetensors`` package enforces too): sorted by offset, the tensors tile the
+    data section exactly, from byte 0 to the end of the file: no overlap (two tensors sharing bytes), no gap, no
+    trailing bytes. An offset that breaks it means the header and the data disagree: some weights would be wrong."""
+    position, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != position:
+            what = (f"overlaps {previous!r}, which ends at byte {position}" if begin < position else
+                    f"leaves bytes [{position}, {begin}) that no tensor owns")
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data section and {what} "
+                                  f"(invalid offset); {_FIX}")
+        position, previous = end, name
+    if position > data_size:
+        raise CheckpointError(f"{path}: tensor {previous!r} ends at byte {position} of the data section but the file "
+                              f"holds {data_size}: the file is truncated; download it again")
+    if position < data_size:
+        raise CheckpointError(f"{path}: {data_size - position} bytes follow the last tensor's data (the header "
+                              f"accounts for {position} of {data_size}); {_FIX}")
 
 
 def _slice_bounds(index: Index | None, shape: tuple[int, ...], where: str) -> list[tuple[int, int]]:
@@ -81,30 +149,20 @@ class SafetensorsFile:
                                       f"(truncated or not a safetensors file)")
             raw = f.read(n)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.path}: the header is not valid JSON ({err})") from None
+            header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _DuplicateKey) as err:
+            raise CheckpointError(f"{self.path}: the header is not valid JSON ({err}); {_FIX}") from None
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: the header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise CheckpointError(f"{self.path}: the header is not a JSON object; {_FIX}")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: __metadata__ must be a JSON object of strings; {_FIX}")
+        self.metadata = metadata
         self._data_start = 8 + n
-        data_size = size - self._data_start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r} "
-                                      f"(known dtypes: {sorted(DTYPES)})") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r} claims {end - begin} bytes for shape {shape} "
-                                      f"of {info['dtype']}")
-            if end > data_size:
-                raise CheckpointError(f"{self.path}: tensor {name!r} ends at byte {end} of the data section but the "
-                                      f"file holds {data_size}: the file is truncated")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = _entry(self.path, name, info)
+        _check_tiling(self.path, self.entries, size - self._data_start)
         self.bytes_read = 0
         self._file = None  # opened on the first read: only the files a host reads from hold a descriptor
 
@@ -247,6 +305,11 @@ class CheckpointReader:
                                   f"quantization_config.weight_block_size")
         if len(shape) != 2:
             raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} must be 2-D, got {shape}")
+        scale_dtype = self.info(scale_name)[1]
+        if scale_dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} is {scale_dtype}; block scales must be "
+                                  f"a float dtype ({', '.join(map(str, SCALE_DTYPES))}; DeepSeek-V3.2 and GLM-5 "
+                                  f"store float32): the checkpoint was saved wrongly; re-quantise or download it again")
         bo, bi = block_size
         grid = (-(-shape[0] // bo), -(-shape[1] // bi))
         if self.info(scale_name)[0] != grid:
@@ -260,4 +323,8 @@ class CheckpointReader:
         rows, cols = np.arange(r0, r1) // bo, np.arange(c0, c1) // bi
         scale = np.asarray(self.get(scale_name, (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))),
                            np.float32)
+        if not np.isfinite(scale).all():
+            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} holds non-finite block scales (NaN or "
+                                  f"inf) for rows [{r0}, {r1}) x columns [{c0}, {c1}) of {name!r}: the file is "
+                                  f"corrupt; download it again")
         return value * scale[np.ix_(rows - rows[0], cols - cols[0])]  # the checkpoint stores the inverse: MULTIPLY

@@ -282,7 +282,8 @@ def load_model_and_data(args: argparse.Namespace, device_mesh=None):
         tokenizer, files = load_tokenizer(args.model), args.data
     apply_selector_args(args, model)
     eos = model.cfg.eos_token_id[0] if model.cfg.eos_token_id else None
-    tokens = read_tokens(files, bin_dtype=args.bin_dtype, tokenizer=tokenizer, eos_id=eos)
+    tokens = read_tokens(files, bin_dtype=args.bin_dtype, tokenizer=tokenizer, eos_id=eos,
+                         vocab_size=model.cfg.vocab_size)
     uses_bin = any(str(f).endswith(".bin") for f in files)
     check_token_range(tokens, model.cfg.vocab_size, bin_dtype=args.bin_dtype if uses_bin else "int32")
     data = PackedDataset(tokens, args.seq_len, seed=args.seed, heldout_fraction=args.heldout)

@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from sparse_index_jax import models
+    from sparse_index_jax.models.convert.loader import check_new_folder
 
+    check_new_folder(args.out_dir)  # before the load, which can take hours: convert never overwrites
     start = time.perf_counter()
     out = models.convert(args.hf_dir, args.out_dir, dtype=jnp.dtype(args.dtype), progress=not args.quiet,
                          mesh=mesh(args.mesh))

@@ -21,9 +21,36 @@ import numpy as np
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".c", ".h"}
 
 
+BIN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # what --bin-dtype names; any numpy integer works
+_INT_OF_SIZE = {2: "uint16", 4: "int32", 8: "int64", 1: "uint8"}  # the order guesses are tried in
+_INT32 = np.iinfo(np.int32)
+_SAMPLE_BYTES = 1 << 20  # how much of each .bin file the dtype sanity check looks at
+
+
+def parse_bin_dtype(name) -> np.dtype:
+    """The numpy dtype of ``--bin-dtype``: integers only (token ids are integers; a float dtype would read
+    each id's bytes as a float and turn it into garbage)."""
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"--bin-dtype {name!r} is not a dtype; .bin token files hold integers: "
+                         f"{', '.join(BIN_DTYPES)}") from None
+    if dtype.kind not in "iu":
+        raise ValueError(f"--bin-dtype {name!r} is {dtype}, not an integer dtype; .bin token files hold integer ids "
+                         f"({', '.join(BIN_DTYPES)}); convert a file of float ids first, e.g. "
+                         f"np.fromfile(path, np.{dtype}).astype(np.int32).tofile(new_path)")
+    return dtype
+
+
 def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16", tokenizer=None,
-                eos_id: int | None = None) -> np.ndarray:
-    """All files' tokens as one int32 array (EOS between files when ``eos_id`` is given)."""
+                eos_id: int | None = None, vocab_size: int | None = None) -> np.ndarray:
+    """All files' tokens as one int32 array (EOS between files when ``eos_id`` is given).
+
+    A ``.bin`` file's bytes say nothing of their dtype, so each is checked before use: its size must be a whole
+    number of ``bin_dtype`` ids, and its first MiB must look like ids of that dtype (not every other id 0, as a
+    wider dtype read narrow gives; not whole-number floats; with ``vocab_size``, every id in the vocabulary),
+    else the error names the dtype the file likely holds. Ids that int32 cannot hold are refused (no wrapping).
+    """
     if not files:
         raise ValueError("read_tokens: no data files given")
     parts = []
@@ -32,16 +59,18 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
             raise FileNotFoundError(f"data file {file} does not exist")
         suffix = file.suffix.lower()
         if suffix == ".npy":
-            tokens = np.load(file, mmap_mode="r")
-            if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-                raise ValueError(f"{file}: expected a 1-D integer array of token ids, got {tokens.shape} "
-                                 f"{tokens.dtype}")
+            tokens = _load_npy(file)
         elif suffix == ".bin":
-            itemsize = np.dtype(bin_dtype).itemsize
-            if file.stat().st_size % itemsize:
-                raise ValueError(f"{file}: {file.stat().st_size} bytes is not a whole number of {bin_dtype} "
-                                 f"tokens; is --bin-dtype right?")
-            tokens = np.memmap(file, dtype=np.dtype(bin_dtype), mode="r")
+            dtype, size = parse_bin_dtype(bin_dtype), file.stat().st_size
+            if size == 0:
+                raise ValueError(f"{file} is empty: it holds no tokens")
+            if size % dtype.itemsize:
+                raise ValueError(f"{file}: {size} bytes is not a whole number of {dtype} tokens; is --bin-dtype "
+                                 f"right?{_sizes_that_fit(size)}")
+            problem = _bin_problem(np.fromfile(file, np.uint8, count=_SAMPLE_BYTES), dtype, vocab_size)
+            if problem:
+                raise ValueError(f"{file} read as {dtype}: {problem}")
+            tokens = np.memmap(file, dtype=dtype.newbyteorder("<"), mode="r")
         elif suffix in TEXT_SUFFIXES:
             if tokenizer is None:
                 raise ValueError(f"{file} is text: pass a tokenizer (e.g. the model folder's tokenizer.json), or "
@@ -50,17 +79,100 @@ def read_tokens(files: Sequence[str | pathlib.Path], *, bin_dtype: str = "uint16
         else:
             raise ValueError(f"{file}: unknown data format {suffix!r}; use .npy, .bin, or text "
                              f"({sorted(TEXT_SUFFIXES)})")
+        if len(tokens) and not np.can_cast(tokens.dtype, np.int32):  # one pass: ids past int32 would wrap
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < _INT32.min or high > _INT32.max:
+                hint = "; is --bin-dtype right?" if suffix == ".bin" else ": these are not token ids"
+                raise ValueError(f"{file}: ids span [{low}, {high}], past int32 (no vocabulary is that large){hint}")
         parts.append(np.asarray(tokens, np.int32))
         if eos_id is not None:
             parts.append(np.array([eos_id], np.int32))
     return np.concatenate(parts)
 
 
+def _load_npy(file: pathlib.Path) -> np.ndarray:
+    try:
+        tokens = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{file}: not a readable .npy array ({err}); save token ids with np.save(path, ids)") from None
+    if not isinstance(tokens, np.ndarray):  # np.load opens a zip (an .npz renamed .npy) as an NpzFile
+        names = list(getattr(tokens, "files", []))
+        getattr(tokens, "close", lambda: None)()
+        raise ValueError(f"{file}: an .npz archive (arrays {names}), not one .npy array; save the token ids alone: "
+                         f"np.save('ids.npy', np.load('{file}')[{(names or ['name'])[0]!r}])")
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{file}: expected a 1-D integer array of token ids, got {tokens.shape} {tokens.dtype}")
+    return tokens
+
+
+def _bin_problem(raw: np.ndarray, dtype: np.dtype, vocab_size: int | None) -> str | None:
+    """Why bytes ``raw`` (a file's first MiB) do not look like token ids of ``dtype``, naming the dtype they likely
+    are; None when they do."""
+    raw = raw[:len(raw) - len(raw) % 8] if len(raw) >= 8 else raw[:len(raw) - len(raw) % dtype.itemsize]
+    floats = _float_ids(raw, vocab_size)
+    if floats:
+        return (f"its bytes are whole numbers as {floats} (token ids stored as floats); convert the file: "
+                f"np.fromfile(path, np.{floats}).astype(np.int32).tofile(new_path), then pass --bin-dtype int32")
+    ids = raw.view(dtype.newbyteorder("<"))
+    for wide in (8, 4, 2):  # a wider dtype read narrow: the upper half of every `wide` bytes is 0 (little-endian)
+        k = wide // dtype.itemsize
+        if k < 2 or len(ids) < 16 * k:
+            continue
+        rows = ids[:len(ids) - len(ids) % k].reshape(-1, k)
+        if (rows[:, k // 2:] == 0).mean() >= 0.99 and (rows[:, :k // 2] == 0).all(axis=1).mean() < 0.5:
+            return (f"{'every other id is' if k == 2 else f'the last {k // 2} of every {k} ids are'} 0: the file "
+                    f"likely holds {_INT_OF_SIZE[wide]} ids; pass --bin-dtype {_INT_OF_SIZE[wide]}")
+    if vocab_size is not None and len(ids):
+        low, high = int(ids.min()), int(ids.max())
+        if vocab_size > int(np.iinfo(dtype).max) + 1:
+            return (f"the model's vocabulary has {vocab_size} tokens, more than {dtype} can hold"
+                    + _guess(raw, dtype, vocab_size, ", so the file likely holds {0} ids; pass --bin-dtype {0}"))
+        if low < 0 or high >= vocab_size:
+            return (f"ids in its first MiB span [{low}, {high}] but the model's vocabulary is [0, {vocab_size})"
+                    + _guess(raw, dtype, vocab_size, ": the file likely holds {0} ids; pass --bin-dtype {0}",
+                             ": wrong tokenizer, or a file that is not token ids?"))
+    return None
+
+
+def _float_ids(raw: np.ndarray, vocab_size: int | None) -> str | None:
+    """The float dtype under which ``raw`` is all whole numbers in [0, vocab) (at least half of them non-zero)."""
+    for name in ("float32", "float64", "float16"):
+        itemsize = np.dtype(name).itemsize
+        if len(raw) < 4 * itemsize or len(raw) % itemsize:
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            values = raw.view(np.dtype(name).newbyteorder("<")).astype(np.float64)
+        if (np.isfinite(values).all() and (values == np.round(values)).all() and (values >= 0).all()
+                and values.max() < (vocab_size or 1 << 24) and (values != 0).mean() >= 0.5):
+            return name
+    return None
+
+
+def _guess(raw: np.ndarray, dtype: np.dtype, vocab_size: int, found: str, otherwise: str = "") -> str:
+    """``found`` formatted with the integer dtype under which ``raw`` is ids in [0, vocab) (not half zeros)."""
+    for itemsize, name in _INT_OF_SIZE.items():
+        if itemsize == dtype.itemsize or len(raw) % itemsize or not len(raw):
+            continue
+        ids = raw.view(np.dtype(name).newbyteorder("<"))
+        if ids.min() >= 0 and ids.max() < vocab_size and (ids == 0).mean() < 0.5 and \
+                (itemsize > 1 or vocab_size <= 256):
+            return found.format(name)
+    return otherwise
+
+
+def _sizes_that_fit(size: int) -> str:
+    """" (its size fits uint8, ...)": the integer dtypes of which ``size`` bytes is a whole number."""
+    fits = [name for itemsize, name in sorted(_INT_OF_SIZE.items()) if size % itemsize == 0]
+    return f" (its size fits {', '.join(fits)})"
+
+
 def check_token_range(tokens: np.ndarray, vocab_size: int, *, bin_dtype: str = "uint16") -> None:
     """Token ids must index the model's vocabulary: an id past it would embed as garbage (or NaN)."""
-    if np.dtype(bin_dtype).itemsize == 2 and vocab_size > 65536:
-        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, more than uint16 .bin files can hold; "
-                         f"pass --bin-dtype uint32 (and write the files that way)")
+    dtype = parse_bin_dtype(bin_dtype)
+    if vocab_size > int(np.iinfo(dtype).max) + 1:
+        wider = "uint16" if vocab_size <= 65536 else "uint32"
+        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, more than {dtype} .bin files can hold; "
+                         f"pass --bin-dtype {wider} (and write the files that way)")
     if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError(f"token ids span [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary is "
                          f"[0, {vocab_size}): wrong tokenizer or --bin-dtype?")
