@@ -22,7 +22,10 @@ DESCRIPTION = (
     "default a fresh folder per run): Orbax checkpoints in OUT/checkpoints, OUT/metrics.jsonl, OUT/eval.json, "
     "OUT/distill.png; a retrofitted Llama-family model (smollm2, a folder, a GGUF) also "
     "OUT/indexers.safetensors. An interrupted run resumes from its checkpoints when "
-    "run again with the same --out.")
+    "run again with the same --out and the same --data and --seq-len (other data is refused; a damaged newest "
+    "checkpoint is moved to OUT/damaged-checkpoints and the newest intact one resumed). A non-finite loss or "
+    "gradient stops the run with exit code 1, the step not applied and the state before it checkpointed; "
+    "OUT/metrics.jsonl writes non-finite values as the strings \"nan\", \"inf\", \"-inf\".")
 
 
 def add_parser(sub) -> None:
@@ -68,24 +71,28 @@ def _pattern(args: argparse.Namespace, n_layers: int) -> str | None:
     return IndexCacheConfig(args.pattern).pattern if args.pattern else None
 
 
-def _step_seconds(metrics) -> dict:
+def _step_seconds(rows: list[dict]) -> dict:
     """Median seconds per step of each stage (the first step of a stage compiles: left out)."""
-    import json
     import statistics
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     timed = {stage: [r["seconds"] for r in rows if r["stage"] == stage][1:] for stage in ("dense", "sparse")}
     return {stage: statistics.median(seconds) for stage, seconds in timed.items() if seconds}
 
 
+def _log(line: str) -> None:
+    """The run's log: warnings (a damaged checkpoint set aside) on stderr, the rest on stdout."""
+    import sys
+
+    print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
     import sys
 
     from sparse_index_jax.bench.plots import distill_plot
     from sparse_index_jax.bench.reports import save_json
-    from sparse_index_jax.training.distill import DistillConfig, distill, evaluate
+    from sparse_index_jax.training.distill import DistillConfig, check_resumable, distill, evaluate, read_metrics
     from sparse_index_jax.training.distributed import initialize, is_main_process, shard_model, training_mesh
 
     if args.time_limit is not None and args.time_limit <= 0:
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--mesh context=N (context parallelism) applies to the DSA models; the Llama retrofit's "
                          "layers do not split the sequence: leave context at 1")
     model, data = load_model_and_data(args, device_mesh)
+    check_resumable(out, data)  # another --data / --seq-len in a run's folder: refused before any work
     pattern = model.check_pattern(_pattern(args, model.cfg.num_hidden_layers))
     cfg = DistillConfig(pattern=pattern, warmup_steps=args.warmup_steps, sparse_steps=args.sparse_steps,
                         batch_size=args.batch_size, warmup_lr=args.warmup_lr, sparse_lr=args.sparse_lr,
@@ -108,12 +116,13 @@ def run(args: argparse.Namespace) -> int:
                         keep_checkpoints=args.keep_checkpoints, train_base=args.train_base, remat=args.remat)
     shard_model(model, device_mesh)  # the smollm2 retrofit loads unsharded; HF / converted models already are
     before = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
-    history = distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=print,
+    history = distill(model, data, cfg, out, mesh=device_mesh, progress=not args.quiet, log=_log,
                       time_limit=None if args.time_limit is None else args.time_limit * 60)
     steps_done = history[-1]["step"] if history else None
     after = evaluate(model, data, pattern, args.batch_size, args.eval_batches)
     if not is_main_process():
         return 0
+    rows = read_metrics(out / "metrics.jsonl")
     save_json({"pattern": pattern, "selector": model.selector.as_dict(), "before": before, "after": after},
               out / "eval.json")
     if retrofit:  # the retrofit's product: the indexers alone, in one small file
@@ -126,9 +135,8 @@ def run(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len, "data": data.fingerprint(), "eval": after, "command": " ".join(sys.argv[1:]),
             "started_from": {"file": str(start), "info": read_indexer_file(start).info} if start else "fresh",
             "steps_done": steps_done or cfg.total_steps,
-            "step_seconds": _step_seconds(out / "metrics.jsonl")})
+            "step_seconds": _step_seconds(rows)})
         print(f"indexer weights: {weights} (use them with --indexers {weights})")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     png = distill_plot(rows, out / "distill.png", before=before, after=after,
                        switch_step=cfg.warmup_steps if 0 < cfg.warmup_steps < cfg.total_steps else None,
                        title=f"indexer distillation, pattern {pattern}")

@@ -3,7 +3,9 @@
 Start from the model's own pattern (all F unless the checkpoint is IndexShare); each round tries every
 remaining F layer as S from that layer's cached input (layers before it are not recomputed; ~N^2/2
 layer passes per batch and round) and commits the flip that raises the loss least, until the kept
-fraction is reached. The state is saved after every flip, so an interrupted search resumes.
+fraction is reached (a pattern that already keeps few enough F layers is the result as it is, its loss
+measured). The state is saved after every flip, so an interrupted search resumes; a state file that is not a
+search state of this model is refused with its name.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def _dense_loss(model, inputs, targets) -> float:
     return float(_lm_loss(model, x, targets))
 
 
+def _pattern_loss(model, pattern: str, inputs, targets) -> float:
+    """LM loss of the model under ``pattern`` (F layers select, S layers reuse)."""
+    return _loss_from(model, 0, pattern, model.embed(inputs), None, targets)
+
+
 def _loss_from(model, j: int, pattern: str, x, selection, targets) -> float:
     """LM loss running layers j.. under ``pattern`` from layer j's input (x, selection handed in)."""
     for i in range(j, len(model.layers)):
@@ -71,6 +78,38 @@ class SearchState:
         return {"pattern": self.pattern, "keep": self.keep, "kept_layers": kept[-1], "base_loss": self.base_loss,
                 "dense_loss": self.dense_loss, "final_loss": losses[-1], "curve": {"f_layers": kept, "loss": losses},
                 "history": self.history}
+
+    @classmethod
+    def load(cls, path: pathlib.Path, model) -> "SearchState":
+        """The state saved in ``path``, checked against ``model``: a file that is not a state of a search on this
+        model raises ValueError naming the file and what to do."""
+        fix = "delete it to start the search afresh (or use another --out)"
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): it is the resumable state of an IndexCache search; "
+                             f"{fix}") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not {"pattern", "keep", "fingerprint"} <= raw.keys() or raw.keys() - names:
+            keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{path} is not the state of an IndexCache search (expected the keys "
+                             f"{sorted(names)}, got {keys}); {fix}")
+        state = cls(**raw)
+        try:
+            losses = [state.base_loss, state.dense_loss, *(h["loss"] for h in state.history)]
+            if not isinstance(state.pattern, str) or not isinstance(state.keep, (int, float)):
+                raise ValueError(f"pattern {state.pattern!r}, keep {state.keep!r}")
+            if len(state.pattern) == len(model.layers):  # another length: refused as another search's state
+                model.check_pattern(state.pattern)
+            if state.history and state.history[-1]["pattern"] != state.pattern:
+                raise ValueError(f"the last flip's pattern {state.history[-1]['pattern']!r} is not the state's "
+                                 f"pattern {state.pattern!r}")
+            if (state.history and state.base_loss is None) or any(
+                    x is not None and not isinstance(x, (int, float)) for x in losses):
+                raise ValueError(f"losses {losses}")
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path} holds an invalid search state ({err}); {fix}") from None
+        return state
 
     def save(self, path: pathlib.Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -104,7 +143,7 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
     path = pathlib.Path(state_path) if state_path else None
     state = SearchState(model.check_pattern(None), keep, fingerprint)
     if path is not None and path.is_file():
-        saved = SearchState(**json.loads(path.read_text()))
+        saved = SearchState.load(path, model)
         if (saved.keep, saved.fingerprint, len(saved.pattern)) != (keep, fingerprint, n):
             raise ValueError(f"{path} belongs to another search (keep {saved.keep}, data {saved.fingerprint}, "
                              f"{len(saved.pattern)} layers); remove it or use another output folder")
@@ -121,8 +160,14 @@ def greedy_search(model, batches: Sequence[tuple[np.ndarray, np.ndarray]], keep:
         total = sum(state.pattern[1:].count("F") - k for k in range(max(0, state.pattern.count("F") - target)))
         bar = tqdm(total=total * len(batches), desc="IndexCache search", unit="pass", file=sys.stderr)
     with layers_context(mesh):  # context axis: the layers run context-parallel
-        if state.dense_loss is None and state.pattern.count("F") > target:
+        if state.dense_loss is None:
             state.dense_loss = sum(_dense_loss(model, i, t) for i, t in batches) / len(batches)
+        if state.base_loss is None and state.pattern.count("F") <= target:  # nothing to flip: the pattern as is
+            state.base_loss = sum(_pattern_loss(model, state.pattern, i, t) for i, t in batches) / len(batches)
+            log(f"nothing to flip: pattern {state.pattern} already keeps {state.pattern.count('F')} of {n} layers F "
+                f"(keep {keep} asks for {target}); its loss {state.base_loss:.4f}")
+            if path is not None and is_main_process():
+                state.save(path)
         while state.pattern.count("F") > target:
             start = time.perf_counter()
             pattern = state.pattern
