@@ -8,18 +8,64 @@ GLM-5 (``deepseek.py``) and the Llama family (``llama.py``) are subclasses that 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_index_jax.kernels.inputs import concrete
 from sparse_index_jax.layers.config import IndexerWeights
 from sparse_index_jax.layers.dsa_attention import DSACache, DSAOutput
 from sparse_index_jax.layers.index_cache import check_pattern
 from sparse_index_jax.layers.sharding import constrain
 from sparse_index_jax.selection.contract import Selection
 from sparse_index_jax.selection.methods import Selector
+
+
+def _raise_bad_ids(who: str, vocab: int, count, low, high) -> None:
+    """Host side of the traced id check (``jax.debug.callback``): raises when some ids were out of range."""
+    if int(count):
+        raise ValueError(f"{who}: {int(count)} token id(s) outside the vocabulary [0, {vocab}) (smallest {int(low)}, "
+                         f"largest {int(high)}); token ids must lie in [0, vocab_size)")
+
+
+def _raise_overflow(who: str, max_len: int, rows, longest) -> None:
+    """Host side of the traced cache check: raises when a call overflowed its caches."""
+    if int(rows):
+        raise ValueError(f"{who}: {int(rows)} row(s) of the decode caches overflowed max_len={max_len} (a row reached "
+                         f"{int(longest)} tokens; their logits are NaN). Create the caches with max_len >= prompt + "
+                         f"new tokens (init_caches(batch, max_len))")
+
+
+def fail_if(flag: jax.Array, callback: Callable, *args) -> None:
+    """Under tracing: ``callback(*args)`` (which raises) runs on the host only when ``flag`` is True.
+
+    ``jax.debug.callback`` survives jit, grad, remat, vmap, scan / while loops and shard_map; an exception it
+    raises surfaces from the jitted call as a ``JaxRuntimeError`` whose message ends with the ValueError's text
+    (JAX also logs "jax.debug.callback failed"). Guarded by ``lax.cond``: a call with good inputs runs no host
+    callback at all (under vmap the cond becomes a select and the callback checks ``args`` itself)."""
+    jax.lax.cond(flag, lambda: jax.debug.callback(callback, *args), lambda: None)
+
+
+def check_token_ids(who: str, input_ids: jax.Array, vocab: int, *, runtime_checks: bool = True) -> jax.Array:
+    """[B, T] bool, the ids in [0, vocab); raises for any other when the ids are known (eager), and under
+    tracing (with ``runtime_checks``) arranges the same error at run time (``fail_if``)."""
+    known = concrete(input_ids)
+    if known is not None:
+        bad = (known < 0) | (known >= vocab)
+        if bad.any():
+            shown = sorted(set(known[bad].tolist()))
+            raise ValueError(f"{who}: token ids {shown[:5]}{' ...' if len(shown) > 5 else ''} are outside the "
+                             f"vocabulary [0, {vocab}) ({int(bad.sum())} of {known.size} ids); token ids must lie "
+                             f"in [0, vocab_size)")
+        return jnp.ones(input_ids.shape, bool)
+    ok = (input_ids >= 0) & (input_ids < vocab)
+    if runtime_checks:
+        fail_if(~jnp.all(ok), functools.partial(_raise_bad_ids, who, vocab), jnp.sum(~ok), jnp.min(input_ids),
+                jnp.max(input_ids))
+    return ok
 
 
 class MLP(nnx.Module):
@@ -80,11 +126,26 @@ class CausalLM(nnx.Module):
         own = self.cfg.index_pattern
         return own if pattern is None else check_pattern(pattern, len(self.layers), available=own)
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
+    def embed(self, input_ids: jax.Array, *, runtime_checks: bool = True) -> jax.Array:
+        """input_ids [B, T] int -> hidden states [B, T, hidden]; every model's entry point, so the ids are
+        checked here. Concrete ids (eager calls) outside [0, vocab_size) raise a ValueError naming them and the
+        vocabulary size. Traced ids (under jit, grad, remat, loops) cannot raise at trace time: the check runs
+        on the device and, only when an id is out of range, a host callback raises the same ValueError from the
+        compiled call (surfacing as a ``JaxRuntimeError`` that ends with its text; ``fail_if``); the rows of
+        bad ids also embed as NaN, so their logits are NaN (never a wrapped row for -1).
+
+        Cost: the device side is a compare and a reduction over the ids (nothing measurable); but a compiled
+        program that holds a host callback dispatches slower, about 0.2-0.3 ms per call on CPU (measured on a jitted
+        embedding: 15-30 us -> 170-370 us per call), which counts for one-token decode steps called from Python.
+        ``runtime_checks=False`` drops the callback (bad ids still embed as NaN): for loops that check their ids
+        already, as ``models.generate`` does on the host."""
+        name = type(self).__name__
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"{type(self).__name__}: input_ids must be an int array [B, T], got {input_ids.shape} "
+            raise ValueError(f"{name}: input_ids must be an int array [B, T], got {input_ids.shape} "
                              f"{input_ids.dtype}")
-        return self.embed_tokens(input_ids)
+        ok = check_token_ids(name, input_ids, self.cfg.vocab_size, runtime_checks=runtime_checks)
+        x = self.embed_tokens(jnp.where(ok, input_ids, 0))
+        return x if concrete(input_ids) is not None else jnp.where(ok[..., None], x, jnp.nan)
 
     def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
                    caches: tuple | None = None, index_pattern: str | None = None, selector: Selector | None = None,
@@ -125,9 +186,27 @@ class CausalLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, input_ids: jax.Array, *, caches: tuple | None = None, index_pattern: str | None = None,
-                 selector: Selector | None = None, dense: bool = False) -> CausalLMOutput:
+                 selector: Selector | None = None, dense: bool = False,
+                 runtime_checks: bool = True) -> CausalLMOutput:
         """input_ids [B, T] -> logits, caches and each layer's Selection. ``index_pattern`` ("F"/"S" per
-        layer) and ``selector`` apply to this call only; ``dense`` is the model without selection."""
-        run = self.run_layers(self.embed(input_ids), caches=caches, index_pattern=index_pattern, selector=selector,
-                              dense=dense)
-        return CausalLMOutput(self.logits(run.hidden), run.caches, tuple(a.selection for a in run.attention))
+        layer) and ``selector`` apply to this call only; ``dense`` is the model without selection.
+
+        Decoding with ``caches`` (``init_caches(batch, max_len)``): T new tokens per row must fit the caches'
+        max_len. Eagerly an overflow raises before anything runs. Under jit the overflowing rows' tokens are
+        dropped (never written over earlier ones), their logits are NaN (every position of the row, in this call
+        and every later one), each cache's ``overflowed`` is True for them, and the compiled call raises a
+        ValueError through a host callback (``fail_if``; only when a row overflows). ``models.generate`` sizes
+        its caches so this never happens. Out-of-range token ids: see ``embed``. ``runtime_checks=False`` drops
+        both host callbacks (the NaN logits stay), for callers that guarantee ids and room themselves (``generate``;
+        see ``embed`` for the cost)."""
+        x = self.embed(input_ids, runtime_checks=runtime_checks)
+        run = self.run_layers(x, caches=caches, index_pattern=index_pattern, selector=selector, dense=dense)
+        logits = self.logits(run.hidden)
+        if run.caches and concrete(run.caches[0].lengths) is None:  # eagerly, an overflow raised in the layers
+            lengths, max_len = run.caches[0].lengths, run.caches[0].max_len
+            overflowed = lengths > max_len
+            if runtime_checks:
+                fail_if(jnp.any(overflowed), functools.partial(_raise_overflow, type(self).__name__, max_len),
+                        jnp.sum(overflowed), jnp.max(lengths))
+            logits = jnp.where(overflowed[:, None, None], jnp.nan, logits)
+        return CausalLMOutput(logits, run.caches, tuple(a.selection for a in run.attention))

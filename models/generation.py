@@ -120,7 +120,9 @@ class _Plan:
     dense: bool
 
     def call(self, model, ids, caches):
-        out = model(ids, caches=caches, selector=self.selector, index_pattern=self.index_pattern, dense=self.dense)
+        # ids checked on the host (_setup) or chosen by the model; caches sized for every step: no host callbacks
+        out = model(ids, caches=caches, selector=self.selector, index_pattern=self.index_pattern, dense=self.dense,
+                    runtime_checks=False)
         return out.logits[:, -1], out.caches
 
 
@@ -177,6 +179,9 @@ def _setup(model, prompts, max_new_tokens: int, *, sampling, stop_tokens, pad_id
     bad = ids[(ids < 0) | (ids >= vocab)][:3].tolist()
     if bad:
         raise ValueError(f"generate: token ids {bad} are outside the model's vocabulary [0, {vocab})")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"generate: pad_id={pad_id} is outside the model's vocabulary [0, {vocab}) (it is fed to "
+                         f"the rows that have stopped)")
     lengths = np.array([r.size for r in rows], np.int32)
     tokens = np.full((len(rows), int(lengths.max()) + max_new_tokens), pad_id, np.int32)
     for b, r in enumerate(rows):

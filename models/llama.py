@@ -22,7 +22,7 @@ from sparse_index_jax.layers.config import IndexerConfig, RopeConfig
 from sparse_index_jax.layers.dsa_attention import DSAOutput, Teacher
 from sparse_index_jax.layers.gqa_attention import dense_gqa_attention, sparse_gqa_attention
 from sparse_index_jax.layers.indexer import LightningIndexer
-from sparse_index_jax.layers.kv_cache import GQACache
+from sparse_index_jax.layers.kv_cache import GQACache, check_cache_batch
 from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.models.causal_lm import MLP, CausalLM
@@ -189,6 +189,7 @@ class LlamaAttention(nnx.Module):
                                  f"selector {selector.method!r} needs {selector.block_size or 'none'}; create it with "
                                  f"init_caches(..., selector=) for the selector you call with")
         B, T, _ = x.shape
+        check_cache_batch("LlamaAttention", cache, B)
         cfg.check_length(T if cache is None else cache.max_len)  # static: holds under jit, and for decode
         start = cache.lengths[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
         positions = start + jnp.arange(T, dtype=jnp.int32)[None, :]  # the slots: RoPE positions and causality

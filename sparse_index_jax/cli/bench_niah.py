@@ -74,7 +74,11 @@ def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
     every = round(1 / args.keep)
     runs = {f"indexcache uniform 1/{every}": {"pattern": IndexCacheConfig.uniform(len(model.layers), every).pattern}}
     if args.patterns_from:
-        searched = json.loads(pathlib.Path(args.patterns_from).read_text()).get("searched", {})
+        try:
+            searched = json.loads(pathlib.Path(args.patterns_from).read_text()).get("searched", {})
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"--patterns-from {args.patterns_from}: not a fidelity or search report (JSON with "
+                             f"'searched'): {err}") from None
         match = [v for k, v in searched.items() if abs(float(k) - args.keep) < 1e-9]
         if not match:
             raise ValueError(f"{args.patterns_from} holds searched patterns for keeps {sorted(searched)}, not "

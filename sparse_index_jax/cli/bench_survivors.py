@@ -24,6 +24,7 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--query-stride", type=int, default=4, help="replay every Nth query (default 4)")
     p.add_argument("--layer-stride", type=int, default=1, help="replay every Nth layer (default 1: all)")
     p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
+    p.add_argument("--quiet", action="store_true", help="no loading bar")
     p.add_argument("--out", default=None, help=report_out_help("bench survivors", spec.report, plot=False))
     p.set_defaults(func=run, report=spec.report)
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = report_path(args.out, "bench survivors", args.report)
     setup = survivors.SurvivorSetup(seq_len=args.seq_len, topks=tuple(args.topks or survivors.SurvivorSetup.topks),
                                     query_stride=args.query_stride, layer_stride=args.layer_stride)
-    report = survivors.run(setup, args.indexers, log=print)
+    report = survivors.run(setup, args.indexers, progress=not args.quiet, log=print)
     print(survivors.format_table(report))
     print(f"\nwrote {survivors.save(report, out)}")
     return 0

@@ -34,6 +34,7 @@ def add_parser(sub, spec: Benchmark) -> None:
     p.add_argument("--layer-stride", type=int, default=s.layer_stride,
                    help=f"every Nth layer (default {s.layer_stride})")
     p.add_argument("--indexers", default="shipped", help="'shipped' (default), 'fresh' or an indexers file")
+    p.add_argument("--quiet", action="store_true", help="no loading bar")
     p.add_argument("--out", default=None, help=report_out_help("bench walk", spec.report, plot=False))
     p.set_defaults(func=run, report=spec.report)
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                                    hisa_block=args.hisa_block, hisa_blocks=args.hisa_blocks,
                                    misa_block=args.misa_block, misa_heads=args.misa_heads,
                                    candidates=args.candidates, layer_stride=args.layer_stride)
-    report = walk_sharing.run(setup, args.indexers, log=print)
+    report = walk_sharing.run(setup, args.indexers, progress=not args.quiet, log=print)
     print(walk_sharing.format_table(report))
     print(f"\nwrote {walk_sharing.save(report, out)}")
     return 0

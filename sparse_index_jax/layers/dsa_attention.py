@@ -22,7 +22,7 @@ from sparse_index_jax.kernels.chunking import map_query_chunks
 from sparse_index_jax.layers.config import DSAConfig
 from sparse_index_jax.layers.context_parallel_attention import sparse_mla_context_parallel
 from sparse_index_jax.layers.indexer import IndexerActivations, LightningIndexer
-from sparse_index_jax.layers.kv_cache import check_room, write_rows
+from sparse_index_jax.layers.kv_cache import check_cache_batch, check_room, write_rows
 from sparse_index_jax.layers.norms import RMSNorm
 from sparse_index_jax.layers.rope import apply_rope, rotary_cos_sin
 from sparse_index_jax.layers.sharding import active_context_mesh
@@ -75,8 +75,9 @@ class DSACache:
         """Writes T new tokens per row at that row's current length; returns the updated cache.
 
         Overflow (a row's length + T > max_len) raises when the lengths are known (eager code). Under
-        jit it cannot raise: the rows past max_len are dropped, never written over earlier ones, and
-        ``overflowed`` turns True; size the cache for prompt + new tokens (``generate`` checks this).
+        jit it cannot raise here: the rows past max_len are dropped, never written over earlier ones, and
+        ``overflowed`` turns True; a model call (``CausalLM.__call__``) then makes those rows' logits NaN and
+        raises through a host callback. Size the cache for prompt + new tokens (``generate`` does).
         """
         check_room("DSACache.append", self.lengths, latent.shape[1], self.max_len)
         sums = self.block_sums
@@ -184,6 +185,7 @@ class DSAAttention(nnx.Module):
             raise ValueError(f"DSAAttention: x must be [B, T, {m.hidden_size}], got {x.shape}")
         if dense and cache is not None:
             raise ValueError("DSAAttention: dense attention runs without a cache (a prefill)")
+        check_cache_batch("DSAAttention", cache, B)
         if self.indexer is None and selection is None and not dense:
             raise ValueError("DSAAttention: this layer has no indexer (an IndexCache shared layer); pass the "
                              "selection= of the full layer it reuses")

@@ -3,8 +3,10 @@
 Both caches here (``GQACache`` below, ``dsa_attention.DSACache`` for MLA) keep every buffer as
 [B, max_len, ...] with ``lengths`` [B], the tokens written per row, so rows of one batch can sit at
 different lengths. ``append`` writes T new tokens per row at that row's length. Overflow (length + T >
-max_len) raises when the lengths are known (eager code); under jit it cannot raise: the rows past
-max_len are dropped, never written over earlier ones, and ``overflowed`` turns True.
+max_len) raises when the lengths are known (eager code); under jit it cannot raise here: the rows past
+max_len are dropped, never written over earlier ones, and ``overflowed`` turns True. A model call
+(``CausalLM.__call__``, the public decode API) turns that into NaN logits for those rows and an error raised from
+the compiled call (a host callback that runs only on overflow).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ def check_room(who: str, lengths: jax.Array, new: int, max_len: int) -> None:
     if known is not None and known.max() + new > max_len:
         raise ValueError(f"{who}: {new} new tokens overflow the cache of max_len={max_len} (row lengths "
                          f"{known.tolist()}); create the cache with a larger max_len")
+
+
+def check_cache_batch(who: str, cache, batch: int) -> None:
+    """Raises when a decode cache holds another number of rows than the batch x it is called with (static: holds
+    under jit too)."""
+    if cache is None:
+        return
+    rows = cache.lengths.shape[0]
+    if rows != batch:
+        raise ValueError(f"{who}: the cache holds {rows} rows but x has a batch of {batch}; create the caches for "
+                         f"this batch (init_caches({batch}, max_len))")
 
 
 def write_rows(buffer: jax.Array | None, new: jax.Array | None, lengths: jax.Array) -> jax.Array | None:

@@ -13,6 +13,9 @@ optimiser's moments like the parameters they belong to, scalars replicated. The 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -23,16 +26,46 @@ from sparse_index_jax.layers.sharding import activation_sharding, make_mesh, par
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, *, timeout_s: int = 300) -> None:
     """Joins the multi-process job. Must run before any other JAX call of the process.
 
     With no arguments JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, GKE);
     elsewhere give the coordinator ``host:port`` (process 0's host), the process count and this
     process's id. CPU processes talk through Gloo (used by the tests).
+
+    Joining blocks until every process has joined. It says so on standard error before it waits (the
+    coordinator, this process's id, the count, the timeout): the one thing this library writes itself, since
+    a silent wait of minutes looks like a hang. When the job has not formed after ``timeout_s`` seconds it
+    writes one line naming what it waited for and exits the process with code 2 (JAX's own timeout aborts
+    the process with a C++ stack trace, so the watchdog here fires first).
     """
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} must lie in 0 .. {num_processes - 1} (--num-processes "
+                         f"{num_processes})")
+    if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
+        raise ValueError(f"--coordinator {coordinator!r}: expected HOST:PORT of process 0")
+    who = (f"process {process_id} of {num_processes}, coordinator {coordinator}" if coordinator is not None else
+           "cluster detected by JAX (coordinator, process id and count from the environment)")
+    sys.stderr.write(f"distributed: joining the job ({who}); waiting up to {timeout_s} s for every process to "
+                     f"join\n")
+    sys.stderr.flush()
+
+    def give_up():
+        sys.stderr.write(f"distributed: error: the job did not form within {timeout_s} s ({who}): start every "
+                         f"process with the same --coordinator and --num-processes and a distinct --process-id, "
+                         f"and check that process 0's host and port are reachable from here\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s + 60)
+    finally:
+        watchdog.cancel()
 
 
 def is_main_process() -> bool:
