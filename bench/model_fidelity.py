@@ -620,6 +620,17 @@ def smollm2_indexer_heads(indexers: str) -> int:
     return read_indexer_file(path).weights["n_heads"] if path else SMOLLM2_INDEXER["n_heads"]
 
 
+def read_searched_patterns(path: str | pathlib.Path) -> dict[float, dict]:
+    """keep -> searched IndexCache entry (``pattern``, losses) of an earlier ``bench fidelity --model`` report."""
+    import json
+
+    try:
+        return {float(k): v for k, v in json.loads(pathlib.Path(path).read_text())["searched"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path}: not a fidelity report with searched IndexCache patterns (JSON with 'searched'): "
+                         f"{type(err).__name__}: {err}") from None
+
+
 def smollm2_report(indexers: str, setup: ModelFidelitySetup, *, search_from: str | None = None,
                    indexcache_indexers: str | None = None, progress: bool = True,
                    log: Callable[[str], None] | None = None, model: str = "smollm2") -> dict[str, Any]:
@@ -650,9 +661,7 @@ def smollm2_report(indexers: str, setup: ModelFidelitySetup, *, search_from: str
     rows = np.stack([held[i * setup.seq_len: (i + 1) * setup.seq_len + 1] for i in range(setup.sequences)])
     searched, calibration = None, []
     if search_from:
-        import json
-
-        searched = {float(k): v for k, v in json.loads(pathlib.Path(search_from).read_text())["searched"].items()}
+        searched = read_searched_patterns(search_from)
     else:
         train = PackedDataset(read_tokens(python_stdlib_files("train"), tokenizer=tokenizer, eos_id=eos),
                               setup.search_seq_len, seed=setup.seed, heldout_fraction=0)

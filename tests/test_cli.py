@@ -160,3 +160,14 @@ def test_search_resumes_only_an_out_given_and_distributed_runs_need_one(tmp_path
     with pytest.raises(SystemExit) as done:
         main(["search", "--model", "smollm2", "--distributed"])
     assert done.value.code == 2 and "--distributed needs --out" in capsys.readouterr().err
+
+
+def test_a_resumable_out_that_is_a_file_is_refused(tmp_path):
+    import argparse
+
+    from sparse_index_jax.cli.arguments import resumable_out
+
+    file = tmp_path / "out.txt"
+    file.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; give a folder"):
+        resumable_out(argparse.Namespace(out=str(file)), "distill")

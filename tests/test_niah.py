@@ -141,6 +141,10 @@ def test_indexcache_rows_of_the_command(tmp_path):
     report.write_text(json.dumps({"searched": {"0.5": {"pattern": "FSFS"}, "0.25": {"pattern": "FFSS"}}}))
     with pytest.raises(ValueError, match="keeps"):
         _indexcache_runs(_niah_args(patterns_from=str(report), keep=0.125), model)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"searched": ')
+    with pytest.raises(ValueError, match="broken.json: not a fidelity report"):
+        _indexcache_runs(_niah_args(patterns_from=str(broken)), model)
     trained = save_indexers(model, tmp_path / "ic.safetensors", {"distill": {"pattern": "FFSS"}, "seq_len": 64})
     plain = save_indexers(model, tmp_path / "full.safetensors", {"distill": {"pattern": None}})
     rows = _indexcache_runs(_niah_args(patterns_from=str(report), indexcache_indexers=str(trained), keep=0.5), model)

@@ -109,6 +109,8 @@ def resumable_out(args: argparse.Namespace, command: str) -> pathlib.Path:
     earlier run's state resumes it) or a fresh ``default_out(command)``. Prints where, and how to resume."""
     if args.out is not None:
         out = pathlib.Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file; give a folder (new, or an earlier run's to resume it)")
         out.mkdir(parents=True, exist_ok=True)
     elif getattr(args, "distributed", False):
         raise ValueError("--distributed needs --out: a folder on storage every host sees (each host would pick a "

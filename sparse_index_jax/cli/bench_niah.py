@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 from sparse_index_jax.bench import Benchmark, niah
 from sparse_index_jax.cli.arguments import lengths, names, positive, report_out_help, report_path
@@ -74,12 +72,10 @@ def _indexcache_runs(args: argparse.Namespace, model) -> dict[str, dict]:
     every = round(1 / args.keep)
     runs = {f"indexcache uniform 1/{every}": {"pattern": IndexCacheConfig.uniform(len(model.layers), every).pattern}}
     if args.patterns_from:
-        try:
-            searched = json.loads(pathlib.Path(args.patterns_from).read_text()).get("searched", {})
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"--patterns-from {args.patterns_from}: not a fidelity or search report (JSON with "
-                             f"'searched'): {err}") from None
-        match = [v for k, v in searched.items() if abs(float(k) - args.keep) < 1e-9]
+        from sparse_index_jax.bench.model_fidelity import read_searched_patterns
+
+        searched = read_searched_patterns(args.patterns_from)
+        match = [v for k, v in searched.items() if abs(k - args.keep) < 1e-9]
         if not match:
             raise ValueError(f"{args.patterns_from} holds searched patterns for keeps {sorted(searched)}, not "
                              f"{args.keep}")
