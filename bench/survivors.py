@@ -20,9 +20,11 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from sparse_index_jax.bench.reports import environment, save_json
+from sparse_index_jax.kernels import ranking
 from sparse_index_jax.kernels.dsa_topk.triton import stream_buffer
 
 # kernel: the probe, then position order; latest_first: no probe, latest block first (ties enter)
@@ -49,11 +51,8 @@ class SurvivorSetup:
 
 
 def ordered_keys(scores: np.ndarray) -> np.ndarray:
-    """numpy twin of ``kernels.ranking.ordered_keys`` (int64 here: room for the -inf of ineligible keys)."""
-    s = np.where(np.isnan(scores), -np.inf, scores).astype(np.float32)
-    s = np.where(s == 0, np.float32(0), s)
-    bits = s.view(np.int32).astype(np.int64)
-    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    """``kernels.ranking.ordered_keys`` (the kernels' own ranking) as int64: room for the ineligible keys below."""
+    return np.asarray(ranking.ordered_keys(jnp.asarray(scores, jnp.float32))).astype(np.int64)
 
 
 def buffer_capacity(topk: int, block_k: int, tile: int) -> int:
