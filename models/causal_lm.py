@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparse_index_jax.kernels.inputs import concrete
@@ -49,10 +50,13 @@ def fail_if(flag: jax.Array, callback: Callable, *args) -> None:
     jax.lax.cond(flag, lambda: jax.debug.callback(callback, *args), lambda: None)
 
 
-def check_token_ids(who: str, input_ids: jax.Array, vocab: int, *, runtime_checks: bool = True) -> jax.Array:
-    """[B, T] bool, the ids in [0, vocab); raises for any other when the ids are known (eager), and under
-    tracing (with ``runtime_checks``) arranges the same error at run time (``fail_if``)."""
+def check_token_ids(who: str, input_ids: jax.Array, vocab: int, *, runtime_checks: bool = True) -> jax.Array | None:
+    """Known ids (eager) outside [0, vocab) raise; then None (all good). Traced ids: [B, T] bool, the ids in
+    [0, vocab), and (with ``runtime_checks``) the same error arranged at run time (``fail_if``). A global array
+    of several processes is checked on each process's own shards (together: every id)."""
     known = concrete(input_ids)
+    if known is None and isinstance(input_ids, jax.Array) and not isinstance(input_ids, jax.core.Tracer):
+        known = np.concatenate([np.asarray(shard.data).reshape(-1) for shard in input_ids.addressable_shards])
     if known is not None:
         bad = (known < 0) | (known >= vocab)
         if bad.any():
@@ -60,7 +64,7 @@ def check_token_ids(who: str, input_ids: jax.Array, vocab: int, *, runtime_check
             raise ValueError(f"{who}: token ids {shown[:5]}{' ...' if len(shown) > 5 else ''} are outside the "
                              f"vocabulary [0, {vocab}) ({int(bad.sum())} of {known.size} ids); token ids must lie "
                              f"in [0, vocab_size)")
-        return jnp.ones(input_ids.shape, bool)
+        return None
     ok = (input_ids >= 0) & (input_ids < vocab)
     if runtime_checks:
         fail_if(~jnp.all(ok), functools.partial(_raise_bad_ids, who, vocab), jnp.sum(~ok), jnp.min(input_ids),
@@ -144,8 +148,9 @@ class CausalLM(nnx.Module):
             raise ValueError(f"{name}: input_ids must be an int array [B, T], got {input_ids.shape} "
                              f"{input_ids.dtype}")
         ok = check_token_ids(name, input_ids, self.cfg.vocab_size, runtime_checks=runtime_checks)
-        x = self.embed_tokens(jnp.where(ok, input_ids, 0))
-        return x if concrete(input_ids) is not None else jnp.where(ok[..., None], x, jnp.nan)
+        if ok is None:  # checked on the host
+            return self.embed_tokens(input_ids)
+        return jnp.where(ok[..., None], self.embed_tokens(jnp.where(ok, input_ids, 0)), jnp.nan)
 
     def run_layers(self, x: jax.Array, *, start: int = 0, selection: Selection | None = None,
                    caches: tuple | None = None, index_pattern: str | None = None, selector: Selector | None = None,
@@ -202,7 +207,7 @@ class CausalLM(nnx.Module):
         x = self.embed(input_ids, runtime_checks=runtime_checks)
         run = self.run_layers(x, caches=caches, index_pattern=index_pattern, selector=selector, dense=dense)
         logits = self.logits(run.hidden)
-        if run.caches and concrete(run.caches[0].lengths) is None:  # eagerly, an overflow raised in the layers
+        if run.caches and isinstance(run.caches[0].lengths, jax.core.Tracer):  # eagerly, the layers raised
             lengths, max_len = run.caches[0].lengths, run.caches[0].max_len
             overflowed = lengths > max_len
             if runtime_checks:

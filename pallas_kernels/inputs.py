@@ -18,8 +18,11 @@ def matmul_dtype(*xs) -> jnp.dtype:
 
 
 def concrete(x) -> np.ndarray | None:
-    """The value of ``x`` as numpy if it is known now (not traced), else None."""
+    """The value of ``x`` as numpy if it is known now (not traced) and whole in this process, else None (a
+    global array of several processes: each holds only its shards)."""
     if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return np.asarray(x)
 
