@@ -22,24 +22,6 @@ def pyplot():
     return plt
 
 
-def line_plot(path: str | pathlib.Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-              title: str, xlabel: str, ylabel: str, logy: bool = False) -> pathlib.Path | None:
-    """One PNG with a line per series."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, markersize=3, label=name)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
-    return save_figure(fig, path)
-
-
 def save_figure(fig, path: str | pathlib.Path, *,
                 rect: tuple[float, float, float, float] | None = None) -> pathlib.Path:
     """Lays out (within ``rect`` of the figure, when a figure legend takes the rest), writes (creating the folder)

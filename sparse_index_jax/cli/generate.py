@@ -60,7 +60,7 @@ def chat_template(source: str) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def render_chat(template: str, messages: list[dict], tokenizer) -> str:
+def render_chat(template: str, messages: list[dict]) -> str:
     """The prompt text of ``messages`` under a Jinja chat template, ending with the assistant's turn opened."""
     import jinja2
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if template is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
-        prompt = render_chat(template, messages, tokenizer)
+        prompt = render_chat(template, messages)
     elif args.system:
         raise ValueError("--system needs a chat template, and this tokenizer has none (or --raw was given)")
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
