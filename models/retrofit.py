@@ -38,6 +38,7 @@ class IndexersFile(NamedTuple):
     weights: dict        # IndexerWeights fields
     info: dict           # how the weights were made (free-form)
     selector: Selector   # the selector they were distilled with
+    num_layers: int | None = None  # layers the file was written for (None in files written before it was kept)
 
 
 def _indexer_params(model: LlamaForCausalLM) -> dict[str, nnx.Variable]:
@@ -88,10 +89,11 @@ def read_indexer_file(path: str | pathlib.Path) -> IndexersFile:
         else:  # earlier files kept method and topk among the indexer fields (their option fields held defaults)
             selector = Selector(fields.get("method", "dsa"), fields.get("topk", SMOLLM2_SELECTOR.topk))
         info = json.loads(meta.get("info", "{}"))
-    except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as err:
+        num_layers = int(meta["num_layers"]) if "num_layers" in meta else None
+    except (json.JSONDecodeError, TypeError, AttributeError, KeyError, ValueError) as err:
         raise ValueError(f"{path}: the indexers file's metadata is damaged ({err!r}); distil again or restore "
                          f"the file") from None
-    return IndexersFile(weights, info, selector)
+    return IndexersFile(weights, info, selector, num_layers)
 
 
 def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
@@ -106,12 +108,8 @@ def load_indexers(model: LlamaForCausalLM, path: str | pathlib.Path) -> dict:
              if stored.weights.get(f) != getattr(ix, f)}
     if wrong:
         raise ValueError(f"{path}: indexer {', '.join(f'{f}={a!r} (model: {b!r})' for f, (a, b) in wrong.items())}")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        layers = (f.metadata() or {}).get("num_layers")
-    if layers is not None and int(layers) != model.cfg.num_hidden_layers:
-        raise ValueError(f"{path}: indexer num_layers={int(layers)} (model: {model.cfg.num_hidden_layers})")
+    if stored.num_layers is not None and stored.num_layers != model.cfg.num_hidden_layers:
+        raise ValueError(f"{path}: indexer num_layers={stored.num_layers} (model: {model.cfg.num_hidden_layers})")
     tensors = load_file(str(path))
     params = _indexer_params(model)
     if set(tensors) != set(params):
